@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A pinned CPU-friendly torch for a fresh venv; a venv that already has torch (e.g. a CUDA build) keeps it.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+MODEL ?= weights/tiny-mixtral
+PROMPT ?= def fibonacci(n):
+
+.PHONY: run test bench bench-kernels setup clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)" || $(BIN)/pip install "torch>=2.4,<3"
+	$(BIN)/pip install -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/moe-engine generate --model $(MODEL) --max-tokens 96 --seed 0 "$(PROMPT)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/moe-engine bench decode
+
+bench-kernels: $(STAMP)
+	$(BIN)/moe-engine bench kernels
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,6 @@
+"""Hot ops of moe-engine: each has one entry point that dispatches to a kernel or its torch reference."""
+
+from kernels.attention import paged_attention, paged_attention_ref, write_cache
+from kernels.moe import fused_moe, fused_moe_ref
+
+__all__ = ["fused_moe", "fused_moe_ref", "paged_attention", "paged_attention_ref", "write_cache"]

@@ -1,0 +1,85 @@
+"""Attention over a paged cache: the metadata that describes a batch, cache writes, and the torch reference."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence of a flat batch sits in the token axis and in the paged cache.
+
+    Sequence b owns query rows query_start_loc[b]:query_start_loc[b+1]; those are its newest tokens,
+    so its context (cached + new) has context_lens[b] tokens, stored at context_slots[b].
+    """
+    slot_mapping: torch.Tensor          # [T] cache slot each new token is written to
+    block_tables: torch.Tensor          # [B, max_blocks] physical block ids (int32)
+    context_lens: list[int]             # B host ints: tokens in context after this step
+    query_start_loc: list[int]          # B+1 host ints: prefix sums of query lengths
+    block_size: int
+    context_slots: list[torch.Tensor]   # B tensors [context_lens[b]]: slots of the whole context
+
+    @classmethod
+    def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int],
+              block_size: int, device: torch.device) -> "AttentionMetadata":
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        width = max(len(t) for t in block_tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        offsets = torch.arange(block_size)
+        context_slots, new_slots = [], []
+        for b, (ctx, n) in enumerate(zip(context_lens, query_lens)):
+            blocks = table[b, : (ctx + block_size - 1) // block_size].long()
+            slots = (blocks[:, None] * block_size + offsets).reshape(-1)[:ctx]   # [ctx]
+            context_slots.append(slots.to(device))
+            new_slots.append(slots[ctx - n:])
+        return cls(slot_mapping=torch.cat(new_slots).to(device), block_tables=table.to(device),
+                   context_lens=list(context_lens), query_start_loc=starts, block_size=block_size,
+                   context_slots=context_slots)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+    def query_len(self, b: int) -> int:
+        return self.query_start_loc[b + 1] - self.query_start_loc[b]
+
+
+def write_cache(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """cache [S, ...] gets values [T, ...] at rows slot_mapping [T]."""
+    cache.index_copy_(0, slot_mapping, values.to(cache.dtype))
+
+
+def causal_mask(n: int, ctx: int, device) -> torch.Tensor | None:
+    """[n, ctx] bool: query i (position ctx-n+i) sees keys 0..ctx-n+i; None when it sees everything."""
+    if n == 1:
+        return None
+    q_pos = torch.arange(ctx - n, ctx, device=device)[:, None]
+    return torch.arange(ctx, device=device)[None, :] <= q_pos
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, H, Dk], k_cache [S, Hkv, Dk], v_cache [S, Hkv, Dv] -> [T, H, Dv], causal per sequence."""
+    T, H, _ = q.shape
+    out = q.new_empty(T, H, v_cache.shape[-1])
+    for b in range(meta.num_seqs):
+        lo, hi = meta.query_start_loc[b], meta.query_start_loc[b + 1]
+        if hi == lo:
+            continue
+        slots = meta.context_slots[b]
+        k = k_cache[slots].transpose(0, 1)               # [Hkv, ctx, Dk]
+        v = v_cache[slots].transpose(0, 1)               # [Hkv, ctx, Dv]
+        mask = causal_mask(hi - lo, len(slots), q.device)
+        o = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1), k.to(q.dtype), v.to(q.dtype),
+                                           attn_mask=mask, scale=scale, enable_gqa=k.shape[0] != H)
+        out[lo:hi] = o.transpose(0, 1)                   # [n, H, Dv]
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of new tokens over their sequences' paged context (see paged_attention_ref)."""
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale)

@@ -1,0 +1,52 @@
+"""Grouped expert MLP (SwiGLU experts): the fused_moe entry point and its pure-torch reference."""
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_moe_args(x, w13, w2, topk_weights, topk_ids):
+    T, D = x.shape
+    E, two_i, d13 = w13.shape
+    if d13 != D or two_i % 2:
+        raise ValueError(f"fused_moe: w13 {tuple(w13.shape)} does not fit x {tuple(x.shape)}; want [E, 2*I, {D}]")
+    if tuple(w2.shape) != (E, D, two_i // 2):
+        raise ValueError(f"fused_moe: w2 {tuple(w2.shape)} should be {(E, D, two_i // 2)}")
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != T:
+        raise ValueError(f"fused_moe: topk_ids {tuple(topk_ids.shape)} / topk_weights "
+                         f"{tuple(topk_weights.shape)} should both be [{T}, k]")
+
+
+def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]).
+
+    Tokens are sorted by expert so each expert runs one dense matmul over its rows;
+    experts that received no token cost nothing.
+    """
+    _check_moe_args(x, w13, w2, topk_weights, topk_ids)
+    T, D = x.shape
+    k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1)                          # [T*k]
+    order = torch.argsort(flat_ids, stable=True)             # [T*k]
+    token_of = order // k                                    # [T*k] source token of each sorted row
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    xs = x[token_of]                                         # [T*k, D]
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        gate, up = F.linear(xs[rows], w13[e]).chunk(2, dim=-1)   # [n, I] each
+        ys[rows] = F.linear(F.silu(gate) * up, w2[e])             # [n, D]
+        start += n
+    weights = topk_weights.reshape(-1)[order].to(ys.dtype)   # [T*k]
+    out = torch.zeros_like(x)
+    out.index_add_(0, token_of, ys * weights[:, None])
+    return out
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Mixture of SwiGLU experts: x [T, D], w13 [E, 2I, D], w2 [E, D, I], topk_* [T, k] -> [T, D]."""
+    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids)

@@ -1,0 +1,109 @@
+"""The decoder stack shared by every family, and the small protocol the runtime talks to."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.attention import AttentionMetadata
+from model_defs.layers import RMSNorm, SwiGLU, weight
+from model_defs.moe import MoEBlock
+
+# A checkpoint tensor's destination: our parameter name and an index into it (None: the whole).
+Target = tuple[str, tuple | None]
+
+
+def rows(block: int | None, n: int) -> slice | None:
+    """Row block `block` of size n in a stacked weight (gate=0, up=1 inside w13)."""
+    return None if block is None else slice(block * n, (block + 1) * n)
+
+
+def mlp_targets(hf_prefix: str, our_prefix: str, intermediate: int, names=("gate_proj", "up_proj", "down_proj"),
+                expert: int | None = None) -> dict[str, Target]:
+    """Checkpoint names of one SwiGLU MLP (or one expert of a stacked MoE) -> where they go."""
+    out = {}
+    for hf_name, (param, block) in SwiGLU.checkpoint_names(hf_prefix, names).items():
+        index = tuple(i for i in (expert, rows(block, intermediate)) if i is not None) or None
+        out[hf_name] = (f"{our_prefix}.{param}", index)
+    return out
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, attn: nn.Module, mlp: nn.Module, dim: int, eps: float, dtype):
+        super().__init__()
+        self.input_norm = RMSNorm(dim, eps, dtype)
+        self.attn = attn
+        self.post_attn_norm = RMSNorm(dim, eps, dtype)
+        self.mlp = mlp
+
+    def forward(self, x, cos_sin, kv_cache, meta):
+        x = x + self.attn(self.input_norm(x), cos_sin, kv_cache, meta)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class CausalLM(nn.Module):
+    """Embedding, decoder layers, final norm and LM head. Families supply layers and their weight names.
+
+    Runtime protocol: forward(input_ids [T], positions [T], kv_caches, meta) -> hidden [T, D];
+    compute_logits(hidden [N, D]) -> float32 [N, V]; allocate_kv_cache(num_slots, dtype, device);
+    kv_cache_bytes_per_token(dtype); checkpoint_targets() -> {hf name: Target}; post_load().
+    """
+
+    def __init__(self, args, layers: list[DecoderLayer], rotary: nn.Module, dtype):
+        super().__init__()
+        self.args = args
+        self.embed = weight(args.vocab_size, args.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        # Tied checkpoints read the embedding as the LM head: one tensor, no copy.
+        self.lm_head = self.embed if args.tie_word_embeddings else weight(args.vocab_size, args.hidden_size,
+                                                                          dtype=dtype)
+        self.rotary = rotary
+
+    @property
+    def max_model_len(self) -> int:
+        return self.args.max_position_embeddings
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embed)                 # [T, D]
+        cos_sin = self.rotary.cos_sin(positions)               # 2 x [T, rope_dim/2]
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(x, cos_sin, cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()          # [N, V]
+
+    def common_targets(self) -> dict[str, Target]:
+        out = {"model.embed_tokens.weight": ("embed", None), "model.norm.weight": ("norm.weight", None)}
+        if not self.args.tie_word_embeddings:
+            out["lm_head.weight"] = ("lm_head", None)
+        for i in range(len(self.layers)):
+            out[f"model.layers.{i}.input_layernorm.weight"] = (f"layers.{i}.input_norm.weight", None)
+            out[f"model.layers.{i}.post_attention_layernorm.weight"] = (f"layers.{i}.post_attn_norm.weight", None)
+        return out
+
+    def ignored_checkpoint_name(self, name: str) -> bool:
+        """Tensors a checkpoint may carry that inference does not use (e.g. multi-token-prediction layers)."""
+        if name.endswith("rotary_emb.inv_freq"):
+            return True
+        parts = name.split(".")
+        return (len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+                and int(parts[2]) >= len(self.layers))
+
+    def post_load(self) -> None:
+        """Derived weights, computed once after loading (families override)."""
+
+
+def moe_targets(hf_prefix: str, our_prefix: str, block: MoEBlock, expert_names: tuple[str, str, str],
+                gate_name: str = "gate") -> dict[str, Target]:
+    """Checkpoint names of a sparse MoE block (per-expert tensors stacked into w13/w2)."""
+    E, two_i, _ = block.w13.shape
+    out = {f"{hf_prefix}.{gate_name}.weight": (f"{our_prefix}.gate", None)}
+    if block.bias is not None:
+        out[f"{hf_prefix}.{gate_name}.e_score_correction_bias"] = (f"{our_prefix}.bias", None)
+    for e in range(E):
+        out.update(mlp_targets(f"{hf_prefix}.experts.{e}", our_prefix, two_i // 2, expert_names, expert=e))
+    return out

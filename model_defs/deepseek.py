@@ -1,0 +1,214 @@
+"""DeepSeek-V2/V3 family: multi-head latent attention (MLA) and DeepSeek routing with shared experts."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels.attention import AttentionMetadata, causal_mask
+from model_defs.base import CausalLM, DecoderLayer, Target, mlp_targets, moe_targets
+from model_defs.hf_config import args_from_hf_config
+from model_defs.layers import RMSNorm, Rotary, SwiGLU, weight, yarn_mscale
+from model_defs.moe import MoEBlock, RoutingConfig
+
+# Published defaults that differ between the two generations (used only when config.json omits them).
+_DEFAULTS = {
+    "deepseek_v2": {"topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False},
+    "deepseek_v3": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True},
+}
+
+
+@dataclass(frozen=True)
+class DeepseekArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    model_type: str
+    q_lora_rank: int | None = None
+    moe_intermediate_size: int | None = None
+    n_routed_experts: int | None = None
+    n_shared_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    topk_method: str = "greedy"
+    scoring_func: str = "softmax"
+    n_group: int | None = None
+    topk_group: int | None = None
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rope_interleave: bool = True
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "DeepseekArgs":
+        return args_from_hf_config(cls, cfg, _DEFAULTS.get(cfg.get("model_type"), {}))
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return bool(self.n_routed_experts) and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+
+    def routing(self) -> RoutingConfig:
+        return RoutingConfig(
+            num_experts=self.n_routed_experts, top_k=self.num_experts_per_tok, scoring=self.scoring_func,
+            method=self.topk_method, n_group=self.n_group or 1, topk_group=self.topk_group or 1,
+            norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor,
+            scale_normalized=self.model_type != "deepseek_v2", has_bias=self.topk_method == "noaux_tc")
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention. The cache holds, per token, the normalised latent [kv_lora_rank]
+    and the roped shared key [qk_rope_head_dim]; nothing per head.
+
+    absorb: "auto" uses the absorbed form when every sequence brings one token (decode) and the
+    expanded form otherwise (prefill); "always"/"never" force one (tests compare them).
+    """
+
+    def __init__(self, a: DeepseekArgs, rotary: Rotary, dtype, absorb: str = "auto"):
+        super().__init__()
+        self.a, self.rotary, self.absorb = a, rotary, absorb
+        H = a.num_attention_heads
+        if a.q_lora_rank:
+            self.q_a = weight(a.q_lora_rank, a.hidden_size, dtype=dtype)
+            self.q_a_norm = RMSNorm(a.q_lora_rank, a.rms_norm_eps, dtype)
+            self.q_b = weight(H * a.qk_head_dim, a.q_lora_rank, dtype=dtype)
+        else:
+            self.q_proj = weight(H * a.qk_head_dim, a.hidden_size, dtype=dtype)
+        self.kv_a = weight(a.kv_lora_rank + a.qk_rope_head_dim, a.hidden_size, dtype=dtype)
+        self.kv_a_norm = RMSNorm(a.kv_lora_rank, a.rms_norm_eps, dtype)
+        self.kv_b = weight(H * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank, dtype=dtype)
+        self.wo = weight(a.hidden_size, H * a.v_head_dim, dtype=dtype)
+        if a.attention_bias:
+            self.q_a_bias = weight(a.q_lora_rank, dtype=dtype) if a.q_lora_rank else None
+            self.kv_a_bias = weight(a.kv_lora_rank + a.qk_rope_head_dim, dtype=dtype)
+            self.wo_bias = weight(a.hidden_size, dtype=dtype)
+        self.scale = a.qk_head_dim ** -0.5
+        if a.rope_scaling and a.rope_scaling.get("mscale_all_dim"):
+            self.scale *= yarn_mscale(a.rope_scaling["factor"], a.rope_scaling["mscale_all_dim"]) ** 2
+
+    def split_kv_b(self) -> None:
+        """Key and value halves of kv_b per head, for the absorbed form: w_uk [H, nope, L], w_uv [H, v, L]."""
+        a = self.a
+        kv_b = self.kv_b.view(a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+        self.w_uk, self.w_uv = kv_b.split([a.qk_nope_head_dim, a.v_head_dim], dim=1)
+
+    def _bias(self, name):
+        return getattr(self, name, None)
+
+    def forward(self, x: torch.Tensor, cos_sin, cache: torch.Tensor, meta: AttentionMetadata):
+        a, T, H = self.a, x.shape[0], self.a.num_attention_heads
+        if a.q_lora_rank:
+            q = F.linear(self.q_a_norm(F.linear(x, self.q_a, self._bias("q_a_bias"))), self.q_b)
+        else:
+            q = F.linear(x, self.q_proj)
+        q_nope, q_pe = q.view(T, H, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)
+        latent, k_pe = F.linear(x, self.kv_a, self._bias("kv_a_bias")).split(
+            [a.kv_lora_rank, a.qk_rope_head_dim], -1)                            # [T, L], [T, R]
+        q_pe = self.rotary(q_pe, *cos_sin)                                       # [T, H, R]
+        k_pe = self.rotary(k_pe[:, None, :], *cos_sin)[:, 0]                     # [T, R]
+        kernels.write_cache(cache, torch.cat([self.kv_a_norm(latent), k_pe], -1), meta.slot_mapping)
+        decode = all(meta.query_len(b) <= 1 for b in range(meta.num_seqs))
+        if self.absorb == "always" or (self.absorb == "auto" and decode):
+            out = self._absorbed(q_nope, q_pe, cache, meta)
+        else:
+            out = self._expanded(q_nope, q_pe, cache, meta)
+        return F.linear(out.reshape(T, H * a.v_head_dim), self.wo, self._bias("wo_bias"))
+
+    def _absorbed(self, q_nope, q_pe, cache, meta):
+        """Attend over the latent itself: fold kv_b's key half into q and its value half into the output."""
+        L = self.a.kv_lora_rank
+        q_latent = torch.einsum("thn,hnl->thl", q_nope, self.w_uk)              # [T, H, L]
+        q_full = torch.cat([q_latent, q_pe], -1)                                 # [T, H, L + R]
+        entries = cache[:, None, :]                                              # [S, 1, L + R]
+        out_latent = kernels.paged_attention(q_full, entries, entries[..., :L], meta, self.scale)  # [T, H, L]
+        return torch.einsum("thl,hvl->thv", out_latent, self.w_uv)              # [T, H, v]
+
+    def _expanded(self, q_nope, q_pe, cache, meta):
+        """Expand each sequence's cached latent into per-head keys and values (prefill)."""
+        a, H = self.a, self.a.num_attention_heads
+        q = torch.cat([q_nope, q_pe], -1).transpose(0, 1)                       # [H, T, nope + R]
+        out = q_nope.new_empty(q_nope.shape[0], H, a.v_head_dim)
+        for b in range(meta.num_seqs):
+            lo, hi = meta.query_start_loc[b], meta.query_start_loc[b + 1]
+            entries = cache[meta.context_slots[b]].to(q.dtype)                  # [ctx, L + R]
+            ctx = entries.shape[0]
+            kv = F.linear(entries[:, : a.kv_lora_rank], self.kv_b).view(ctx, H, -1)   # [ctx, H, nope + v]
+            k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], -1)
+            k = torch.cat([k_nope, entries[:, None, a.kv_lora_rank:].expand(ctx, H, -1)], -1)  # [ctx, H, nope+R]
+            o = F.scaled_dot_product_attention(q[:, lo:hi], k.transpose(0, 1), v.transpose(0, 1),
+                                               attn_mask=causal_mask(hi - lo, ctx, q.device), scale=self.scale)
+            out[lo:hi] = o.transpose(0, 1)
+        return out
+
+    def targets(self, hf: str, ours: str) -> dict[str, Target]:
+        names = {"kv_a_proj_with_mqa": "kv_a", "kv_a_layernorm": "kv_a_norm.weight", "kv_b_proj": "kv_b",
+                 "o_proj": "wo"}
+        names.update({"q_a_proj": "q_a", "q_a_layernorm": "q_a_norm.weight", "q_b_proj": "q_b"}
+                     if self.a.q_lora_rank else {"q_proj": "q_proj"})
+        out = {f"{hf}.{n}.weight": (f"{ours}.{o}", None) for n, o in names.items()}
+        if self.a.attention_bias:
+            out[f"{hf}.kv_a_proj_with_mqa.bias"] = (f"{ours}.kv_a_bias", None)
+            out[f"{hf}.o_proj.bias"] = (f"{ours}.wo_bias", None)
+            if self.a.q_lora_rank:
+                out[f"{hf}.q_a_proj.bias"] = (f"{ours}.q_a_bias", None)
+        return out
+
+
+class DeepseekModel(CausalLM):
+    def __init__(self, args: DeepseekArgs, dtype=torch.float32, absorb: str = "auto"):
+        # V2 checkpoints always rotate interleaved pairs; V3 says so in rope_interleave.
+        interleave = args.rope_interleave or args.model_type == "deepseek_v2"
+        rotary = Rotary(args.qk_rope_head_dim, args.rope_theta, args.rope_scaling, interleave,
+                        args.max_position_embeddings)
+        layers = []
+        for i in range(args.num_hidden_layers):
+            if args.is_moe_layer(i):
+                shared = args.moe_intermediate_size * (args.n_shared_experts or 0)
+                mlp = MoEBlock(args.hidden_size, args.moe_intermediate_size, args.routing(), shared, dtype)
+            else:
+                mlp = SwiGLU(args.hidden_size, args.intermediate_size, dtype)
+            layers.append(DecoderLayer(MLAttention(args, rotary, dtype, absorb), mlp, args.hidden_size,
+                                       args.rms_norm_eps, dtype))
+        super().__init__(args, layers, rotary, dtype)
+
+    def post_load(self) -> None:
+        for layer in self.layers:
+            layer.attn.split_kv_b()
+
+    def allocate_kv_cache(self, num_slots: int, dtype, device) -> list[torch.Tensor]:
+        width = self.args.kv_lora_rank + self.args.qk_rope_head_dim
+        return [torch.zeros(num_slots, width, dtype=dtype, device=device) for _ in self.layers]
+
+    def kv_cache_bytes_per_token(self, dtype) -> int:
+        a = self.args
+        return (a.kv_lora_rank + a.qk_rope_head_dim) * a.num_hidden_layers * torch.finfo(dtype).bits // 8
+
+    def checkpoint_targets(self) -> dict[str, Target]:
+        out = self.common_targets()
+        for i, layer in enumerate(self.layers):
+            hf, ours = f"model.layers.{i}", f"layers.{i}"
+            out.update(layer.attn.targets(f"{hf}.self_attn", f"{ours}.attn"))
+            if isinstance(layer.mlp, MoEBlock):
+                out.update(moe_targets(f"{hf}.mlp", f"{ours}.mlp", layer.mlp, ("gate_proj", "up_proj", "down_proj")))
+                if layer.mlp.shared is not None:
+                    shared_i = layer.mlp.shared.w2.shape[1]
+                    out.update(mlp_targets(f"{hf}.mlp.shared_experts", f"{ours}.mlp.shared", shared_i))
+            else:
+                out.update(mlp_targets(f"{hf}.mlp", f"{ours}.mlp", self.args.intermediate_size))
+        return out

@@ -1,0 +1,111 @@
+"""Shared layers: RMSNorm, rotary embeddings (default and YaRN), SwiGLU MLP, plain linear weights."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def weight(*shape: int, dtype=None) -> nn.Parameter:
+    """An uninitialised, frozen parameter: every value comes from the checkpoint."""
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype=None):
+        super().__init__()
+        self.weight = weight(dim, dtype=dtype)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, as the reference does, then scale in the run dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding over `dim` channels; `scaling` is a HF rope_scaling dict or None.
+
+    `interleave` rotates channel pairs (0,1), (2,3), ... (DeepSeek's layout); otherwise the two halves
+    (Llama/Mixtral's rotate_half layout).
+    """
+
+    def __init__(self, dim: int, theta: float, scaling: dict | None, interleave: bool = False,
+                 max_position_embeddings: int | None = None):
+        super().__init__()
+        self.interleave = interleave
+        pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)   # [dim/2]
+        inv_freq = 1.0 / pos_freqs
+        self.attention_factor = 1.0
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if kind == "yarn":
+            inv_freq, self.attention_factor = self._yarn(dim, theta, scaling, pos_freqs, max_position_embeddings)
+        elif kind == "linear":
+            inv_freq = 1.0 / (float(scaling["factor"]) * pos_freqs)
+        elif kind != "default":
+            raise ValueError(f"rope scaling type {kind!r} is not supported (supported: default, linear, yarn)")
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @staticmethod
+    def _yarn(dim, theta, s, pos_freqs, max_pos):
+        original = s["original_max_position_embeddings"]
+        factor = s.get("factor") or max_pos / original
+        mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")
+        attention_factor = s.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+                                if mscale and mscale_all else yarn_mscale(factor))
+        beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolate = 1 - ramp   # 1 where high-frequency channels keep their original frequency
+        return (1.0 / (factor * pos_freqs) * (1 - extrapolate) + 1.0 / pos_freqs * extrapolate,
+                float(attention_factor))
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]       # [T, dim/2]
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, H, dim] rotated by angles cos/sin [T, dim/2]."""
+        cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+        if self.interleave:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up stacked in one weight w13 [2I, D]."""
+
+    def __init__(self, dim: int, intermediate: int, dtype=None):
+        super().__init__()
+        self.w13 = weight(2 * intermediate, dim, dtype=dtype)
+        self.w2 = weight(dim, intermediate, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2)
+
+    @staticmethod
+    def checkpoint_names(prefix: str, names=("gate_proj", "up_proj", "down_proj")) -> dict:
+        """HF names under `prefix` -> (our parameter suffix, row block in w13 (0 gate, 1 up) or None)."""
+        gate, up, down = names
+        return {f"{prefix}.{gate}.weight": ("w13", 0), f"{prefix}.{up}.weight": ("w13", 1),
+                f"{prefix}.{down}.weight": ("w2", None)}

@@ -1,0 +1,99 @@
+"""Expert routing (a pure function of router logits and config) and the sparse MoE block."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from model_defs.layers import SwiGLU, weight
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How router logits become top-k experts and weights, in the published variants.
+
+    scoring: "softmax" (Mixtral, DeepSeek-V2) or "sigmoid" (DeepSeek-V3).
+    method: "greedy" (plain top-k), "group_limited_greedy" (V2: keep topk_group groups ranked by their
+      best expert), "noaux_tc" (V3: groups ranked by the sum of their best two biased scores).
+    scale_normalized: V3 multiplies by routed_scaling_factor after normalising; V2 scales only
+      weights it did not normalise.
+    """
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"
+    method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    scale_normalized: bool = True
+    has_bias: bool = False
+
+    def __post_init__(self):
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring_func {self.scoring!r} is not supported (softmax, sigmoid)")
+        if self.method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+            raise ValueError(f"topk_method {self.method!r} is not supported "
+                             "(greedy, group_limited_greedy, noaux_tc)")
+        if self.method != "greedy" and self.num_experts % self.n_group:
+            raise ValueError(f"{self.num_experts} experts do not split into n_group={self.n_group} groups")
+
+
+def _keep_groups(choice: torch.Tensor, group_scores: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:
+    """choice [T, E] with every expert outside the best cfg.topk_group groups set to -inf."""
+    T = choice.shape[0]
+    top_groups = group_scores.topk(cfg.topk_group, dim=-1).indices          # [T, topk_group]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)  # [T, G]
+    keep = keep[:, :, None].expand(T, cfg.n_group, cfg.num_experts // cfg.n_group).reshape(T, -1)
+    return choice.masked_fill(~keep, float("-inf"))
+
+
+def route(router_logits: torch.Tensor, cfg: RoutingConfig,
+          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (topk_weights [T, k] float32, topk_ids [T, k] int64).
+
+    The correction bias (noaux_tc) only steers which experts are chosen; weights come from the
+    unbiased scores.
+    """
+    logits = router_logits.float()
+    scores = logits.softmax(-1) if cfg.scoring == "softmax" else logits.sigmoid()   # [T, E]
+    choice = scores if bias is None else scores + bias.float()
+    if cfg.method == "group_limited_greedy":
+        grouped = choice.view(choice.shape[0], cfg.n_group, -1)                     # [T, G, E/G]
+        choice = _keep_groups(choice, grouped.max(-1).values, cfg)
+    elif cfg.method == "noaux_tc":
+        grouped = choice.view(choice.shape[0], cfg.n_group, -1)
+        choice = _keep_groups(choice, grouped.topk(min(2, grouped.shape[-1]), -1).values.sum(-1), cfg)
+    topk_ids = choice.topk(cfg.top_k, dim=-1).indices                                # [T, k]
+    topk_weights = scores.gather(1, topk_ids)                                        # [T, k]
+    normalize = cfg.norm_topk_prob and (cfg.top_k > 1 or cfg.scale_normalized)
+    if normalize:
+        topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
+    if cfg.scale_normalized or not normalize:
+        topk_weights = topk_weights * cfg.routed_scaling_factor
+    return topk_weights, topk_ids
+
+
+class MoEBlock(nn.Module):
+    """Routed SwiGLU experts stacked as w13 [E, 2I, D] and w2 [E, D, I], plus optional shared experts."""
+
+    def __init__(self, dim: int, intermediate: int, routing: RoutingConfig, shared_intermediate: int = 0,
+                 dtype=None):
+        super().__init__()
+        E = routing.num_experts
+        self.routing = routing
+        self.gate = weight(E, dim, dtype=dtype)
+        self.bias = weight(E, dtype=torch.float32) if routing.has_bias else None
+        self.w13 = weight(E, 2 * intermediate, dim, dtype=dtype)
+        self.w2 = weight(E, dim, intermediate, dtype=dtype)
+        self.shared = SwiGLU(dim, shared_intermediate, dtype=dtype) if shared_intermediate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router_logits = F.linear(x.float(), self.gate.float())                 # [T, E]
+        topk_weights, topk_ids = route(router_logits, self.routing, self.bias)  # [T, k] each
+        out = kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)   # [T, D]
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out

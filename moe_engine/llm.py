@@ -1,0 +1,135 @@
+"""The user API: LLM(model_dir).generate(...), prompt_logits(...), and the one-call generate()."""
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernels.attention import AttentionMetadata
+from moe_engine.device import pick_device, pick_dtype
+from moe_engine.engine import Engine, Sequence
+from moe_engine.errors import MoeEngineError
+from moe_engine.kv_cache import blocks_for, plan_num_blocks
+from moe_engine.loader import load_model
+from moe_engine.sampling import SamplingParams
+from moe_engine.tokenizer import load_tokenizer, require_tokenizer
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]            # generated tokens only
+    finish_reason: str              # "stop" (EOS or a stop string) or "length"
+
+
+class LLM:
+    def __init__(self, model: str | Path, device=None, dtype=None, *, block_size: int = 16,
+                 num_kv_blocks: int | None = None, kv_cache_bytes: int = 2 << 30, max_num_seqs: int = 16,
+                 max_model_len: int | None = None, progress: bool = False, **model_kwargs):
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.model, self.config = load_model(model, self.device, self.dtype, progress, **model_kwargs)
+        self.path = Path(model)
+        self.tokenizer = load_tokenizer(self.path, self.config)
+        self.max_model_len = min(max_model_len or self.model.max_model_len, self.model.max_model_len)
+        self.block_size = block_size
+        num_blocks = plan_num_blocks(self.model.kv_cache_bytes_per_token(self.dtype), block_size,
+                                     self.max_model_len, max_num_seqs, kv_cache_bytes, num_kv_blocks)
+        kv_caches = self.model.allocate_kv_cache(num_blocks * block_size, self.dtype, self.device)
+        self.engine = Engine(self.model, kv_caches, num_blocks, block_size, self.device, self.tokenizer,
+                             max_num_seqs)
+        self._next_id = 0
+        self.last_stats: dict = {}          # of the latest stream(): prompt/generated tokens, seconds
+        self.last_output: Sequence | None = None
+
+    def _new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        if not prompt_ids:
+            raise MoeEngineError("empty prompt; give at least one token of text")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model.args.vocab_size]
+        if bad:
+            raise MoeEngineError(f"prompt token id(s) {bad[:5]} outside the vocabulary "
+                                 f"[0, {self.model.args.vocab_size}); check the token ids")
+        if len(prompt_ids) >= self.max_model_len:
+            raise MoeEngineError(f"prompt is {len(prompt_ids)} tokens but the model takes at most "
+                                 f"{self.max_model_len} (prompt + output); shorten the prompt")
+        seq = Sequence(self._next_id, list(prompt_ids), params, self.max_model_len)
+        self._next_id += 1
+        return seq
+
+    def generate(self, prompts: str | list[str] | None = None, sampling_params: SamplingParams | None = None,
+                 prompt_token_ids: list[list[int]] | None = None) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in input order; all prompts run together."""
+        if (prompts is None) == (prompt_token_ids is None):
+            raise MoeEngineError("give either prompts or prompt_token_ids")
+        params = sampling_params or SamplingParams()
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts = prompts or [None] * len(prompt_token_ids)
+        token_lists = prompt_token_ids or [require_tokenizer(self.tokenizer, self.path).encode(p) for p in prompts]
+        seqs = [self._new_sequence(ids, params) for ids in token_lists]
+        for seq in seqs:
+            self.engine.add(seq)
+        while self.engine.has_work():
+            self.engine.step()
+        return [RequestOutput(s.request_id, text, s.prompt_ids, s.text, s.output_ids, s.finish_reason)
+                for s, text in zip(seqs, texts)]
+
+    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None
+               ) -> Iterator[str]:
+        """Yield the generated text piece by piece as tokens arrive. Closing the generator early
+        (or Ctrl-C) cancels the request and frees its cache blocks."""
+        ids = prompt if isinstance(prompt, list) else require_tokenizer(self.tokenizer, self.path).encode(prompt)
+        seq = self._new_sequence(ids, sampling_params or SamplingParams())
+        self.engine.add(seq)
+        self.last_stats = stats = {"prompt_tokens": len(ids), "generated_tokens": 0, "seconds": 0.0}
+        start, sent = time.perf_counter(), 0
+        try:
+            while not seq.finished:
+                self.engine.step()
+                stats["generated_tokens"] = len(seq.output_ids)
+                ready = len(seq.text) if seq.finished else _stable_len(seq.text, seq.params.stop)
+                if ready > sent:
+                    yield seq.text[sent:ready]
+                    sent = ready
+        finally:
+            stats["seconds"] = time.perf_counter() - start
+            if not seq.finished:
+                self.engine.abort(seq)
+        self.last_output = seq
+
+    def prompt_logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """float32 [T, vocab]: the next-token logits at every position of one sequence (a fresh cache)."""
+        ids = [int(t) for t in token_ids]
+        self._new_sequence(ids[:-1] or ids, SamplingParams())   # validates ids and length
+        T = len(ids)
+        caches = self.model.allocate_kv_cache(blocks_for(T, self.block_size) * self.block_size,
+                                              self.dtype, self.device)
+        meta = AttentionMetadata.build([list(range(blocks_for(T, self.block_size)))], [T], [T],
+                                       self.block_size, self.device)
+        with torch.inference_mode():
+            hidden = self.model(torch.tensor(ids, device=self.device), torch.arange(T, device=self.device),
+                                caches, meta)
+            return self.model.compute_logits(hidden)
+
+
+def _stable_len(text: str, stops: list[str]) -> int:
+    """How much of a growing text can be shown: not a trailing replacement char (the next token may
+    complete a UTF-8 sequence) nor a tail that could be the start of a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if stop.startswith(text[end - k:end]):
+                end -= k
+                break
+    return end
+
+
+def generate(model: "str | Path | LLM", prompt: str, **sampling) -> str:
+    """One prompt in, generated text out: generate("weights/tiny-mixtral", "def ", max_tokens=32)."""
+    llm = model if isinstance(model, LLM) else LLM(model)
+    return llm.generate(prompt, SamplingParams(**sampling))[0].text

@@ -1,0 +1,112 @@
+"""Build a model from a checkpoint folder: check every tensor name and shape first, then stream weights
+one tensor at a time into preallocated parameters (stacking experts, dequantising FP8 block-scaled)."""
+
+import math
+import os
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from model_defs import model_family
+from moe_engine.checkpoint import TensorInfo, index_tensors, read_config, safetensors_files
+from moe_engine.errors import MoeEngineError
+
+SCALE_SUFFIX = "_scale_inv"   # FP8 block scales: "<name>.weight_scale_inv" beside "<name>.weight"
+
+
+def fp8_block_size(cfg: dict) -> tuple[int, int] | None:
+    q = cfg.get("quantization_config")
+    if not q:
+        return None
+    if q.get("quant_method") != "fp8":
+        raise MoeEngineError(f"quantization method {q.get('quant_method')!r} is not supported (only fp8 "
+                             "block-scaled); use an unquantised or fp8 checkpoint")
+    block = q.get("weight_block_size") or [128, 128]
+    return int(block[0]), int(block[1])
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """w [N, K] float8 with one scale per block [ceil(N/bn), ceil(K/bk)] -> float32 [N, K]."""
+    N, K = w.shape
+    s = scale_inv.float().repeat_interleave(block[0], 0)[:N].repeat_interleave(block[1], 1)[:, :K]
+    return w.float() * s
+
+
+def check_checkpoint(model, tensors: dict[str, TensorInfo], block: tuple[int, int] | None) -> None:
+    """One error naming every missing, unexpected and mis-shaped tensor, before anything is read."""
+    targets = model.checkpoint_targets()
+    missing = sorted(set(targets) - set(tensors))
+    problems, unexpected = [], []
+    for name, info in tensors.items():
+        if name in targets:
+            param, index = targets[name]
+            want = tuple(_dest(model, param, index).shape)
+            if info.shape != want:
+                problems.append(f"{name} has shape {list(info.shape)}, expected {list(want)}")
+            if info.dtype.startswith("F8"):
+                scale = tensors.get(name + SCALE_SUFFIX)
+                if block is None:
+                    problems.append(f"{name} is fp8 but config.json has no fp8 quantization_config")
+                elif scale is None:
+                    problems.append(f"{name} is fp8 but its scale {name + SCALE_SUFFIX} is missing")
+                elif len(want) == 2 and scale.shape != (math.ceil(want[0] / block[0]), math.ceil(want[1] / block[1])):
+                    problems.append(f"{name + SCALE_SUFFIX} has shape {list(scale.shape)}, expected "
+                                    f"{[math.ceil(want[0] / block[0]), math.ceil(want[1] / block[1])]}")
+        elif name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in tensors:
+            continue
+        elif not model.ignored_checkpoint_name(name):
+            unexpected.append(name)
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)}: {', '.join(sorted(unexpected)[:8])}"
+                     f"{' ...' if len(unexpected) > 8 else ''}")
+    if problems:
+        parts.append(f"wrong {len(problems)}: {'; '.join(problems[:8])}{' ...' if len(problems) > 8 else ''}")
+    if parts:
+        raise MoeEngineError(f"checkpoint does not match its config.json ({model.args.model_type}): "
+                             f"{' | '.join(parts)}; re-download the checkpoint or fix config.json")
+
+
+def _dest(model, param: str, index) -> torch.Tensor:
+    t = model.get_parameter(param)
+    return t if index is None else t[index]
+
+
+def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.dtype,
+               progress: bool = False, **model_kwargs):
+    """(model on device in dtype, config dict). Peak memory: the model plus one tensor in float32."""
+    path, cfg = read_config(model_dir)
+    args_cls, model_cls = model_family(cfg.get("model_type"))
+    try:
+        args = args_cls.from_hf_config(cfg)
+    except (TypeError, ValueError) as e:
+        raise MoeEngineError(f"config.json in {path} has a bad value ({e}); fix config.json") from None
+    block = fp8_block_size(cfg)
+    files = safetensors_files(path)
+    tensors = index_tensors(files)
+    with torch.device(device):
+        model = model_cls(args, dtype=dtype, **model_kwargs)
+    check_checkpoint(model, tensors, block)
+    targets = model.checkpoint_targets()
+    bar = tqdm(total=len(targets), desc=f"loading {path.name}", unit="tensor", disable=not progress,
+               leave=False)
+    with torch.no_grad():
+        for f in files:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    if name not in targets:
+                        continue
+                    t = st.get_tensor(name)
+                    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                        scale_name = name + SCALE_SUFFIX
+                        with safe_open(tensors[scale_name].file, framework="pt") as sf:
+                            t = dequantize_fp8(t, sf.get_tensor(scale_name), block)
+                    _dest(model, *targets[name]).copy_(t)
+                    bar.update()
+    bar.close()
+    model.post_load()
+    model.eval()
+    return model, cfg

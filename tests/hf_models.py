@@ -1,0 +1,43 @@
+"""Helpers that build tiny random transformers models, save them, and compare our logits with theirs."""
+
+from pathlib import Path
+
+import torch
+
+import transformers
+
+
+def save_random(model_cls, config, path: Path, seed: int = 0, randomize_bias: bool = True) -> Path:
+    """Random-weight HF model saved with save_pretrained; norms and the V3 correction bias get random
+    values too (transformers initialises them to ones / zeros, which would hide bugs)."""
+    torch.manual_seed(seed)
+    model = model_cls(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if randomize_bias and name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
+    model.save_pretrained(path)
+    return path
+
+
+def hf_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def hf_greedy(path: Path, ids: list[int], n: int) -> list[int]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def max_rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref|: relative to the logits' scale, not per element (near-zero logits
+    would make a per-element ratio meaningless)."""
+    return float((ours - ref).abs().max() / ref.abs().max())
