@@ -55,6 +55,8 @@ def check_checkpoint(model, tensors: dict[str, TensorInfo], block: tuple[int, in
                                     f"{[math.ceil(want[0] / block[0]), math.ceil(want[1] / block[1])]}")
         elif name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in tensors:
             continue
+        elif 0 in info.shape:
+            continue   # empty tensors (e.g. transformers' zero-width shared experts) carry nothing
         elif not model.ignored_checkpoint_name(name):
             unexpected.append(name)
     parts = []

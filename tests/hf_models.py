@@ -24,16 +24,20 @@ def save_random(model_cls, config, path: Path, seed: int = 0, randomize_bias: bo
 
 
 def hf_logits(path: Path, ids: list[int]) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                              experts_implementation="eager").eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
 
 
 def hf_greedy(path: Path, ids: list[int], n: int) -> list[int]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                              experts_implementation="eager").eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
+        # An explicit mask: without one, generate masks every token equal to pad_token_id (a BOS of 0).
+        x = torch.tensor([ids])
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
 
 
