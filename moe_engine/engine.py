@@ -1,125 +1,85 @@
-"""The engine loop: sequences, admission against free cache blocks, one batched forward per step."""
-
-from collections import deque
-from dataclasses import dataclass, field
+"""The engine loop: schedule a step, run the model once over the flat batch, sample, finish requests."""
 
 import torch
 
 from kernels.attention import AttentionMetadata
+from moe_engine.block_manager import BlockManager, blocks_for
 from moe_engine.errors import MoeEngineError
-from moe_engine.kv_cache import BlockAllocator, blocks_for
-from moe_engine.sampling import SamplingParams, sample_token
-
-
-@dataclass
-class Sequence:
-    request_id: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_len: int                                    # prompt + generated tokens never exceed this
-    output_ids: list[int] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)
-    num_cached: int = 0                             # tokens whose K/V are in the cache
-    finish_reason: str | None = None
-    text: str = ""
-    generator: torch.Generator | None = None
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def blocks_needed(self, block_size: int) -> int:
-        return blocks_for(min(len(self.prompt_ids) + self.params.max_tokens, self.max_len), block_size)
+from moe_engine.sampling import sample_token
+from moe_engine.scheduler import ScheduledBatch, Scheduler
+from moe_engine.sequence import Sequence
 
 
 class Engine:
-    """Admits waiting sequences while their whole cache footprint fits (so a running sequence never runs
-    out of blocks), prefills new ones together, then decodes all running ones together."""
-
-    def __init__(self, model, kv_caches, num_blocks: int, block_size: int, device, tokenizer=None,
-                 max_num_seqs: int = 64):
+    def __init__(self, model, kv_caches: list[torch.Tensor], num_blocks: int, block_size: int, device,
+                 tokenizer=None, max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
+                 enable_prefix_caching: bool = True):
         self.model, self.kv_caches, self.block_size, self.device = model, kv_caches, block_size, device
-        self.allocator = BlockAllocator(num_blocks)
         self.tokenizer = tokenizer
-        self.max_num_seqs = max_num_seqs
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+
+    def check_fits(self, seq: Sequence) -> None:
+        """Refuse up front a request that could never finish even with the whole cache to itself."""
+        longest = min(len(seq.prompt_ids) + seq.params.max_tokens, seq.max_len)
+        need = blocks_for(longest, self.block_size)
+        if need > self.blocks.num_blocks:
+            raise MoeEngineError(
+                f"request of {len(seq.prompt_ids)} prompt tokens + max_tokens {seq.params.max_tokens} needs "
+                f"{need} cache blocks but the whole cache has {self.blocks.num_blocks}; lower max_tokens, "
+                "shorten the prompt or give the cache more room (num_kv_blocks / kv_cache_bytes)")
 
     def add(self, seq: Sequence) -> None:
-        need = seq.blocks_needed(self.block_size)
-        if need > self.allocator.num_blocks:
-            raise MoeEngineError(f"request {seq.request_id} needs {need} cache blocks "
-                                 f"({len(seq.prompt_ids)} prompt tokens + max_tokens {seq.params.max_tokens}) "
-                                 f"but the cache has {self.allocator.num_blocks}; lower max_tokens or give "
-                                 "the cache more memory (num_kv_blocks / kv_cache_bytes)")
+        self.check_fits(seq)
         if seq.params.seed is not None:
             seq.generator = torch.Generator().manual_seed(seq.params.seed)
-        self.waiting.append(seq)
+        self.scheduler.add(seq)
 
     def abort(self, seq: Sequence) -> None:
         """Drop a request (e.g. a cancelled stream) and give its blocks back."""
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        if seq in self.running:
-            self.running.remove(seq)
-            self.allocator.release(seq.blocks)
+        self.scheduler.finish(seq)
         seq.finish_reason = seq.finish_reason or "abort"
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
-    def _admit(self) -> list[Sequence]:
-        admitted = []
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            need = self.waiting[0].blocks_needed(self.block_size)
-            if need > self.allocator.num_free:
-                break
-            seq = self.waiting.popleft()
-            seq.blocks = self.allocator.allocate(need)
-            self.running.append(seq)
-            admitted.append(seq)
-        return admitted
+        return self.scheduler.has_work()
 
     def step(self) -> list[tuple[Sequence, int]]:
-        """Run one forward; returns (sequence, new token) for every sequence that produced one."""
-        batch = self._admit() or [s for s in self.running if not s.finished]
+        """One forward over the scheduled batch; (sequence, new token) for each that produced one."""
+        batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits = self.forward(batch)                                        # [B, V]
+        logits, sampled = self.forward(batch)                               # [N, V], N sequences
         produced = []
-        for seq, row in zip(batch, logits):
+        for seq, row in zip(sampled, logits):
             token = sample_token(row, seq.params, seq.all_ids, seq.generator)
             seq.output_ids.append(token)
             self._check_finished(seq, token)
+            if seq.finished:
+                self.scheduler.finish(seq)
             produced.append((seq, token))
-        for seq in [s for s in self.running if s.finished]:
-            self.allocator.release(seq.blocks)
-            self.running.remove(seq)
         return produced
 
-    def forward(self, batch: list[Sequence]) -> torch.Tensor:
-        """Feed every not-yet-cached token of each sequence; logits of each sequence's last token."""
-        ids, positions, query_lens = [], [], []
-        for seq in batch:
-            new = seq.all_ids[seq.num_cached:]
-            ids += new
-            positions += range(seq.num_cached, seq.num_cached + len(new))
-            query_lens.append(len(new))
-        context_lens = [s.num_cached + n for s, n in zip(batch, query_lens)]
-        meta = AttentionMetadata.build([s.blocks for s in batch], context_lens, query_lens,
+    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
+        """Feed each sequence's next num_tokens uncached tokens; logits at the last token of every
+        sequence whose whole context is now cached (the ones that sample)."""
+        ids, positions, context_lens = [], [], []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            ids += seq.all_ids[seq.num_cached:seq.num_cached + n]
+            positions += range(seq.num_cached, seq.num_cached + n)
+            context_lens.append(seq.num_cached + n)
+        meta = AttentionMetadata.build([s.blocks for s in batch.seqs], context_lens, batch.num_tokens,
                                        self.block_size, self.device)
+        sampled = [s for s, ctx in zip(batch.seqs, context_lens) if ctx == s.num_tokens]
+        rows = [meta.query_start_loc[i + 1] - 1 for i, (s, ctx) in enumerate(zip(batch.seqs, context_lens))
+                if ctx == s.num_tokens]
         with torch.inference_mode():
             hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
                                 self.kv_caches, meta)                        # [T, D]
-            last = torch.tensor(meta.query_start_loc[1:], device=self.device) - 1
-            logits = self.model.compute_logits(hidden[last])                # [B, V]
-        for seq, ctx in zip(batch, context_lens):
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+        for seq, ctx in zip(batch.seqs, context_lens):
             seq.num_cached = ctx
-        return logits
+            self.blocks.register_full_blocks(seq)
+        return logits, sampled
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -134,5 +94,5 @@ class Engine:
         eos = self.tokenizer.eos_ids if self.tokenizer is not None else set()
         if token in eos and not p.ignore_eos:
             seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or len(seq.all_ids) >= seq.max_len:
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= seq.max_len:
             seq.finish_reason = "length"

@@ -1,31 +1,7 @@
-"""Cache blocks: a free-list allocator of fixed-size blocks, and sizing the cache from a memory budget."""
+"""Sizing the paged KV cache: how many blocks a memory budget (or the free GPU memory) affords."""
 
+from moe_engine.block_manager import blocks_for
 from moe_engine.errors import MoeEngineError
-
-
-class BlockAllocator:
-    """Hands out physical block ids; pure Python, no tensors."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self.free = list(range(num_blocks - 1, -1, -1))   # pop() hands out low ids first
-
-    @property
-    def num_free(self) -> int:
-        return len(self.free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self.free):
-            raise MoeEngineError(f"KV cache exhausted: {n} blocks wanted, {len(self.free)} free")
-        return [self.free.pop() for _ in range(n)]
-
-    def release(self, blocks: list[int]) -> None:
-        self.free.extend(reversed(blocks))
-        blocks.clear()
-
-
-def blocks_for(tokens: int, block_size: int) -> int:
-    return (tokens + block_size - 1) // block_size
 
 
 def plan_num_blocks(bytes_per_token: int, block_size: int, max_model_len: int, max_num_seqs: int,

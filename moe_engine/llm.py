@@ -9,9 +9,11 @@ import torch
 
 from kernels.attention import AttentionMetadata
 from moe_engine.device import pick_device, pick_dtype
-from moe_engine.engine import Engine, Sequence
+from moe_engine.block_manager import blocks_for
+from moe_engine.engine import Engine
+from moe_engine.sequence import Sequence
 from moe_engine.errors import MoeEngineError
-from moe_engine.kv_cache import blocks_for, plan_num_blocks
+from moe_engine.kv_cache import plan_num_blocks
 from moe_engine.loader import load_model
 from moe_engine.sampling import SamplingParams
 from moe_engine.tokenizer import load_tokenizer, require_tokenizer
@@ -24,13 +26,20 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]            # generated tokens only
-    finish_reason: str              # "stop" (EOS or a stop string) or "length"
+    finish_reason: str              # "stop" (EOS or a stop string), "length", or "error"
+    error: str | None = None        # why the request was refused (finish_reason "error")
+    num_preemptions: int = 0
 
 
 class LLM:
+    """A model, its tokenizer and a paged-cache engine. Many prompts run together (continuous
+    batching); when the cache is full, the youngest request is preempted and recomputed later."""
+
     def __init__(self, model: str | Path, device=None, dtype=None, *, block_size: int = 16,
-                 num_kv_blocks: int | None = None, kv_cache_bytes: int = 2 << 30, max_num_seqs: int = 16,
-                 max_model_len: int | None = None, progress: bool = False, **model_kwargs):
+                 num_kv_blocks: int | None = None, kv_cache_bytes: int = 1 << 30,
+                 gpu_memory_utilization: float = 0.9, max_num_seqs: int = 32,
+                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, progress: bool = False, **model_kwargs):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.model, self.config = load_model(model, self.device, self.dtype, progress, **model_kwargs)
@@ -38,16 +47,19 @@ class LLM:
         self.tokenizer = load_tokenizer(self.path, self.config)
         self.max_model_len = min(max_model_len or self.model.max_model_len, self.model.max_model_len)
         self.block_size = block_size
+        if self.device.type == "cuda":
+            kv_cache_bytes = int(torch.cuda.mem_get_info(self.device)[0] * gpu_memory_utilization)
         num_blocks = plan_num_blocks(self.model.kv_cache_bytes_per_token(self.dtype), block_size,
                                      self.max_model_len, max_num_seqs, kv_cache_bytes, num_kv_blocks)
         kv_caches = self.model.allocate_kv_cache(num_blocks * block_size, self.dtype, self.device)
         self.engine = Engine(self.model, kv_caches, num_blocks, block_size, self.device, self.tokenizer,
-                             max_num_seqs)
+                             max_num_seqs, max_num_batched_tokens, enable_prefix_caching)
         self._next_id = 0
         self.last_stats: dict = {}          # of the latest stream(): prompt/generated tokens, seconds
         self.last_output: Sequence | None = None
 
     def _new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """A validated request, accepted by the engine; MoeEngineError says why one is refused."""
         if not prompt_ids:
             raise MoeEngineError("empty prompt; give at least one token of text")
         bad = [t for t in prompt_ids if not 0 <= t < self.model.args.vocab_size]
@@ -59,33 +71,53 @@ class LLM:
                                  f"{self.max_model_len} (prompt + output); shorten the prompt")
         seq = Sequence(self._next_id, list(prompt_ids), params, self.max_model_len)
         self._next_id += 1
+        self.engine.add(seq)
         return seq
 
-    def generate(self, prompts: str | list[str] | None = None, sampling_params: SamplingParams | None = None,
+    def _encode(self, prompt: str) -> list[int]:
+        return require_tokenizer(self.tokenizer, self.path).encode(prompt)
+
+    def generate(self, prompts: str | list[str] | None = None,
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  prompt_token_ids: list[list[int]] | None = None) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in input order; all prompts run together."""
+        """One RequestOutput per prompt, in input order; all prompts run together. sampling_params may
+        be one for all or one per prompt. A refused request (too long, too big for the cache) gets
+        finish_reason "error" and its reason while the others complete; if all are refused, raises."""
         if (prompts is None) == (prompt_token_ids is None):
             raise MoeEngineError("give either prompts or prompt_token_ids")
-        params = sampling_params or SamplingParams()
         if isinstance(prompts, str):
             prompts = [prompts]
-        texts = prompts or [None] * len(prompt_token_ids)
-        token_lists = prompt_token_ids or [require_tokenizer(self.tokenizer, self.path).encode(p) for p in prompts]
-        seqs = [self._new_sequence(ids, params) for ids in token_lists]
-        for seq in seqs:
-            self.engine.add(seq)
+        n = len(prompts) if prompts is not None else len(prompt_token_ids)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * n
+        if len(params) != n:
+            raise MoeEngineError(f"{len(params)} sampling_params for {n} prompts; give one, or one per prompt")
+        texts = prompts or [None] * n
+        token_lists = prompt_token_ids or [self._encode(p) for p in prompts]
+        seqs: list[Sequence | MoeEngineError] = []
+        for ids, p in zip(token_lists, params):
+            try:
+                seqs.append(self._new_sequence(ids, p))
+            except MoeEngineError as e:
+                seqs.append(e)
+        if all(isinstance(s, MoeEngineError) for s in seqs):
+            raise seqs[0]
         while self.engine.has_work():
             self.engine.step()
-        return [RequestOutput(s.request_id, text, s.prompt_ids, s.text, s.output_ids, s.finish_reason)
-                for s, text in zip(seqs, texts)]
+        outputs = []
+        for s, text, ids in zip(seqs, texts, token_lists):
+            if isinstance(s, MoeEngineError):
+                outputs.append(RequestOutput(-1, text, list(ids), "", [], "error", str(s)))
+            else:
+                outputs.append(RequestOutput(s.request_id, text, s.prompt_ids, s.text, s.output_ids,
+                                             s.finish_reason, num_preemptions=s.num_preemptions))
+        return outputs
 
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None
                ) -> Iterator[str]:
         """Yield the generated text piece by piece as tokens arrive. Closing the generator early
         (or Ctrl-C) cancels the request and frees its cache blocks."""
-        ids = prompt if isinstance(prompt, list) else require_tokenizer(self.tokenizer, self.path).encode(prompt)
+        ids = prompt if isinstance(prompt, list) else self._encode(prompt)
         seq = self._new_sequence(ids, sampling_params or SamplingParams())
-        self.engine.add(seq)
         self.last_stats = stats = {"prompt_tokens": len(ids), "generated_tokens": 0, "seconds": 0.0}
         start, sent = time.perf_counter(), 0
         try:
@@ -105,7 +137,9 @@ class LLM:
     def prompt_logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """float32 [T, vocab]: the next-token logits at every position of one sequence (a fresh cache)."""
         ids = [int(t) for t in token_ids]
-        self._new_sequence(ids[:-1] or ids, SamplingParams())   # validates ids and length
+        if not ids or len(ids) > self.max_model_len or not all(0 <= t < self.model.args.vocab_size for t in ids):
+            raise MoeEngineError(f"prompt_logits takes 1..{self.max_model_len} token ids in "
+                                 f"[0, {self.model.args.vocab_size}); check the input")
         T = len(ids)
         caches = self.model.allocate_kv_cache(blocks_for(T, self.block_size) * self.block_size,
                                               self.dtype, self.device)

@@ -53,16 +53,19 @@ def test_shipped_tiny_mixtral_matches_transformers():
 
 
 def incremental_logits(llm: LLM, ids: list[int], split: int) -> torch.Tensor:
-    """Logits of positions split-1 .. end, computed by a prefill of ids[:split] then one token per step."""
-    from moe_engine.engine import Sequence
+    """Logits of positions split-1 .. end, computed by a prefill of ids[:split] then one token per step
+    through the engine's paged cache."""
+    from moe_engine.scheduler import ScheduledBatch
+    from moe_engine.sequence import Sequence
     engine = llm.engine
     seq = Sequence(10_000, ids[:split], SamplingParams(max_tokens=len(ids)), llm.max_model_len)
-    seq.blocks = engine.allocator.allocate(seq.blocks_needed(engine.block_size))
-    rows = [engine.forward([seq])[0]]
+    assert engine.blocks.allocate_prompt(seq, split) and seq.num_cached == 0
+    rows = [engine.forward(ScheduledBatch([seq], [split]))[0][0]]
     for t in ids[split:]:
         seq.output_ids.append(t)
-        rows.append(engine.forward([seq])[0])
-    engine.allocator.release(seq.blocks)
+        engine.blocks.grow(seq, 1)
+        rows.append(engine.forward(ScheduledBatch([seq], [1]))[0][0])
+    engine.blocks.release(seq)
     return torch.stack(rows)
 
 

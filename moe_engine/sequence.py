@@ -1,0 +1,36 @@
+"""One request's state as it moves through the engine."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_engine.sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_len: int                                    # prompt + generated tokens never exceed this
+    output_ids: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # block table: logical block i -> physical block
+    num_cached: int = 0                             # leading tokens whose cache entries are written
+    block_hashes: list[int] = field(default_factory=list)  # prefix hashes of its leading full blocks
+    finish_reason: str | None = None                # "stop", "length", "abort" or "error"
+    error: str | None = None
+    text: str = ""
+    generator: torch.Generator | None = None
+    num_preemptions: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
