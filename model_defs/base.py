@@ -37,9 +37,10 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(dim, eps, dtype)
         self.mlp = mlp
 
-    def forward(self, x, cos_sin, kv_cache, meta):
+    def forward(self, x, cos_sin, kv_cache, meta, routing_hook=None):
         x = x + self.attn(self.input_norm(x), cos_sin, kv_cache, meta)
-        return x + self.mlp(self.post_attn_norm(x))
+        h = self.post_attn_norm(x)
+        return x + (self.mlp(h, routing_hook) if isinstance(self.mlp, MoEBlock) else self.mlp(h))
 
 
 class CausalLM(nn.Module):
@@ -60,17 +61,23 @@ class CausalLM(nn.Module):
         self.lm_head = self.embed if args.tie_word_embeddings else weight(args.vocab_size, args.hidden_size,
                                                                           dtype=dtype)
         self.rotary = rotary
+        for i, block in enumerate(self.moe_blocks):
+            block.moe_index = i
 
     @property
     def max_model_len(self) -> int:
         return self.args.max_position_embeddings
 
+    @property
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoEBlock)]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, routing_hook=None) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)                 # [T, D]
         cos_sin = self.rotary.cos_sin(positions)               # 2 x [T, rope_dim/2]
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, cache, meta)
+            x = layer(x, cos_sin, cache, meta, routing_hook)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Expert routing (a pure function of router logits and config) and the sparse MoE block."""
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -50,16 +51,20 @@ def _keep_groups(choice: torch.Tensor, group_scores: torch.Tensor, cfg: RoutingC
     return choice.masked_fill(~keep, float("-inf"))
 
 
-def route(router_logits: torch.Tensor, cfg: RoutingConfig,
-          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def route(router_logits: torch.Tensor, cfg: RoutingConfig, bias: torch.Tensor | None = None,
+          allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (topk_weights [T, k] float32, topk_ids [T, k] int64).
 
     The correction bias (noaux_tc) only steers which experts are chosen; weights come from the
-    unbiased scores.
+    unbiased scores. `allowed` [E] bool removes experts: as if their router logit were -inf.
     """
     logits = router_logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     scores = logits.softmax(-1) if cfg.scoring == "softmax" else logits.sigmoid()   # [T, E]
     choice = scores if bias is None else scores + bias.float()
+    if allowed is not None:
+        choice = choice.masked_fill(~allowed, float("-inf"))
     if cfg.method == "group_limited_greedy":
         grouped = choice.view(choice.shape[0], cfg.n_group, -1)                     # [T, G, E/G]
         choice = _keep_groups(choice, grouped.max(-1).values, cfg)
@@ -76,23 +81,35 @@ def route(router_logits: torch.Tensor, cfg: RoutingConfig,
     return topk_weights, topk_ids
 
 
+class RoutingHook(Protocol):
+    """Research hook (record, override, mask): routes in place of route() for every MoE layer."""
+
+    def route(self, moe_index: int, router_logits: torch.Tensor, cfg: RoutingConfig,
+              bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 class MoEBlock(nn.Module):
-    """Routed SwiGLU experts stacked as w13 [E, 2I, D] and w2 [E, D, I], plus optional shared experts."""
+    """Routed SwiGLU experts stacked as w13 [E, 2I, D] and w2 [E, D, I], plus optional shared experts.
+    moe_index numbers the model's MoE layers 0, 1, ... (set by CausalLM)."""
 
     def __init__(self, dim: int, intermediate: int, routing: RoutingConfig, shared_intermediate: int = 0,
                  dtype=None):
         super().__init__()
         E = routing.num_experts
         self.routing = routing
+        self.moe_index = -1
         self.gate = weight(E, dim, dtype=dtype)
         self.bias = weight(E, dtype=torch.float32) if routing.has_bias else None
         self.w13 = weight(E, 2 * intermediate, dim, dtype=dtype)
         self.w2 = weight(E, dim, intermediate, dtype=dtype)
         self.shared = SwiGLU(dim, shared_intermediate, dtype=dtype) if shared_intermediate else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hook: RoutingHook | None = None) -> torch.Tensor:
         router_logits = F.linear(x.float(), self.gate.float())                 # [T, E]
-        topk_weights, topk_ids = route(router_logits, self.routing, self.bias)  # [T, k] each
+        if hook is None:
+            topk_weights, topk_ids = route(router_logits, self.routing, self.bias)   # [T, k] each
+        else:
+            topk_weights, topk_ids = hook.route(self.moe_index, router_logits, self.routing, self.bias)
         out = kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)   # [T, D]
         if self.shared is not None:
             out = out + self.shared(x)

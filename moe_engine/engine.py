@@ -18,6 +18,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.routing_hook = None        # set by LLM.trace_routing / override_routing while active
 
     def check_fits(self, seq: Sequence) -> None:
         """Refuse up front a request that could never finish even with the whole cache to itself."""
@@ -62,11 +63,14 @@ class Engine:
     def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         """Feed each sequence's next num_tokens uncached tokens; logits at the last token of every
         sequence whose whole context is now cached (the ones that sample)."""
-        ids, positions, context_lens = [], [], []
+        ids, positions, context_lens, owners = [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_tokens):
             ids += seq.all_ids[seq.num_cached:seq.num_cached + n]
             positions += range(seq.num_cached, seq.num_cached + n)
             context_lens.append(seq.num_cached + n)
+            owners += [seq.request_id] * n
+        if self.routing_hook is not None:
+            self.routing_hook.begin_step(owners, ids, positions)
         meta = AttentionMetadata.build([s.blocks for s in batch.seqs], context_lens, batch.num_tokens,
                                        self.block_size, self.device)
         sampled = [s for s, ctx in zip(batch.seqs, context_lens) if ctx == s.num_tokens]
@@ -74,7 +78,7 @@ class Engine:
                 if ctx == s.num_tokens]
         with torch.inference_mode():
             hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                                self.kv_caches, meta)                        # [T, D]
+                                self.kv_caches, meta, self.routing_hook)     # [T, D]
             logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
         for seq, ctx in zip(batch.seqs, context_lens):
             seq.num_cached = ctx

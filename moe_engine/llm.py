@@ -145,9 +145,12 @@ class LLM:
                                               self.dtype, self.device)
         meta = AttentionMetadata.build([list(range(blocks_for(T, self.block_size)))], [T], [T],
                                        self.block_size, self.device)
+        hook = self.engine.routing_hook
+        if hook is not None:
+            hook.begin_step([-1] * T, ids, list(range(T)))
         with torch.inference_mode():
             hidden = self.model(torch.tensor(ids, device=self.device), torch.arange(T, device=self.device),
-                                caches, meta)
+                                caches, meta, hook)
             return self.model.compute_logits(hidden)
 
 
