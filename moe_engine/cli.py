@@ -1,0 +1,209 @@
+"""The `moe-engine` command: generate, chat, info and bench subcommands, with one-line errors."""
+
+import argparse
+import importlib
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from moe_engine.errors import MoeEngineError
+
+DEFAULT_MODEL = "weights/tiny-mixtral"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+BENCHMARKS = {"decode": "moe_engine.bench_decode", "kernels": "moe_engine.bench_kernels"}
+
+
+class UsageError(Exception):
+    """A command line argparse refused; printed on one line like our own errors."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+def resolve_model(name: str) -> Path:
+    """A relative folder is looked up from the current directory, then from the repository root (so the
+    shipped weights/ work from anywhere in an editable install)."""
+    path = Path(name).expanduser()
+    if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    common.add_argument("--model", default=os.environ.get("MOE_ENGINE_MODEL") or DEFAULT_MODEL,
+                        help="model folder: config.json + *.safetensors + tokenizer "
+                             "(default: $MOE_ENGINE_MODEL or %(default)s)")
+    common.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
+    common.add_argument("--dtype", default="auto",
+                        help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA, float16 on MPS)")
+    common.add_argument("--quiet", action="store_true", help="no loading bar (shown on a terminal) and no stats line")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    sampling = Parser(add_help=False)
+    sampling.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default %(default)s)")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    sampling.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
+    sampling.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability")
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    sampling.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    sampling.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                          help="stop when this text appears (repeatable)")
+
+    parser = Parser(prog="moe-engine", description="A Mixture-of-Experts LLM inference engine.")
+    from moe_engine import __version__
+    parser.add_argument("--version", action="version", version=f"moe-engine {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,info,bench}")
+    gen = sub.add_parser("generate", parents=[common, sampling], help="complete a prompt, streaming to stdout",
+                         description="Complete a prompt; the text streams to stdout, a tokens/s line to stderr.")
+    gen.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    gen.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt first")
+    sub.add_parser("chat", parents=[common, sampling], help="interactive multi-turn chat (REPL)",
+                   description="Chat with a model; /help inside lists the commands.")
+    sub.add_parser("info", parents=[common], help="architecture, experts, parameter counts, KV-cache cost",
+                   description="Load a model and describe it.")
+    bench = sub.add_parser("bench", help="run a benchmark (decode or kernels)",
+                           description="Run a benchmark; arguments after its name go to it.")
+    bench.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments (see `bench NAME --help`)")
+    bench.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def sampling_params(args):
+    from moe_engine.sampling import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=list(args.stop))
+
+
+def device_and_dtype(args):
+    """Checked before anything is loaded, so a bad flag fails at once."""
+    from moe_engine.device import pick_device, pick_dtype
+    device = pick_device(args.device)
+    return device, pick_dtype(args.dtype, device)
+
+
+def load_llm(args):
+    from moe_engine.llm import LLM
+    device, dtype = device_and_dtype(args)
+    return LLM(resolve_model(args.model), device, dtype, progress=show_progress(args))
+
+
+def show_progress(args) -> bool:
+    """The loading bar, on a terminal only: a redirected stderr gets no carriage-return noise."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+def run_generate(args) -> int:
+    params = sampling_params(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise MoeEngineError("empty prompt; pass the prompt text, or pipe it in with `-` as the prompt")
+    llm = load_llm(args)
+    start, shown = time.perf_counter(), ""
+    stream = llm.stream(prompt, params)
+    try:
+        first = next(stream, "")            # a refused prompt (e.g. too long) fails here, before any output
+        first_at = time.perf_counter() - start if first else None
+        shown = ("" if args.no_echo else prompt) + first
+        sys.stdout.write(shown)
+        sys.stdout.flush()
+        for piece in stream:
+            first_at = first_at or time.perf_counter() - start
+            shown += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:
+        stream.close()
+        if shown and not shown.endswith("\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+    if not args.quiet:
+        stats = llm.last_stats
+        n, seconds = stats["generated_tokens"], stats["seconds"]
+        finish = getattr(llm.last_output, "finish_reason", "?")
+        first = f", first token after {first_at:.2f} s" if first_at is not None else ""
+        print(f"[{n} tokens in {seconds:.2f} s: {n / seconds if seconds else 0:.1f} tokens/s{first}; prompt "
+              f"{stats['prompt_tokens']} tokens; finish: {finish}; {llm.device.type} "
+              f"{str(llm.dtype).removeprefix('torch.')}]", file=sys.stderr)
+    return 0
+
+
+def run_chat(args) -> int:
+    from moe_engine.repl import Chat, banner, enable_line_editing
+    from moe_engine.tokenizer import require_tokenizer
+    params = sampling_params(args)
+    llm = load_llm(args)
+    require_tokenizer(llm.tokenizer, llm.path)
+    enable_line_editing()
+    print(banner(llm, args.model), flush=True)
+    return Chat(llm, params, debug=args.debug).run()
+
+
+def run_info(args) -> int:
+    from moe_engine.info import describe
+    device, dtype = device_and_dtype(args)
+    rows = describe(resolve_model(args.model), device, dtype, progress=show_progress(args))
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    return 0
+
+
+def run_bench(args) -> int:
+    module_name = BENCHMARKS[args.which]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        if e.name == module_name:
+            print(f"error: the {args.which} benchmark is not in this install ({module_name} is missing); "
+                  "update moe-engine to a version that has it", file=sys.stderr)
+        else:
+            print(f"error: the {args.which} benchmark needs {e.name or 'a module'} that is not installed "
+                  f"({e}); install it into this environment", file=sys.stderr)
+        return EXIT_RUNTIME
+    result = module.main(args.args)
+    return result if isinstance(result, int) else 0
+
+
+COMMANDS = {"generate": run_generate, "chat": run_chat, "info": run_info, "bench": run_bench}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except MoeEngineError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else " (run with --debug for the traceback)"
+        print(f"error: {type(e).__name__}: {_one_line(e)}{hint}", file=sys.stderr)
+        return EXIT_RUNTIME
