@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.backend import use_triton
+
 
 @dataclass
 class AttentionMetadata:
@@ -12,6 +14,7 @@ class AttentionMetadata:
 
     Sequence b owns query rows query_start_loc[b]:query_start_loc[b+1]; those are its newest tokens,
     so its context (cached + new) has context_lens[b] tokens, stored at context_slots[b].
+    context_lens_tensor holds the same lengths on the device for kernels that read them there.
     """
     slot_mapping: torch.Tensor          # [T] cache slot each new token is written to
     block_tables: torch.Tensor          # [B, max_blocks] physical block ids (int32)
@@ -19,6 +22,7 @@ class AttentionMetadata:
     query_start_loc: list[int]          # B+1 host ints: prefix sums of query lengths
     block_size: int
     context_slots: list[torch.Tensor]   # B tensors [context_lens[b]]: slots of the whole context
+    context_lens_tensor: torch.Tensor | None = None   # [B] int32 on the device; built on demand when None
 
     @classmethod
     def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int],
@@ -37,7 +41,8 @@ class AttentionMetadata:
             new_slots.append(slots[ctx - n:])
         return cls(slot_mapping=torch.cat(new_slots).to(device), block_tables=table.to(device),
                    context_lens=list(context_lens), query_start_loc=starts, block_size=block_size,
-                   context_slots=context_slots)
+                   context_slots=context_slots,
+                   context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32).to(device))
 
     @property
     def num_seqs(self) -> int:
@@ -45,6 +50,17 @@ class AttentionMetadata:
 
     def query_len(self, b: int) -> int:
         return self.query_start_loc[b + 1] - self.query_start_loc[b]
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence brings exactly one new token."""
+        return self.query_start_loc == list(range(self.num_seqs + 1))
+
+    def device_context_lens(self, device: torch.device) -> torch.Tensor:
+        """[B] int32 context lengths on device."""
+        if self.context_lens_tensor is None or self.context_lens_tensor.device != device:
+            self.context_lens_tensor = torch.tensor(self.context_lens, dtype=torch.int32).to(device)
+        return self.context_lens_tensor
 
 
 def write_cache(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -80,6 +96,17 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Causal attention of new tokens over their sequences' paged context (see paged_attention_ref)."""
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+                    meta: AttentionMetadata, scale: float, backend: str = "auto") -> torch.Tensor:
+    """Causal attention of new tokens over their sequences' paged context (see paged_attention_ref).
+
+    A decode batch (one token per sequence) runs the Triton kernel on CUDA tensors (backend 'auto') or
+    when forced ('triton'); prefill runs the reference either way."""
+    if not (use_triton(backend, q, k_cache, v_cache) and meta.is_decode):
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    H, Hkv = q.shape[1], k_cache.shape[1]
+    if H % Hkv or k_cache.shape[:2] != v_cache.shape[:2] or q.shape[2] != k_cache.shape[2]:
+        raise ValueError(f"paged_attention: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache "
+                         f"{tuple(v_cache.shape)} want [T, H, Dk], [S, Hkv, Dk], [S, Hkv, Dv] with Hkv dividing H")
+    from kernels.triton_attention import paged_decode_triton   # lazily: the package works without triton
+    return paged_decode_triton(q, k_cache, v_cache, meta.block_tables, meta.device_context_lens(q.device),
+                               meta.block_size, scale, max(meta.context_lens))

@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from kernels.backend import use_triton
+
 
 def _check_moe_args(x, w13, w2, topk_weights, topk_ids):
     T, D = x.shape
@@ -47,6 +49,14 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """Mixture of SwiGLU experts: x [T, D], w13 [E, 2I, D], w2 [E, D, I], topk_* [T, k] -> [T, D]."""
-    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Mixture of SwiGLU experts: x [T, D], w13 [E, 2I, D], w2 [E, D, I], topk_* [T, k] -> [T, D].
+
+    backend 'auto' runs the Triton kernel on CUDA tensors and the reference elsewhere (see kernels.backend)."""
+    if not use_triton(backend, x, w13, w2):
+        return fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+    _check_moe_args(x, w13, w2, topk_weights, topk_ids)
+    if not (x.dtype == w13.dtype == w2.dtype):
+        raise ValueError(f"fused_moe: x, w13, w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
+    from kernels.triton_moe import fused_moe_triton   # lazily: the package works without triton
+    return fused_moe_triton(x, w13, w2, topk_weights, topk_ids)

@@ -1,0 +1,121 @@
+"""Tile sizes for the Triton kernels: a small table keyed by device and shape class, with a default heuristic."""
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """One grouped-GEMM launch: the output tile is [block_m (from MoETuning), block_n], reduced over block_k."""
+    block_n: int
+    block_k: int
+    group_m: int = 8          # M blocks that share a column band in launch order, for L2 reuse of weights
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class MoETuning:
+    block_m: int              # rows per block; each expert's rows are padded to a multiple of it
+    gate_up: GemmTile         # gate+up tile: block_n columns of gate AND of up (two accumulators)
+    down: GemmTile
+    triton_align_max: int = 4096   # align in one Triton program up to this many (token, expert) pairs
+
+
+@dataclass(frozen=True)
+class DecodeTuning:
+    block_n: int              # context tokens per inner step
+    block_h: int              # query heads of one KV head per program (>= 16 for tl.dot)
+    num_warps: int = 4
+    num_stages: int = 2
+    min_split_tokens: int = 256    # a context split shorter than this costs more in the combine than it saves
+
+
+def device_key(device: torch.device) -> str:
+    """'sm90', 'sm80', ... for a CUDA device; 'interpreter' for anything else (TRITON_INTERPRET=1)."""
+    if device.type != "cuda":
+        return "interpreter"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def moe_shape_class(num_pairs: int, num_experts: int) -> str:
+    """By the mean rows per expert that received any: decode-sized up to large prefill batches."""
+    rows = num_pairs / max(1, min(num_experts, num_pairs))
+    if rows <= 16:
+        return "tiny"
+    if rows <= 64:
+        return "small"
+    if rows <= 256:
+        return "medium"
+    return "large"
+
+
+# Untuned starting points for Hopper (H100/H200, 228 KiB shared memory); the gate+up tile holds two
+# accumulators, so its block_n is half of what a plain GEMM would take. Tune with moe_engine.bench_kernels.
+_HOPPER_MOE = {
+    "tiny": MoETuning(16, GemmTile(64, 128, 1, 4, 4), GemmTile(32, 128, 1, 4, 4)),
+    "small": MoETuning(32, GemmTile(64, 128, 4, 4, 4), GemmTile(64, 128, 4, 4, 4)),
+    "medium": MoETuning(64, GemmTile(128, 64, 8, 4, 4), GemmTile(128, 64, 8, 4, 4)),
+    "large": MoETuning(128, GemmTile(128, 64, 8, 8, 3), GemmTile(256, 64, 8, 8, 3)),
+}
+_DEFAULT_MOE = {
+    "tiny": MoETuning(16, GemmTile(64, 64, 1, 4, 3), GemmTile(64, 64, 1, 4, 3)),
+    "small": MoETuning(32, GemmTile(64, 64, 4, 4, 3), GemmTile(64, 64, 4, 4, 3)),
+    "medium": MoETuning(64, GemmTile(64, 64, 8, 4, 3), GemmTile(128, 32, 8, 4, 3)),
+    "large": MoETuning(64, GemmTile(128, 32, 8, 4, 3), GemmTile(128, 32, 8, 4, 3)),
+}
+# Small tiles under the interpreter so that test shapes still cover several blocks and ragged edges.
+_INTERPRETER_MOE = MoETuning(16, GemmTile(16, 16, 2, 1, 1), GemmTile(16, 32, 2, 1, 1), triton_align_max=64)
+
+MOE_TABLE: dict[tuple[str, str], MoETuning] = {
+    **{("sm90", c): t for c, t in _HOPPER_MOE.items()},
+    **{("interpreter", c): _INTERPRETER_MOE for c in _DEFAULT_MOE},
+}
+
+# Decode attention: "gqa" heads up to 256 wide, "mla" the wide latent (kv_lora_rank + rope) rows; "-wide" when
+# more than 16 query heads share a KV head, so that a program takes more of them and L2 serves fewer re-reads.
+DECODE_TABLE: dict[tuple[str, str], DecodeTuning] = {
+    ("sm90", "gqa"): DecodeTuning(block_n=64, block_h=16, num_warps=4, num_stages=3),
+    ("sm90", "mla"): DecodeTuning(block_n=32, block_h=16, num_warps=8, num_stages=2),
+    ("sm90", "mla-wide"): DecodeTuning(block_n=16, block_h=32, num_warps=8, num_stages=2),
+    ("interpreter", "gqa"): DecodeTuning(block_n=16, block_h=16, num_warps=1, num_stages=1, min_split_tokens=16),
+    ("interpreter", "mla"): DecodeTuning(block_n=16, block_h=16, num_warps=1, num_stages=1, min_split_tokens=16),
+}
+_DEFAULT_DECODE = {"gqa": DecodeTuning(block_n=64, block_h=16),
+                   "mla": DecodeTuning(block_n=32, block_h=16, num_warps=8)}
+
+
+def moe_tuning(device: torch.device, num_pairs: int, num_experts: int, dtype=torch.bfloat16) -> MoETuning:
+    """The table is for 2-byte weights; 4-byte ones get half the block_k, so the same shared memory."""
+    shape = moe_shape_class(num_pairs, num_experts)
+    tuning = MOE_TABLE.get((device_key(device), shape), _DEFAULT_MOE[shape])
+    if dtype.itemsize > 2:
+        tuning = replace(tuning, gate_up=replace(tuning.gate_up, block_k=max(16, tuning.gate_up.block_k // 2)),
+                         down=replace(tuning.down, block_k=max(16, tuning.down.block_k // 2)))
+    return tuning
+
+
+def decode_tuning(device: torch.device, head_dim: int, group: int, dtype=torch.bfloat16) -> DecodeTuning:
+    """head_dim: key width; group: query heads per KV head. 4-byte caches get half the block_n."""
+    base = "mla" if head_dim > 256 else "gqa"
+    key = device_key(device)
+    shape = base + "-wide" if group > 16 else base
+    tuning = DECODE_TABLE.get((key, shape)) or DECODE_TABLE.get((key, base)) or _DEFAULT_DECODE[base]
+    if dtype.itemsize > 2:
+        tuning = replace(tuning, block_n=max(16, tuning.block_n // 2))
+    return tuning
+
+
+def decode_splits(num_programs: int, max_context: int, device: torch.device, tuning: DecodeTuning) -> int:
+    """Split each context so that about two waves of programs fill the GPU (flash-decoding)."""
+    want = -(-2 * num_sms(device) // max(1, num_programs))
+    most = max(1, -(-max_context // tuning.min_split_tokens))
+    return max(1, min(want, most))

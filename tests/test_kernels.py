@@ -1,0 +1,246 @@
+"""Triton kernels against their torch references: small ragged shapes under the interpreter, full sizes on a GPU."""
+
+import random
+
+import pytest
+import torch
+
+import kernels
+from kernels.attention import AttentionMetadata
+from kernels.backend import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float):
+    """Largest error relative to the largest expected magnitude, so near-zero entries don't dominate."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    err = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item() or 1.0
+    assert err <= tol * scale, f"max error {err:.3g} vs scale {scale:.3g} (tol {tol})"
+
+
+# ---------------------------------------------------------------- fused MoE
+
+def ragged_routing(T: int, E: int, k: int, gen: torch.Generator):
+    """topk ids where expert 0 gets no token and expert 1 exactly one; the rest share the others."""
+    ids = torch.stack([2 + torch.randperm(E - 2, generator=gen)[:k] for _ in range(T)])  # [T, k]
+    ids[0, 0] = 1
+    weights = torch.rand(T, k, generator=gen)                                            # [T, k]
+    return weights / weights.sum(-1, keepdim=True), ids
+
+
+def moe_inputs(T, D, I, E, k, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=gen)
+    w13 = torch.randn(E, 2 * I, D, generator=gen) / D ** 0.5
+    w2 = torch.randn(E, D, I, generator=gen) / I ** 0.5
+    weights, ids = ragged_routing(T, E, k, gen)
+    cast = dict(dtype=dtype, device=device)
+    return x.to(**cast), w13.to(**cast), w2.to(**cast), weights.to(device), ids.to(device)
+
+
+def moe_expected(x, w13, w2, weights, ids):
+    """The reference in float32 on the same (rounded) inputs, cast to the input dtype."""
+    return kernels.fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids).to(x.dtype)
+
+
+# (T, D, I, E, k): T = 1; ragged D and I; k = 1 (no sum); many tokens per expert (several blocks, torch align)
+MOE_SHAPES = [(1, 40, 24, 4, 2), (9, 48, 40, 6, 2), (33, 32, 16, 3, 1), (20, 24, 56, 8, 3), (40, 16, 20, 5, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", MOE_SHAPES, ids=lambda s: "T{}-D{}-I{}-E{}-k{}".format(*s))
+def test_fused_moe_triton_matches_reference(shape, dtype):
+    args = moe_inputs(*shape, dtype)
+    assert_close(kernels.fused_moe(*args, backend="triton"), moe_expected(*args), TOL[dtype])
+
+
+def test_fused_moe_larger_tiles_and_unaligned_strides():
+    from kernels.triton_moe import fused_moe_triton
+    from kernels.tuning import GemmTile, MoETuning
+    x, w13, w2, weights, ids = moe_inputs(12, 40, 24, 5, 2, torch.float32)
+    wide = torch.cat([w13, torch.zeros_like(w13)], dim=2)[:, :, :40]                    # strided view
+    tuning = MoETuning(32, GemmTile(32, 64, 4), GemmTile(64, 16, 1), triton_align_max=0)  # torch align
+    assert_close(fused_moe_triton(x, wide, w2, weights, ids, tuning), moe_expected(x, w13, w2, weights, ids), 1e-5)
+
+
+@pytest.mark.parametrize("n,E,bm", [(1, 4, 16), (7, 3, 16), (60, 8, 16), (200, 64, 32), (45, 5, 64)])
+def test_align_kernel_matches_torch_align(n, E, bm):
+    from kernels.triton_moe import align_by_expert, align_by_expert_torch
+    from kernels.tuning import GemmTile, MoETuning
+    ids = torch.randint(1, E, (n, 1)) if E > 1 else torch.zeros(n, 1, dtype=torch.long)  # expert 0 empty
+    tile = GemmTile(16, 16)
+    sorted_pairs, block_expert = align_by_expert(ids, E, MoETuning(bm, tile, tile, triton_align_max=10 ** 9))
+    want_pairs, want_blocks = align_by_expert_torch(ids, E, bm, sorted_pairs.numel(), block_expert.numel())
+    assert torch.equal(sorted_pairs, want_pairs) and torch.equal(block_expert, want_blocks)
+    # Every pair appears once, in a block of its own expert, and each expert's rows start a block.
+    real = sorted_pairs < n
+    assert sorted(sorted_pairs[real].tolist()) == list(range(n))
+    owner = block_expert.repeat_interleave(bm)[real]
+    assert torch.equal(owner.long(), ids.reshape(-1)[sorted_pairs[real].long()])
+
+
+def test_fused_moe_dispatch():
+    args = moe_inputs(5, 16, 16, 4, 2, torch.float32)
+    ref = kernels.fused_moe_ref(*args)
+    assert torch.equal(kernels.fused_moe(*args), ref)                   # auto on CPU: the reference
+    assert torch.equal(kernels.fused_moe(*args, backend="torch"), ref)
+    with pytest.raises(ValueError, match="backend"):
+        kernels.fused_moe(*args, backend="cuda")
+    with pytest.raises(ValueError, match="w2"):
+        kernels.fused_moe(args[0], args[1], args[2][:, :, :8], *args[3:], backend="triton")
+
+
+# ---------------------------------------------------------------- paged decode attention
+
+def paged_batch(context_lens, page_size, num_pages, seed=0, query_lens=None, device="cpu"):
+    """Metadata whose sequences own shuffled, non-contiguous pages of a cache with num_pages pages."""
+    rng = random.Random(seed)
+    pages = list(range(num_pages))
+    rng.shuffle(pages)
+    tables = []
+    for n in context_lens:
+        need = -(-n // page_size)
+        tables.append(pages[:need])
+        pages = pages[need:]
+    query_lens = query_lens or [1] * len(context_lens)
+    return AttentionMetadata.build(tables, context_lens, query_lens, page_size, torch.device(device))
+
+
+def attention_expected(q, k_cache, v_cache, meta, scale):
+    return kernels.paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, scale).to(q.dtype)
+
+
+# (H, Hkv, Dk, Dv, page_size, context_lens, num_splits): GQA, MQA, MHA, ragged head dims and contexts
+GQA_CASES = [
+    (4, 2, 16, 16, 4, [5, 13, 1], None),
+    (8, 1, 20, 12, 16, [37, 16, 3], None),
+    (4, 4, 32, 32, 8, [1, 50], 1),
+    (6, 2, 16, 24, 4, [29, 7, 64], 3),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", GQA_CASES, ids=lambda c: "H{}-Hkv{}-Dk{}-Dv{}-page{}".format(*c[:5]))
+def test_paged_decode_gqa_matches_reference(case, dtype):
+    from kernels.triton_attention import paged_decode_triton
+    H, Hkv, Dk, Dv, page, ctx, splits = case
+    num_pages = sum(-(-n // page) for n in ctx) + 3
+    meta, S = paged_batch(ctx, page, num_pages), num_pages * page
+    q = torch.randn(len(ctx), H, Dk).to(dtype)
+    k_cache, v_cache = torch.randn(S, Hkv, Dk).to(dtype), torch.randn(S, Hkv, Dv).to(dtype)
+    scale = Dk ** -0.5
+    expected = attention_expected(q, k_cache, v_cache, meta, scale)
+    assert_close(kernels.paged_attention(q, k_cache, v_cache, meta, scale, backend="triton"), expected, TOL[dtype])
+    out = paged_decode_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens_tensor, page, scale,
+                              max(ctx), num_splits=splits)
+    assert_close(out, expected, TOL[dtype])
+
+
+# (H, L, R, page_size, context_lens): heads within one block, heads over two blocks, ragged rope width
+MLA_CASES = [(4, 16, 4, 4, [9, 1, 22]), (20, 32, 8, 16, [40, 17]), (16, 32, 16, 8, [3])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", MLA_CASES, ids=lambda c: "H{}-L{}-R{}-page{}".format(*c[:4]))
+def test_mla_latent_decode_matches_reference(case, dtype):
+    from kernels.triton_attention import value_inside_key
+    H, L, R, page, ctx = case
+    num_pages = sum(-(-n // page) for n in ctx) + 2
+    meta = paged_batch(ctx, page, num_pages, seed=1)
+    cache = torch.randn(num_pages * page, L + R).to(dtype)                               # [S, L + R]
+    entries = cache[:, None, :]                                                          # [S, 1, L + R]
+    assert value_inside_key(entries, entries[..., :L])
+    q = torch.randn(len(ctx), H, L + R).to(dtype)
+    scale = 0.7 * (L + R) ** -0.5
+    out = kernels.paged_attention(q, entries, entries[..., :L], meta, scale, backend="triton")   # [B, H, L]
+    assert_close(out, attention_expected(q, entries, entries[..., :L], meta, scale), TOL[dtype])
+
+
+def test_paged_attention_dispatch():
+    meta = paged_batch([6, 3], 4, 6)
+    q, k_cache, v_cache = torch.randn(2, 4, 16), torch.randn(24, 2, 16), torch.randn(24, 2, 16)
+    ref = kernels.paged_attention_ref(q, k_cache, v_cache, meta, 0.25)
+    assert torch.equal(kernels.paged_attention(q, k_cache, v_cache, meta, 0.25), ref)   # auto on CPU
+    assert meta.is_decode and torch.equal(meta.context_lens_tensor, torch.tensor([6, 3], dtype=torch.int32))
+    prefill = paged_batch([6, 3], 4, 6, query_lens=[6, 1])           # prefill stays on the reference
+    q = torch.randn(7, 4, 16)
+    assert not prefill.is_decode
+    assert torch.equal(kernels.paged_attention(q, k_cache, v_cache, prefill, 0.25, backend="triton"),
+                       kernels.paged_attention_ref(q, k_cache, v_cache, prefill, 0.25))
+
+
+# ---------------------------------------------------------------- full sizes on a GPU
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape", MOE_SHAPES, ids=lambda s: "T{}-D{}-I{}-E{}-k{}".format(*s))
+def test_fused_moe_gpu_small_float32(shape):
+    args = moe_inputs(*shape, torch.float32, device="cuda")
+    assert_close(kernels.fused_moe(*args), moe_expected(*args), 1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("E,D,I,k", [(8, 4096, 14336, 2), (64, 2048, 1408, 6)], ids=["mixtral", "deepseek-v2-lite"])
+@pytest.mark.parametrize("T", [1, 16, 256, 4096])
+def test_fused_moe_gpu_full_size(E, D, I, k, T):
+    args = moe_inputs(T, D, I, E, k, torch.bfloat16, device="cuda")
+    assert_close(kernels.fused_moe(*args), moe_expected(*args), TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", GQA_CASES, ids=lambda c: "H{}-Hkv{}-Dk{}-Dv{}-page{}".format(*c[:5]))
+def test_paged_decode_gpu_small_float32(case):
+    H, Hkv, Dk, Dv, page, ctx, _ = case
+    num_pages = sum(-(-n // page) for n in ctx) + 3
+    meta, S = paged_batch(ctx, page, num_pages, device="cuda"), num_pages * page
+    q, k_cache, v_cache = (torch.randn(len(ctx), H, Dk, device="cuda"), torch.randn(S, Hkv, Dk, device="cuda"),
+                           torch.randn(S, Hkv, Dv, device="cuda"))
+    assert_close(kernels.paged_attention(q, k_cache, v_cache, meta, 0.3),
+                 attention_expected(q, k_cache, v_cache, meta, 0.3), 1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mla", [False, True], ids=["gqa-32x8x128", "mla-128x(512+64)"])
+def test_paged_decode_gpu_full_size(mla):
+    ctx, page = [1, 1000, 4097, 16384], 64 if mla else 16
+    num_pages = sum(-(-n // page) for n in ctx) + 8
+    meta = paged_batch(ctx, page, num_pages, seed=2, device="cuda")
+    S, dt = num_pages * page, dict(dtype=torch.bfloat16, device="cuda")
+    if mla:
+        entries = torch.randn(S, 1, 576, **dt)
+        q, k_cache, v_cache, scale = torch.randn(len(ctx), 128, 576, **dt), entries, entries[..., :512], 0.07
+    else:
+        q, scale = torch.randn(len(ctx), 32, 128, **dt), 128 ** -0.5
+        k_cache, v_cache = torch.randn(S, 8, 128, **dt), torch.randn(S, 8, 128, **dt)
+    assert_close(kernels.paged_attention(q, k_cache, v_cache, meta, scale),
+                 attention_expected(q, k_cache, v_cache, meta, scale), TOL[torch.bfloat16])
+
+
+# ---------------------------------------------------------------- benchmark script
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_bench_kernels_needs_cuda(capsys, tmp_path):
+    from moe_engine import bench_kernels
+    assert bench_kernels.main(["--out", str(tmp_path / "k.json")]) == 1
+    assert "CUDA GPU is needed" in capsys.readouterr().out and not (tmp_path / "k.json").exists()
+
+
+def test_bench_suite_runs_tiny_on_cpu():
+    """The benchmark's code paths (limits, baselines, grouped_mm, ratios, JSON) on tiny shapes."""
+    import json
+    from moe_engine import bench_kernels as bench
+    report = bench.run_suite(torch.device("cpu"), [bench.MoESpec("tiny", 4, 32, 48, 2)], [3],
+                             [bench.DecodeSpec("mla", 4, 0, 40, 32)], [20], batch=2, min_time=0.0,
+                             copy_bytes=2 ** 16, matmul_n=32, dtype=torch.float32)
+    moe, decode = report["results"]
+    assert moe["rel_error"] < 1e-5 and decode["rel_error"] < 1e-5
+    for key in ("TFLOPps", "GBps", "frac_of_copy_bw", "frac_of_matmul", "speedup_vs_loop", "speedup_vs_reference"):
+        assert (moe.get(key) or decode.get(key)) > 0
+    json.dumps(report)
