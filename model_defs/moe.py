@@ -40,6 +40,12 @@ class RoutingConfig:
                              "(greedy, group_limited_greedy, noaux_tc)")
         if self.method != "greedy" and self.num_experts % self.n_group:
             raise ValueError(f"{self.num_experts} experts do not split into n_group={self.n_group} groups")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.top_k} must be between 1 and the {self.num_experts} experts")
+        if self.method != "greedy" and not (1 <= self.topk_group <= self.n_group and
+                                            self.top_k <= self.topk_group * self.num_experts // self.n_group):
+            raise ValueError(f"topk_group={self.topk_group} of n_group={self.n_group} groups cannot hold "
+                             f"num_experts_per_tok={self.top_k} experts")
 
 
 def _keep_groups(choice: torch.Tensor, group_scores: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:

@@ -89,8 +89,13 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
     block = fp8_block_size(cfg)
     files = safetensors_files(path)
     tensors = index_tensors(files)
-    with torch.device(device):
-        model = model_cls(args, dtype=dtype, **model_kwargs)
+    try:
+        with torch.device(device):
+            model = model_cls(args, dtype=dtype, **model_kwargs)
+    except (TypeError, ValueError, KeyError) as e:
+        # Unsupported or malformed values (rope_scaling, scoring_func, n_group, ...) surface while building.
+        raise MoeEngineError(f"cannot build the {args.model_type} model from config.json in {path} "
+                             f"({type(e).__name__}: {e}); fix config.json") from None
     check_checkpoint(model, tensors, block)
     targets = model.checkpoint_targets()
     bar = tqdm(total=len(targets), desc=f"loading {path.name}", unit="tensor", disable=not progress,
