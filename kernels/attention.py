@@ -1,6 +1,6 @@
 """Attention over a paged cache: the metadata that describes a batch, cache writes, and the torch reference."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ class AttentionMetadata:
     block_size: int
     context_slots: list[torch.Tensor]   # B tensors [context_lens[b]]: slots of the whole context
     context_lens_tensor: torch.Tensor | None = None   # [B] int32 on the device; built on demand when None
+    _padded: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int],
@@ -63,9 +64,22 @@ class AttentionMetadata:
         return self.context_lens_tensor
 
 
+    def padded_context(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(slots [B, L] padded with slot 0, valid [B, L] bool or None when nothing is padded), L the
+        longest context: every layer of a step gathers its whole batch's context with one index."""
+        if self._padded is None:
+            slots = torch.nn.utils.rnn.pad_sequence(self.context_slots, batch_first=True)   # [B, L]
+            valid = None
+            if min(self.context_lens) != slots.shape[1]:
+                lens = torch.tensor(self.context_lens, device=slots.device)
+                valid = torch.arange(slots.shape[1], device=slots.device)[None, :] < lens[:, None]
+            self._padded = (slots, valid)
+        return self._padded
+
+
 def write_cache(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """cache [S, ...] gets values [T, ...] at rows slot_mapping [T]."""
-    cache.index_copy_(0, slot_mapping, values.to(cache.dtype))
+    cache.index_copy_(0, slot_mapping, values if values.dtype == cache.dtype else values.to(cache.dtype))
 
 
 def causal_mask(n: int, ctx: int, device) -> torch.Tensor | None:
@@ -80,6 +94,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, H, Dk], k_cache [S, Hkv, Dk], v_cache [S, Hkv, Dv] -> [T, H, Dv], causal per sequence."""
     T, H, _ = q.shape
+    if meta.is_decode:
+        return _decode_attention_ref(q, k_cache, v_cache, meta, scale)
     out = q.new_empty(T, H, v_cache.shape[-1])
     for b in range(meta.num_seqs):
         lo, hi = meta.query_start_loc[b], meta.query_start_loc[b + 1]
@@ -93,6 +109,17 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                                            attn_mask=mask, scale=scale, enable_gqa=k.shape[0] != H)
         out[lo:hi] = o.transpose(0, 1)                   # [n, H, Dv]
     return out
+
+
+def _decode_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One new token per sequence: the whole batch in one masked attention over padded contexts."""
+    slots, valid = meta.padded_context()                       # [B, L], [B, L] or None
+    k = k_cache[slots].transpose(1, 2).to(q.dtype)             # [B, Hkv, L, Dk]
+    v = v_cache[slots].transpose(1, 2).to(q.dtype)             # [B, Hkv, L, Dv]
+    mask = None if valid is None else valid[:, None, None, :]  # [B, 1, 1, L]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])   # [B, H, 1, Dv]
+    return out[:, :, 0, :]
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

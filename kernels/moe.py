@@ -27,6 +27,8 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     """
     _check_moe_args(x, w13, w2, topk_weights, topk_ids)
     T, D = x.shape
+    if T == 1:
+        return _single_token_moe(x, w13, w2, topk_weights, topk_ids)
     k = topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1)                          # [T*k]
     order = torch.argsort(flat_ids, stable=True)             # [T*k]
@@ -45,6 +47,16 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     weights = topk_weights.reshape(-1)[order].to(ys.dtype)   # [T*k]
     out = torch.zeros_like(x)
     out.index_add_(0, token_of, ys * weights[:, None])
+    return out
+
+
+def _single_token_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """Decode of one sequence: just run its k experts (no sorting or scatter)."""
+    out = None
+    for e, w in zip(topk_ids[0].tolist(), topk_weights[0].tolist()):
+        gate, up = F.linear(x, w13[e]).chunk(2, dim=-1)           # [1, I] each
+        y = F.linear(F.silu(gate) * up, w2[e]) * w               # [1, D]
+        out = y if out is None else out + y
     return out
 
 

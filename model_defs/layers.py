@@ -19,6 +19,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)   # one fused op
         # Normalise in float32, as the reference does, then scale in the run dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -78,12 +80,14 @@ class Rotary(nn.Module):
                 float(attention_factor))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]       # [T, dim/2]
+        """Angles for positions [T], shaped [T, 1, dim/2] to broadcast over heads; computed once a step."""
+        freqs = positions.float()[:, None, None] * self.inv_freq              # [T, 1, dim/2]
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, H, dim] rotated by angles cos/sin [T, dim/2]."""
-        cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+        """x [T, H, dim] rotated by angles cos/sin [T, 1, dim/2]."""
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         if self.interleave:
             x1, x2 = x[..., 0::2], x[..., 1::2]
             return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)

@@ -58,13 +58,12 @@ class GQAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, cos_sin, kv_cache: torch.Tensor, meta: AttentionMetadata):
-        T = x.shape[0]
-        q, k, v = F.linear(x, self.wqkv).split(
-            [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1)
-        q = self.rotary(q.view(T, self.n_heads, self.head_dim), *cos_sin)     # [T, H, Dh]
-        k = self.rotary(k.view(T, self.n_kv, self.head_dim), *cos_sin)        # [T, Hkv, Dh]
+        T, H = x.shape[0], self.n_heads
+        qkv = F.linear(x, self.wqkv).view(T, H + 2 * self.n_kv, self.head_dim)   # [T, H + 2 Hkv, Dh]
+        qk = self.rotary(qkv[:, :H + self.n_kv], *cos_sin)                      # q and k heads at once
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + self.n_kv:]
         kernels.write_cache(kv_cache[0], k, meta.slot_mapping)
-        kernels.write_cache(kv_cache[1], v.view(T, self.n_kv, self.head_dim), meta.slot_mapping)
+        kernels.write_cache(kv_cache[1], v, meta.slot_mapping)
         out = kernels.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)   # [T, H, Dh]
         return F.linear(out.reshape(T, -1), self.wo)
 

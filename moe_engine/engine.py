@@ -51,14 +51,23 @@ class Engine:
             return []
         logits, sampled = self.forward(batch)                               # [N, V], N sequences
         produced = []
-        for seq, row in zip(sampled, logits):
-            token = sample_token(row, seq.params, seq.all_ids, seq.generator)
+        for seq, token in zip(sampled, self.sample(logits, sampled)):
             seq.output_ids.append(token)
             self._check_finished(seq, token)
             if seq.finished:
                 self.scheduler.finish(seq)
             produced.append((seq, token))
         return produced
+
+    @staticmethod
+    def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """Next token per row of logits [N, V]: plain greedy rows in one argmax, the rest one by one."""
+        plain = [s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs]
+        tokens = logits.argmax(-1).tolist() if any(plain) else [0] * len(seqs)
+        for i, seq in enumerate(seqs):
+            if not plain[i]:
+                tokens[i] = sample_token(logits[i], seq.params, seq.all_ids, seq.generator)
+        return tokens
 
     def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         """Feed each sequence's next num_tokens uncached tokens; logits at the last token of every
@@ -87,7 +96,9 @@ class Engine:
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        if self.tokenizer is not None:
+        # Text is decoded every step only where it is watched (stop strings, streams); else at the end.
+        live_text = self.tokenizer is not None and (p.stop or seq.streaming)
+        if live_text:
             seq.text = self.tokenizer.decode(seq.output_ids)
             for stop in p.stop:
                 cut = seq.text.find(stop)
@@ -100,3 +111,5 @@ class Engine:
             seq.finish_reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= seq.max_len:
             seq.finish_reason = "length"
+        if seq.finished and self.tokenizer is not None and not live_text:
+            seq.text = self.tokenizer.decode(seq.output_ids)

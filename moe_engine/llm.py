@@ -40,19 +40,36 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, progress: bool = False, **model_kwargs):
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
-        self.model, self.config = load_model(model, self.device, self.dtype, progress, **model_kwargs)
-        self.path = Path(model)
-        self.tokenizer = load_tokenizer(self.path, self.config)
-        self.max_model_len = min(max_model_len or self.model.max_model_len, self.model.max_model_len)
+        device = pick_device(device)
+        dtype = pick_dtype(dtype, device)
+        loaded, config = load_model(model, device, dtype, progress, **model_kwargs)
+        self._setup(loaded, config, Path(model), load_tokenizer(Path(model), config), device, dtype,
+                    block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes,
+                    gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                    enable_prefix_caching=enable_prefix_caching)
+
+    @classmethod
+    def from_model(cls, model, tokenizer=None, **engine_kwargs) -> "LLM":
+        """An LLM around an already built model (e.g. random weights for benchmarks)."""
+        llm = cls.__new__(cls)
+        param = next(model.parameters())
+        llm._setup(model, {}, Path("<in-memory>"), tokenizer, param.device, param.dtype, **engine_kwargs)
+        return llm
+
+    def _setup(self, model, config, path, tokenizer, device, dtype, *, block_size=16, num_kv_blocks=None,
+               kv_cache_bytes=1 << 30, gpu_memory_utilization=0.9, max_num_seqs=32,
+               max_num_batched_tokens=2048, max_model_len=None, enable_prefix_caching=True):
+        self.model, self.config, self.path, self.tokenizer = model, config, path, tokenizer
+        self.device, self.dtype = device, dtype
+        self.max_model_len = min(max_model_len or model.max_model_len, model.max_model_len)
         self.block_size = block_size
-        if self.device.type == "cuda":
-            kv_cache_bytes = int(torch.cuda.mem_get_info(self.device)[0] * gpu_memory_utilization)
-        num_blocks = plan_num_blocks(self.model.kv_cache_bytes_per_token(self.dtype), block_size,
-                                     self.max_model_len, max_num_seqs, kv_cache_bytes, num_kv_blocks)
-        kv_caches = self.model.allocate_kv_cache(num_blocks * block_size, self.dtype, self.device)
-        self.engine = Engine(self.model, kv_caches, num_blocks, block_size, self.device, self.tokenizer,
+        if device.type == "cuda" and num_kv_blocks is None:
+            kv_cache_bytes = int(torch.cuda.mem_get_info(device)[0] * gpu_memory_utilization)
+        num_blocks = plan_num_blocks(model.kv_cache_bytes_per_token(dtype), block_size, self.max_model_len,
+                                     max_num_seqs, kv_cache_bytes, num_kv_blocks)
+        kv_caches = model.allocate_kv_cache(num_blocks * block_size, dtype, device)
+        self.engine = Engine(model, kv_caches, num_blocks, block_size, device, tokenizer,
                              max_num_seqs, max_num_batched_tokens, enable_prefix_caching)
         self._next_id = 0
         self.last_stats: dict = {}          # of the latest stream(): prompt/generated tokens, seconds
@@ -118,6 +135,7 @@ class LLM:
         (or Ctrl-C) cancels the request and frees its cache blocks."""
         ids = prompt if isinstance(prompt, list) else self._encode(prompt)
         seq = self._new_sequence(ids, sampling_params or SamplingParams())
+        seq.streaming = True
         self.last_stats = stats = {"prompt_tokens": len(ids), "generated_tokens": 0, "seconds": 0.0}
         start, sent = time.perf_counter(), 0
         try:

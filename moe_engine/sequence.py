@@ -22,6 +22,7 @@ class Sequence:
     text: str = ""
     generator: torch.Generator | None = None
     num_preemptions: int = 0
+    streaming: bool = False                         # someone reads .text as it grows
 
     @property
     def all_ids(self) -> list[int]:

@@ -1,0 +1,190 @@
+"""`moe-engine bench decode`: decode and prefill speed, ours vs transformers on the same weights, and vs
+the memory-bandwidth limit (active weight bytes per token / measured copy bandwidth). Prints a table
+and writes JSON."""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from moe_engine.bench_models import SHAPES, build_random, hf_twin
+from moe_engine.device import pick_device
+from moe_engine.info import parameter_counts
+from moe_engine.llm import LLM
+from moe_engine.sampling import SamplingParams
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device, nbytes: int) -> float:
+    """Bytes moved per second by a large copy, counting the read and the write."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def active_weight_bytes(model) -> int:
+    """Weight bytes one token's decode must read: all but idle experts, and one embedding row."""
+    _, active = parameter_counts(model)
+    if not model.args.tie_word_embeddings:
+        active -= model.embed.numel()
+    return active * model.embed.element_size()
+
+
+def ours_rates(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s over the batch): the engine steps until every request has its first
+    token (prefill), then the remaining steps are timed as decode."""
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    seqs = [llm._new_sequence(p, params) for p in prompts]
+    engine, device = llm.engine, llm.device
+    sync(device)
+    t0 = time.perf_counter()
+    while not all(s.output_ids for s in seqs):
+        engine.step()
+    sync(device)
+    t1 = time.perf_counter()
+    while engine.has_work():
+        engine.step()
+    sync(device)
+    t2 = time.perf_counter()
+    return sum(map(len, prompts)) / (t1 - t0), len(prompts) * (new_tokens - 1) / (t2 - t1)
+
+
+def hf_rates(hf, prompts: list[list[int]], new_tokens: int, device) -> tuple[float, float]:
+    """The same for transformers: one cached prefill forward, then greedy decode steps with its cache."""
+    x = torch.tensor(prompts, device=device)
+    with torch.no_grad():
+        sync(device)
+        t0 = time.perf_counter()
+        out = hf(x, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        t1 = time.perf_counter()
+        cache = out.past_key_values
+        for _ in range(new_tokens - 1):
+            out = hf(token, cache=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        t2 = time.perf_counter()
+    return x.numel() / (t1 - t0), len(prompts) * (new_tokens - 1) / (t2 - t1)
+
+
+def batched_vs_sequential(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+    """Wall time of the prompts one after another / all of them in one generate call (prefill included)."""
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+
+    def run(groups):
+        sync(llm.device)
+        t = time.perf_counter()
+        for group in groups:
+            llm.generate(prompt_token_ids=group, sampling_params=params)
+        sync(llm.device)
+        return time.perf_counter() - t
+
+    run([prompts])
+    sequential = min(run([[p] for p in prompts]) for _ in range(2))
+    batched = min(run([prompts]) for _ in range(2))
+    return sequential / batched
+
+
+def best_of(run, repeats: int = 3) -> tuple[float, float]:
+    """Best prefill and best decode rate over a few runs, after one warm-up."""
+    run()
+    results = [run() for _ in range(repeats)]
+    return max(r[0] for r in results), max(r[1] for r in results)
+
+
+def measure(name, model, hf, device, batches, prompt_len, new_tokens, vocab) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for batch in batches:
+        prompts = torch.randint(3, vocab, (batch, prompt_len), generator=gen).tolist()
+        llm = LLM.from_model(model, max_num_seqs=max(batch, 1), max_model_len=prompt_len + new_tokens + 16,
+                             max_num_batched_tokens=max(2048, batch * prompt_len), enable_prefix_caching=False)
+        prefill, decode = best_of(lambda: ours_rates(llm, prompts, new_tokens))
+        row = {"model": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+               "ours_decode_tok_s": decode, "ours_prefill_tok_s": prefill}
+        if batch > 1:
+            row["ours_batched_vs_sequential"] = batched_vs_sequential(llm, prompts, new_tokens)
+        if hf is not None:
+            hf_prefill, hf_decode = best_of(lambda: hf_rates(hf, prompts, new_tokens, device))
+            row.update(hf_decode_tok_s=hf_decode, hf_prefill_tok_s=hf_prefill, ratio_vs_hf=decode / hf_decode)
+        rows.append(row)
+        del llm
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="moe-engine bench decode", description=__doc__)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--models", default=None,
+                   help="comma list: weights/ folders (CPU default: tiny-mixtral,tiny-deepseek) or random "
+                        f"shapes ({', '.join(SHAPES)}; GPU default: mixtral-8x7b,deepseek-v2-lite)")
+    p.add_argument("--batches", default=None, help="comma list of batch sizes (CPU 1,8; GPU 1,16,64)")
+    p.add_argument("--prompt-len", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--out", default=str(REPO / "bench_results" / "decode.json"))
+    a = p.parse_args(argv)
+    device = pick_device(a.device)
+    gpu = device.type == "cuda"
+    models = (a.models or ("mixtral-8x7b,deepseek-v2-lite" if gpu else "tiny-mixtral,tiny-deepseek")).split(",")
+    batches = [int(b) for b in (a.batches or ("1,16,64" if gpu else "1,8")).split(",")]
+    prompt_len = a.prompt_len or (512 if gpu else 32)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    bandwidth = copy_bandwidth(device, (1 << 30) if gpu else (256 << 20))
+    machine = torch.cuda.get_device_name(device) if gpu else "CPU"
+    print(f"device: {machine}, {torch.get_num_threads()} CPU threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    rows = []
+    for name in models:
+        if name in SHAPES:
+            model = build_random(name, device, dtype)
+        else:
+            model = LLM(REPO / "weights" / name, device=device, dtype=dtype, num_kv_blocks=1).model
+        hf = None
+        if not a.no_hf:
+            hf = hf_twin(model, name) if name in SHAPES else _hf_from_folder(REPO / "weights" / name, device, dtype)
+        limit = bandwidth / active_weight_bytes(model)
+        for row in measure(name, model, hf, device, batches, prompt_len, a.new_tokens, model.args.vocab_size):
+            row["bandwidth_limit_tok_s"] = limit
+            row["pct_of_limit_b1"] = 100 * row["ours_decode_tok_s"] / limit if row["batch"] == 1 else None
+            rows.append(row)
+            hf_part = (f"  transformers {row['hf_decode_tok_s']:8.1f} tok/s  ratio {row['ratio_vs_hf']:5.2f}x"
+                       if "hf_decode_tok_s" in row else "")
+            limit_part = (f"  {row['pct_of_limit_b1']:5.1f}% of limit" if row["batch"] == 1 else
+                          f"  batched {row['ours_batched_vs_sequential']:4.1f}x faster than one by one")
+            print(f"{name:18s} batch {row['batch']:3d}  decode {row['ours_decode_tok_s']:8.1f} tok/s"
+                  f"  prefill {row['ours_prefill_tok_s']:9.1f} tok/s{hf_part}{limit_part}")
+        del model, hf
+        if gpu:
+            torch.cuda.empty_cache()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": machine, "copy_bandwidth_bytes_s": bandwidth, "dtype": str(dtype),
+                               "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def _hf_from_folder(path, device, dtype):
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

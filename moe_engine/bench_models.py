@@ -1,0 +1,82 @@
+"""Random-weight models with real shapes for speed benchmarks, and a transformers twin sharing their memory."""
+
+import math
+
+import torch
+
+from model_defs import DeepseekArgs, DeepseekModel, MixtralArgs, MixtralModel
+
+# Published shapes (config.json field names). Random weights: fine for speed, never for quality.
+SHAPES = {
+    "mixtral-8x7b": ("mixtral", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5)),
+    "deepseek-v2-lite": ("deepseek_v2", dict(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, n_routed_experts=64, n_shared_experts=2,
+        num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, topk_method="greedy",
+        norm_topk_prob=False, routed_scaling_factor=1.0, max_position_embeddings=4096)),
+    # Small stand-ins with the same structure, to check the benchmark's plumbing on a CPU.
+    "mixtral-tiny": ("mixtral", dict(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=1024)),
+    "deepseek-tiny": ("deepseek_v2", dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3,
+        first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, topk_method="greedy", norm_topk_prob=False,
+        max_position_embeddings=1024)),
+}
+
+
+def hf_config_dict(name: str) -> dict:
+    model_type, fields = SHAPES[name]
+    return {"model_type": model_type, **fields}
+
+
+def build_random(name: str, device, dtype, seed: int = 0):
+    """Our model with the named shape, random weights made directly on the device."""
+    cfg = hf_config_dict(name)
+    args_cls, model_cls = (MixtralArgs, MixtralModel) if cfg["model_type"] == "mixtral" else (DeepseekArgs,
+                                                                                            DeepseekModel)
+    with torch.device(device):
+        model = model_cls(args_cls.from_hf_config(cfg), dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name_, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32))
+            else:
+                fan_in = p.shape[-1]
+                p.normal_(0, 1 / math.sqrt(fan_in), generator=gen)
+    model.post_load()
+    return model.eval()
+
+
+def hf_twin(model, name: str):
+    """The transformers implementation of the same architecture, its parameters aliasing ours (no copy)."""
+    import transformers
+    cfg = hf_config_dict(name)
+    config = transformers.AutoConfig.for_model(**cfg)
+    param = next(model.parameters())
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config, dtype=param.dtype)
+    state = {}
+    for ckpt_name, (ours, index) in model.checkpoint_targets().items():
+        tensor = model.get_parameter(ours)
+        internal = ckpt_name.replace("block_sparse_moe", "mlp")
+        if ".experts." in internal:        # per-expert checkpoint names -> transformers' stacked tensors
+            prefix = internal.split(".experts.")[0]
+            is_down = internal.endswith(("w2.weight", "down_proj.weight"))
+            state[f"{prefix}.experts.{'down_proj' if is_down else 'gate_up_proj'}"] = tensor
+        else:
+            state[internal] = tensor if index is None else tensor[index]
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    if unexpected or [m for m in missing if "rotary" not in m]:
+        raise RuntimeError(f"hf twin mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    rotary = hf.model.rotary_emb
+    with torch.device(param.device):                 # its buffers were made on meta
+        hf.model.rotary_emb = type(rotary)(config)
+    return hf.eval()

@@ -1,0 +1,36 @@
+"""The decode benchmark's plumbing, checked on small stand-in shapes (speed is never asserted here)."""
+
+import json
+
+import pytest
+import torch
+
+from hf_models import max_rel_error
+from moe_engine import LLM
+from moe_engine.bench_decode import main as bench_decode_main
+from moe_engine.bench_models import build_random, hf_twin
+
+
+@pytest.mark.parametrize("name", ["mixtral-tiny", "deepseek-tiny"])
+def test_transformers_twin_shares_weights_and_agrees(name):
+    """The GPU benchmark runs transformers on our tensors (no second copy): same logits, same memory."""
+    model = build_random(name, "cpu", torch.float32)
+    hf = hf_twin(model, name)
+    ids = list(range(5, 45))
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert max_rel_error(LLM.from_model(model).prompt_logits(ids), ref) <= 1e-4
+    ours = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    theirs = {p.untyped_storage().data_ptr() for p in hf.parameters()}
+    assert theirs <= ours                       # every transformers tensor lives in one of ours
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_bench_decode_runs_and_writes_json(tmp_path):
+    out = tmp_path / "decode.json"
+    assert bench_decode_main(["--device", "cpu", "--models", "mixtral-tiny,deepseek-tiny", "--batches", "1,2",
+                              "--new-tokens", "4", "--prompt-len", "8", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["batch"]) for r in rows] == [("mixtral-tiny", 1), ("mixtral-tiny", 2),
+                                                         ("deepseek-tiny", 1), ("deepseek-tiny", 2)]
+    assert all(r["ours_decode_tok_s"] > 0 and r["hf_decode_tok_s"] > 0 for r in rows)
