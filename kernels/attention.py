@@ -33,17 +33,22 @@ class AttentionMetadata:
             starts.append(starts[-1] + n)
         width = max(len(t) for t in block_tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-        offsets = torch.arange(block_size)
-        context_slots, new_slots = [], []
-        for b, (ctx, n) in enumerate(zip(context_lens, query_lens)):
-            blocks = table[b, : (ctx + block_size - 1) // block_size].long()
-            slots = (blocks[:, None] * block_size + offsets).reshape(-1)[:ctx]   # [ctx]
-            context_slots.append(slots.to(device))
-            new_slots.append(slots[ctx - n:])
-        return cls(slot_mapping=torch.cat(new_slots).to(device), block_tables=table.to(device),
-                   context_lens=list(context_lens), query_start_loc=starts, block_size=block_size,
-                   context_slots=context_slots,
+        # Every sequence's slots in logical order, from its block table: [B, width * block_size].
+        all_slots = (table.long()[:, :, None] * block_size + torch.arange(block_size)).view(len(table), -1)
+        row = all_slots.shape[1]
+        new = [b * row + p for b, (ctx, n) in enumerate(zip(context_lens, query_lens)) for p in range(ctx - n, ctx)]
+        all_slots = all_slots.to(device)
+        meta = cls(slot_mapping=all_slots.view(-1)[torch.tensor(new, device=device)],
+                   block_tables=table.to(device), context_lens=list(context_lens), query_start_loc=starts,
+                   block_size=block_size, context_slots=[all_slots[b, :ctx] for b, ctx in enumerate(context_lens)],
                    context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32).to(device))
+        longest = max(context_lens)
+        valid = None
+        if min(context_lens) != longest:
+            lens = torch.tensor(context_lens, device=device)
+            valid = torch.arange(longest, device=device)[None, :] < lens[:, None]       # [B, L]
+        meta._padded = (all_slots[:, :longest], valid)
+        return meta
 
     @property
     def num_seqs(self) -> int:
@@ -65,9 +70,9 @@ class AttentionMetadata:
 
 
     def padded_context(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(slots [B, L] padded with slot 0, valid [B, L] bool or None when nothing is padded), L the
-        longest context: every layer of a step gathers its whole batch's context with one index."""
-        if self._padded is None:
+        """(slots [B, L] padded with other valid slots, valid [B, L] bool or None when nothing is padded),
+        L the longest context: every layer of a step gathers its whole batch's context with one index."""
+        if self._padded is None:       # a hand-built metadata: derive it from context_slots
             slots = torch.nn.utils.rnn.pad_sequence(self.context_slots, batch_first=True)   # [B, L]
             valid = None
             if min(self.context_lens) != slots.shape[1]:
