@@ -1,4 +1,4 @@
-"""The `moe-engine` command: generate, chat, info and bench subcommands, with one-line errors."""
+"""The `moe-engine` command: generate, chat, info, bench and routing subcommands, with one-line errors."""
 
 import argparse
 import importlib
@@ -59,7 +59,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="moe-engine", description="A Mixture-of-Experts LLM inference engine.")
     from moe_engine import __version__
     parser.add_argument("--version", action="version", version=f"moe-engine {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,info,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,info,bench,routing}")
     gen = sub.add_parser("generate", parents=[common, sampling], help="complete a prompt, streaming to stdout",
                          description="Complete a prompt; the text streams to stdout, a tokens/s line to stderr.")
     gen.add_argument("prompt", help="the prompt text, or - to read it from stdin")
@@ -73,6 +73,11 @@ def build_parser() -> Parser:
     bench.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments (see `bench NAME --help`)")
     bench.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    routing = sub.add_parser("routing", parents=[common], help="trace expert routing over a text: plots and a summary",
+                             description="Run a text file through the model with routing traced; write the trace, "
+                                         "heatmaps and a Markdown summary.")
+    from moe_engine.routing.cli import add_arguments
+    add_arguments(routing)
     return parser
 
 
@@ -173,7 +178,12 @@ def run_bench(args) -> int:
     return result if isinstance(result, int) else 0
 
 
-COMMANDS = {"generate": run_generate, "chat": run_chat, "info": run_info, "bench": run_bench}
+def run_routing(args) -> int:
+    from moe_engine.routing.cli import run
+    return run(args)
+
+
+COMMANDS = {"generate": run_generate, "chat": run_chat, "info": run_info, "bench": run_bench, "routing": run_routing}
 
 
 def _one_line(text: str) -> str:

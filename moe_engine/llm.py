@@ -171,6 +171,24 @@ class LLM:
                                 caches, meta, hook)
             return self.model.compute_logits(hidden)
 
+    def trace_routing(self, scores: bool = False):
+        """`with llm.trace_routing() as trace:` records each MoE layer's top-k experts and weights (and with
+        scores=True the router logits) for every token processed inside; see moe_engine.routing.Trace."""
+        from moe_engine.routing import trace_routing
+        return trace_routing(self, scores)
+
+    def override_routing(self, top_k: int | None = None, disabled_experts: dict[int, list[int]] | None = None,
+                         replay=None, random: int | None = None):
+        """`with llm.override_routing(top_k=1):` routes differently inside: top_k, disabled_experts
+        {moe_layer: [ids]}, replay=trace or random=seed; see moe_engine.routing.Override."""
+        from moe_engine.routing import override_routing
+        return override_routing(self, top_k, disabled_experts, replay, random)
+
+    def perplexity(self, token_ids, window: int | None = None) -> float:
+        """exp(mean next-token loss) over token_ids (windows of at most max_model_len tokens)."""
+        from moe_engine.routing import perplexity
+        return perplexity(self, token_ids, window)
+
 
 def _stable_len(text: str, stops: list[str]) -> int:
     """How much of a growing text can be shown: not a trailing replacement char (the next token may
