@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/moe-engine generate --model $(MODEL) --max-tokens 96 --seed 0 "$(PROMPT)"
+	$(BIN)/moe-engine generate --model $(MODEL) --max-tokens 96 --temperature 0.7 --top-p 0.95 --repetition-penalty 1.1 --seed 0 "$(PROMPT)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
