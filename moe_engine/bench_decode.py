@@ -114,8 +114,11 @@ def measure(name, model, hf, device, batches, prompt_len, new_tokens, vocab) -> 
     gen = torch.Generator().manual_seed(0)
     for batch in batches:
         prompts = torch.randint(3, vocab, (batch, prompt_len), generator=gen).tolist()
+        # A cache just big enough for the batch, leaving GPU memory to transformers' own cache.
+        per_seq = -(-(prompt_len + new_tokens + 16) // 16)
         llm = LLM.from_model(model, max_num_seqs=max(batch, 1), max_model_len=prompt_len + new_tokens + 16,
-                             max_num_batched_tokens=max(2048, batch * prompt_len), enable_prefix_caching=False)
+                             max_num_batched_tokens=max(2048, batch * prompt_len), enable_prefix_caching=False,
+                             block_size=16, num_kv_blocks=batch * per_seq + 1)
         prefill, decode = best_of(lambda: ours_rates(llm, prompts, new_tokens))
         row = {"model": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
                "ours_decode_tok_s": decode, "ours_prefill_tok_s": prefill}
