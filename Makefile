@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= weights/tiny-mixtral
 PROMPT ?= def fibonacci(n):
 
-.PHONY: run test bench bench-kernels setup clean
+.PHONY: run test bench bench-kernels gpu-check setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,12 @@ bench: $(STAMP)
 
 bench-kernels: $(STAMP)
 	$(BIN)/moe-engine bench kernels
+
+# On a CUDA machine: the full-size kernel tests, then both benchmarks (one prepared run).
+gpu-check: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu tests
+	$(BIN)/moe-engine bench kernels
+	$(BIN)/moe-engine bench decode
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -119,8 +119,10 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 def _decode_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """One new token per sequence: the whole batch in one masked attention over padded contexts."""
     slots, valid = meta.padded_context()                       # [B, L], [B, L] or None
-    k = k_cache[slots].transpose(1, 2).to(q.dtype)             # [B, Hkv, L, Dk]
-    v = v_cache[slots].transpose(1, 2).to(q.dtype)             # [B, Hkv, L, Dv]
+    k = k_cache[slots].transpose(1, 2)                         # [B, Hkv, L, Dk]
+    v = v_cache[slots].transpose(1, 2)                         # [B, Hkv, L, Dv]
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     mask = None if valid is None else valid[:, None, None, :]  # [B, 1, 1, L]
     out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[1])   # [B, H, 1, Dv]

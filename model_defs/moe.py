@@ -65,6 +65,12 @@ def route(router_logits: torch.Tensor, cfg: RoutingConfig, bias: torch.Tensor | 
     unbiased scores. `allowed` [E] bool removes experts: as if their router logit were -inf.
     """
     logits = router_logits.float()
+    if (cfg.scoring == "softmax" and cfg.method == "greedy" and cfg.norm_topk_prob and cfg.scale_normalized
+            and bias is None and allowed is None):
+        # Mixtral's case in two ops: a softmax renormalised over the top k is the softmax of the top-k logits.
+        top = logits.topk(cfg.top_k, dim=-1)
+        weights = top.values.softmax(-1)                                              # [T, k]
+        return (weights if cfg.routed_scaling_factor == 1.0 else weights * cfg.routed_scaling_factor), top.indices
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     scores = logits.softmax(-1) if cfg.scoring == "softmax" else logits.sigmoid()   # [T, E]
@@ -111,7 +117,7 @@ class MoEBlock(nn.Module):
         self.shared = SwiGLU(dim, shared_intermediate, dtype=dtype) if shared_intermediate else None
 
     def forward(self, x: torch.Tensor, hook: RoutingHook | None = None) -> torch.Tensor:
-        router_logits = F.linear(x.float(), self.gate.float())                 # [T, E]
+        router_logits = F.linear(x.float(), self.gate.float())                 # [T, E], float32 like the references
         if hook is None:
             topk_weights, topk_ids = route(router_logits, self.routing, self.bias)   # [T, k] each
         else:
