@@ -96,6 +96,8 @@ class CausalLM(nn.Module):
         """Tensors a checkpoint may carry that inference does not use (e.g. multi-token-prediction layers)."""
         if name.endswith("rotary_emb.inv_freq"):
             return True
+        if name == "lm_head.weight" and self.args.tie_word_embeddings:
+            return True       # some tied checkpoints store the head anyway; the embedding is used
         parts = name.split(".")
         return (len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
                 and int(parts[2]) >= len(self.layers))

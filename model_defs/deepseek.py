@@ -117,14 +117,13 @@ class MLAttention(nn.Module):
             q = F.linear(self.q_a_norm(F.linear(x, self.q_a, self._bias("q_a_bias"))), self.q_b)
         else:
             q = F.linear(x, self.q_proj)
-        q_nope, q_pe = q.view(T, H, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)
+        q_nope, q_pe = q.view(T, H, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)  # [T, H, *]
         latent, k_pe = F.linear(x, self.kv_a, self._bias("kv_a_bias")).split(
             [a.kv_lora_rank, a.qk_rope_head_dim], -1)                            # [T, L], [T, R]
         q_pe = self.rotary(q_pe, *cos_sin)                                       # [T, H, R]
         k_pe = self.rotary(k_pe[:, None, :], *cos_sin)[:, 0]                     # [T, R]
         kernels.write_cache(cache, torch.cat([self.kv_a_norm(latent), k_pe], -1), meta.slot_mapping)
-        decode = all(meta.query_len(b) <= 1 for b in range(meta.num_seqs))
-        if self.absorb == "always" or (self.absorb == "auto" and decode):
+        if self.absorb == "always" or (self.absorb == "auto" and meta.is_decode):
             out = self._absorbed(q_nope, q_pe, cache, meta)
         else:
             out = self._expanded(q_nope, q_pe, cache, meta)
@@ -152,7 +151,8 @@ class MLAttention(nn.Module):
             k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], -1)
             k = torch.cat([k_nope, entries[:, None, a.kv_lora_rank:].expand(ctx, H, -1)], -1)  # [ctx, H, nope+R]
             o = F.scaled_dot_product_attention(q[:, lo:hi], k.transpose(0, 1), v.transpose(0, 1),
-                                               attn_mask=causal_mask(hi - lo, ctx, q.device), scale=self.scale)
+                                               attn_mask=causal_mask(hi - lo, ctx, q.device),
+                                               scale=self.scale)                          # [H, n, v]
             out[lo:hi] = o.transpose(0, 1)
         return out
 

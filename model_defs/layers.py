@@ -104,8 +104,8 @@ class SwiGLU(nn.Module):
         self.w2 = weight(dim, intermediate, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2)
+        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)      # [T, I] each
+        return F.linear(F.silu(gate) * up, self.w2)             # [T, D]
 
     @staticmethod
     def checkpoint_names(prefix: str, names=("gate_proj", "up_proj", "down_proj")) -> dict:

@@ -110,14 +110,14 @@ class MoEBlock(nn.Module):
         E = routing.num_experts
         self.routing = routing
         self.moe_index = -1
-        self.gate = weight(E, dim, dtype=dtype)
+        self.gate = weight(E, dim, dtype=torch.float32)   # routing runs in float32, as the references do
         self.bias = weight(E, dtype=torch.float32) if routing.has_bias else None
         self.w13 = weight(E, 2 * intermediate, dim, dtype=dtype)
         self.w2 = weight(E, dim, intermediate, dtype=dtype)
         self.shared = SwiGLU(dim, shared_intermediate, dtype=dtype) if shared_intermediate else None
 
     def forward(self, x: torch.Tensor, hook: RoutingHook | None = None) -> torch.Tensor:
-        router_logits = F.linear(x.float(), self.gate.float())                 # [T, E], float32 like the references
+        router_logits = F.linear(x.float(), self.gate)                         # [T, E] float32
         if hook is None:
             topk_weights, topk_ids = route(router_logits, self.routing, self.bias)   # [T, k] each
         else:

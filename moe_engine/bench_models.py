@@ -73,6 +73,8 @@ def hf_twin(model, name: str):
             state[f"{prefix}.experts.{'down_proj' if is_down else 'gate_up_proj'}"] = tensor
         else:
             state[internal] = tensor if index is None else tensor[index]
+    # Our router weights are float32; transformers keeps its parameters in the model dtype.
+    state = {k: t if t.dtype == param.dtype else t.to(param.dtype) for k, t in state.items()}
     missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
     if unexpected or [m for m in missing if "rotary" not in m]:
         raise RuntimeError(f"hf twin mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -2,9 +2,12 @@
 
 Pure Python, no tensors. A full block is identified by the hash of (previous block's hash, its tokens),
 so two sequences with the same prefix map it to the same physical block and the second skips its
-prefill. A freed block keeps its hash until it is handed out again, so a later request can revive it.
+prefill. The hash is SHA-256, so no one can craft a prompt that collides with another user's prefix.
+A freed block keeps its hash until it is handed out again, so a later request can revive it.
 """
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from moe_engine.sequence import Sequence
@@ -20,8 +23,8 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # LRU first
-        self.hash_of: dict[int, int] = {}            # block id -> hash of its full content
-        self.block_of: dict[int, int] = {}           # hash -> block id
+        self.hash_of: dict[int, bytes] = {}            # block id -> hash of its full content
+        self.block_of: dict[bytes, int] = {}           # hash -> block id
         self.prefix_hits = 0                         # blocks reused instead of recomputed
 
     @property
@@ -40,12 +43,14 @@ class BlockManager:
         self.ref_counts[block] += 1
         return block
 
-    def _extend_chain(self, seq: Sequence, hashes: list[int], upto_blocks: int) -> list[int]:
+    def _extend_chain(self, seq: Sequence, hashes: list[bytes], upto_blocks: int) -> list[bytes]:
         """hashes of seq's first blocks, extended to cover upto_blocks full blocks."""
         ids, bs = seq.all_ids, self.block_size
         out = list(hashes)
         for i in range(len(out), upto_blocks):
-            out.append(hash((out[-1] if out else None, tuple(ids[i * bs:(i + 1) * bs]))))
+            digest = hashlib.sha256(out[-1] if out else b"")
+            digest.update(array("q", ids[i * bs:(i + 1) * bs]).tobytes())
+            out.append(digest.digest())
         return out
 
     def allocate_prompt(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -73,6 +78,10 @@ class BlockManager:
 
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
         return blocks_for(seq.num_cached + num_new_tokens, self.block_size) - len(seq.blocks) <= self.num_free
+
+    def room(self, seq: Sequence) -> int:
+        """How many more tokens seq could cache with its own blocks plus every free one."""
+        return (len(seq.blocks) + self.num_free) * self.block_size - seq.num_cached
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
         """Make room for num_new_tokens more entries (caller checked can_grow)."""

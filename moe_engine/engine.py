@@ -13,9 +13,10 @@ from moe_engine.sequence import Sequence
 class Engine:
     def __init__(self, model, kv_caches: list[torch.Tensor], num_blocks: int, block_size: int, device,
                  tokenizer=None, max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, eos_ids: set[int] | None = None):
         self.model, self.kv_caches, self.block_size, self.device = model, kv_caches, block_size, device
         self.tokenizer = tokenizer
+        self.eos_ids = eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer else set())
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.routing_hook = None        # set by LLM.trace_routing / override_routing while active
@@ -48,6 +49,9 @@ class Engine:
         """One forward over the scheduled batch; (sequence, new token) for each that produced one."""
         batch = self.scheduler.schedule()
         if not batch:
+            if self.has_work():   # never spin: a stuck queue is a bug to report, not a hang
+                raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.waiting)} waiting and "
+                                   f"{len(self.scheduler.running)} running requests")
             return []
         logits, sampled = self.forward(batch)                               # [N, V], N sequences
         produced = []
@@ -99,17 +103,16 @@ class Engine:
         # Text is decoded every step only where it is watched (stop strings, streams); else at the end.
         live_text = self.tokenizer is not None and (p.stop or seq.streaming)
         if live_text:
-            seq.text = self.tokenizer.decode(seq.output_ids)
+            seq.text = self.tokenizer.decode_continuation(seq.prompt_ids[-4:], seq.output_ids)
             for stop in p.stop:
                 cut = seq.text.find(stop)
                 if cut >= 0:
                     seq.text = seq.text[:cut]
                     seq.finish_reason = "stop"
                     return
-        eos = self.tokenizer.eos_ids if self.tokenizer is not None else set()
-        if token in eos and not p.ignore_eos:
+        if token in self.eos_ids and not p.ignore_eos:
             seq.finish_reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= seq.max_len:
             seq.finish_reason = "length"
         if seq.finished and self.tokenizer is not None and not live_text:
-            seq.text = self.tokenizer.decode(seq.output_ids)
+            seq.text = self.tokenizer.decode_continuation(seq.prompt_ids[-4:], seq.output_ids)

@@ -36,14 +36,15 @@ class LLM:
     batching); when the cache is full, the youngest request is preempted and recomputed later."""
 
     def __init__(self, model: str | Path, device=None, dtype=None, *, block_size: int = 16,
-                 num_kv_blocks: int | None = None, kv_cache_bytes: int = 1 << 30,
+                 num_kv_blocks: int | None = None, kv_cache_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, progress: bool = False, **model_kwargs):
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
-        loaded, config = load_model(model, device, dtype, progress, **model_kwargs)
-        self._setup(loaded, config, Path(model), load_tokenizer(Path(model), config), device, dtype,
+        path = Path(model).expanduser()
+        loaded, config = load_model(path, device, dtype, progress, **model_kwargs)
+        self._setup(loaded, config, path, load_tokenizer(path, config), device, dtype,
                     block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes,
                     gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
@@ -58,19 +59,27 @@ class LLM:
         return llm
 
     def _setup(self, model, config, path, tokenizer, device, dtype, *, block_size=16, num_kv_blocks=None,
-               kv_cache_bytes=1 << 30, gpu_memory_utilization=0.9, max_num_seqs=32,
+               kv_cache_bytes=None, gpu_memory_utilization=0.9, max_num_seqs=32,
                max_num_batched_tokens=2048, max_model_len=None, enable_prefix_caching=True):
+        _check_engine_args(block_size=block_size, max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                           gpu_memory_utilization=gpu_memory_utilization)
         self.model, self.config, self.path, self.tokenizer = model, config, path, tokenizer
         self.device, self.dtype = device, dtype
         self.max_model_len = min(max_model_len or model.max_model_len, model.max_model_len)
         self.block_size = block_size
-        if device.type == "cuda" and num_kv_blocks is None:
-            kv_cache_bytes = int(torch.cuda.mem_get_info(device)[0] * gpu_memory_utilization)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)   # Triton launches on the current device
+        if kv_cache_bytes is None:
+            # GPU: a share of what is free once the weights are in; CPU/MPS: a fixed budget.
+            kv_cache_bytes = (int(torch.cuda.mem_get_info(device)[0] * gpu_memory_utilization)
+                              if device.type == "cuda" else 1 << 30)
         num_blocks = plan_num_blocks(model.kv_cache_bytes_per_token(dtype), block_size, self.max_model_len,
                                      max_num_seqs, kv_cache_bytes, num_kv_blocks)
         kv_caches = model.allocate_kv_cache(num_blocks * block_size, dtype, device)
         self.engine = Engine(model, kv_caches, num_blocks, block_size, device, tokenizer,
-                             max_num_seqs, max_num_batched_tokens, enable_prefix_caching)
+                             max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
+                             eos_ids=_eos_ids(tokenizer, config))
         self._next_id = 0
         self.last_stats: dict = {}          # of the latest stream(): prompt/generated tokens, seconds
         self.last_output: Sequence | None = None
@@ -104,12 +113,20 @@ class LLM:
             raise MoeEngineError("give either prompts or prompt_token_ids")
         if isinstance(prompts, str):
             prompts = [prompts]
+        if prompt_token_ids is not None and prompt_token_ids and not isinstance(prompt_token_ids[0], (list, tuple)):
+            prompt_token_ids = [prompt_token_ids]          # one prompt given as a flat list of ids
         n = len(prompts) if prompts is not None else len(prompt_token_ids)
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * n
-        if len(params) != n:
-            raise MoeEngineError(f"{len(params)} sampling_params for {n} prompts; give one, or one per prompt")
-        texts = prompts or [None] * n
-        token_lists = prompt_token_ids or [self._encode(p) for p in prompts]
+        if n == 0:
+            return []
+        if isinstance(sampling_params, (list, tuple)):
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * n
+        if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
+            raise MoeEngineError(f"sampling_params must be one SamplingParams or a list of {n} (one per prompt)")
+        texts = prompts if prompts is not None else [None] * n
+        token_lists = ([list(ids) for ids in prompt_token_ids] if prompt_token_ids is not None
+                       else [self._encode(p) for p in prompts])
         seqs: list[Sequence | MoeEngineError] = []
         for ids, p in zip(token_lists, params):
             try:
@@ -118,8 +135,7 @@ class LLM:
                 seqs.append(e)
         if all(isinstance(s, MoeEngineError) for s in seqs):
             raise seqs[0]
-        while self.engine.has_work():
-            self.engine.step()
+        self._run_until_done([s for s in seqs if isinstance(s, Sequence)])
         outputs = []
         for s, text, ids in zip(seqs, texts, token_lists):
             if isinstance(s, MoeEngineError):
@@ -129,11 +145,23 @@ class LLM:
                                              s.finish_reason, num_preemptions=s.num_preemptions))
         return outputs
 
+    def _run_until_done(self, seqs: list[Sequence]) -> None:
+        """Step the engine until these requests finish. If anything goes wrong (an exception, Ctrl-C),
+        they are aborted so the engine is left clean for the next call."""
+        try:
+            while not all(s.finished for s in seqs):
+                self.engine.step()
+        except BaseException:
+            for seq in seqs:
+                if not seq.finished:
+                    self.engine.abort(seq)
+            raise
+
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None
                ) -> Iterator[str]:
         """Yield the generated text piece by piece as tokens arrive. Closing the generator early
         (or Ctrl-C) cancels the request and frees its cache blocks."""
-        ids = prompt if isinstance(prompt, list) else self._encode(prompt)
+        ids = self._encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         seq = self._new_sequence(ids, sampling_params or SamplingParams())
         seq.streaming = True
         self.last_stats = stats = {"prompt_tokens": len(ids), "generated_tokens": 0, "seconds": 0.0}
@@ -150,7 +178,7 @@ class LLM:
             stats["seconds"] = time.perf_counter() - start
             if not seq.finished:
                 self.engine.abort(seq)
-        self.last_output = seq
+            self.last_output = seq
 
     def prompt_logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """float32 [T, vocab]: the next-token logits at every position of one sequence (a fresh cache)."""
@@ -188,6 +216,25 @@ class LLM:
         """exp(mean next-token loss) over token_ids (windows of at most max_model_len tokens)."""
         from moe_engine.routing import perplexity
         return perplexity(self, token_ids, window)
+
+
+def _check_engine_args(**values) -> None:
+    limits = {"block_size": 1, "max_num_seqs": 1, "max_num_batched_tokens": 1, "max_model_len": 2}
+    for name, low in limits.items():
+        v = values[name]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise MoeEngineError(f"bad engine setting {name}={v!r}: must be an integer >= {low}")
+    g = values["gpu_memory_utilization"]
+    if not (isinstance(g, (int, float)) and 0 < g <= 1):
+        raise MoeEngineError(f"bad engine setting gpu_memory_utilization={g!r}: must be in (0, 1]")
+
+
+def _eos_ids(tokenizer, config: dict) -> set[int]:
+    """End-of-sequence ids: the tokenizer's (from generation_config.json), else config.json's."""
+    if tokenizer is not None and tokenizer.eos_ids:
+        return set(tokenizer.eos_ids)
+    eos = config.get("eos_token_id")
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
 def _stable_len(text: str, stops: list[str]) -> int:

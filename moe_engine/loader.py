@@ -1,6 +1,7 @@
 """Build a model from a checkpoint folder: check every tensor name and shape first, then stream weights
 one tensor at a time into preallocated parameters (stacking experts, dequantising FP8 block-scaled)."""
 
+import inspect
 import math
 import os
 
@@ -86,6 +87,11 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
         args = args_cls.from_hf_config(cfg)
     except (TypeError, ValueError) as e:
         raise MoeEngineError(f"config.json in {path} has a bad value ({e}); fix config.json") from None
+    accepted = inspect.signature(model_cls).parameters
+    unknown = sorted(set(model_kwargs) - set(accepted))
+    if unknown:
+        raise MoeEngineError(f"unknown argument(s) {', '.join(unknown)} for LLM / the {args.model_type} model; "
+                             "check the spelling (see help(LLM))")
     block = fp8_block_size(cfg)
     files = safetensors_files(path)
     tensors = index_tensors(files)

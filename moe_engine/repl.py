@@ -134,14 +134,9 @@ class Chat:
         s = self.last
         rate = s["generated_tokens"] / s["seconds"] if s["seconds"] > 0 else 0.0
         first = f", first token after {s['first_token_s']:.2f} s" if s["first_token_s"] is not None else ""
-        capacity = ""
-        engine = getattr(self.llm, "engine", None)
-        pool = getattr(engine, "blocks", None) or getattr(engine, "allocator", None)   # the block manager
-        if hasattr(pool, "num_free") and hasattr(pool, "num_blocks"):
-            size = self.llm.block_size
-            capacity = f"; {pool.num_free * size:,} of {pool.num_blocks * size:,} cache slots free now"
-            if hasattr(pool, "prefix_hits"):
-                capacity += f"; {pool.prefix_hits} blocks reused from the prefix cache so far"
+        pool, size = self.llm.engine.blocks, self.llm.block_size
+        capacity = (f"; {pool.num_free * size:,} of {pool.num_blocks * size:,} cache slots free now"
+                    f"; {pool.prefix_hits} blocks reused from the prefix cache so far")
         return (f"last answer: {s['generated_tokens']} tokens in {s['seconds']:.2f} s ({rate:.1f} tokens/s{first}), "
                 f"finish: {s['finish']}\n"
                 f"prompt tokens: {s['prompt_tokens']} (history of {s['history']} messages); "

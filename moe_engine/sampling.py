@@ -21,17 +21,22 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
             self.stop = [self.stop]
+        elif not isinstance(self.stop, (list, tuple)):
+            raise MoeEngineError(f"bad sampling value stop={self.stop!r}: must be a string or a list of strings")
+        self.stop = list(self.stop)
         checks = [
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
+            ("max_tokens", _integer(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
             ("temperature", _finite(self.temperature) and self.temperature >= 0, "a number >= 0 (0 = greedy)"),
             ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("top_k", _integer(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
             ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
             ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0,
              "a number > 0 (1 = off)"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "an integer or None"),
+            ("seed", self.seed is None or _integer(self.seed), "an integer or None"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
         ]
         for name, ok, allowed in checks:
@@ -40,7 +45,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below 1e-5 a softmax of logits / temperature overflows; it is greedy in all but name.
+        return self.temperature < 1e-5
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _finite(x) -> bool:

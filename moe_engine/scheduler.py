@@ -1,15 +1,17 @@
-"""Which sequences run in the next step, and how many of their tokens: decode tokens first, then
-prefill chunks, within a token budget, a sequence cap and the free cache blocks. Pure Python.
+"""Which sequences run in the next step, and how many of their tokens: running sequences first, oldest
+first (a decode token each, or their next prefill chunk), then waiting ones, within a token budget, a
+sequence cap and the free cache blocks. Pure Python.
 
-When a running sequence needs a block and none is free, the most recently admitted running sequence
-is preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
-(prompt + what it generated so far) when room returns. Nothing is dropped.
+When a running sequence needs a block and none is free, a prefill chunk shrinks to what fits; if nothing
+fits, the most recently admitted running sequence is preempted: its blocks are freed and it goes back to
+the front of the queue, to be recomputed (prompt + what it generated so far) when room returns. Nothing
+is dropped, and nothing new is admitted in a step that had to preempt.
 """
 
 from collections import deque
 from dataclasses import dataclass
 
-from moe_engine.block_manager import BlockManager
+from moe_engine.block_manager import BlockManager, blocks_for
 from moe_engine.sequence import Sequence
 
 
@@ -30,6 +32,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []          # in admission order
         self.num_preemptions = 0
+        self.num_scheduled_tokens = 0              # all tokens fed to the model, recomputation included
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -40,14 +43,20 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         batch = ScheduledBatch([], [])
+        preempted = False
         # Running sequences first (oldest first), each with its remaining tokens (1 when decoding).
         for seq in list(self.running):
             if seq not in self.running or budget == 0:
                 continue
             n = min(seq.num_tokens - seq.num_cached, budget)
             while not self.blocks.can_grow(seq, n):
+                room = self.blocks.room(seq)
+                if room > 0:
+                    n = room                 # a prefill chunk shrinks to the free blocks
+                    break
                 victim = self.running[-1]
                 self.preempt(victim)
+                preempted = True
                 if victim is seq:
                     break
             if seq not in self.running:
@@ -57,8 +66,12 @@ class Scheduler:
             batch.num_tokens.append(n)
             budget -= n
         # Then waiting sequences, first come first served, while they fit.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            # Admit only what can finish its prefill and take a first decode token without evicting
+            # anyone: starting a prefill that must be thrown away costs more than waiting.
+            if blocks_for(seq.num_tokens + 1, self.blocks.block_size) > self.blocks.num_free and self.running:
+                break
             want = min(seq.num_tokens, budget)
             if not self.blocks.allocate_prompt(seq, want):
                 break
@@ -68,6 +81,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
+        self.num_scheduled_tokens += sum(batch.num_tokens)
         return batch
 
     def preempt(self, seq: Sequence) -> None:

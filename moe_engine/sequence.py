@@ -16,7 +16,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)  # block table: logical block i -> physical block
     num_cached: int = 0                             # leading tokens whose cache entries are written
-    block_hashes: list[int] = field(default_factory=list)  # prefix hashes of its leading full blocks
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of its leading full blocks
     finish_reason: str | None = None                # "stop", "length", "abort" or "error"
     error: str | None = None
     text: str = ""

@@ -37,6 +37,13 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: list[int]) -> str: ...
 
+    def decode_continuation(self, context_ids: list[int], ids: list[int]) -> str:
+        """The text ids add after context_ids. Decoding ids alone can lose what joins them to the context
+        (sentencepiece drops the leading space of a first word), so decode both and cut the context off."""
+        head = self.decode(context_ids)
+        full = self.decode(context_ids + ids)
+        return full[len(head):] if head and full.startswith(head) else self.decode(ids)
+
     def special_text(self, key: str) -> str:
         return _token_text(self.config.get(key)) or ""
 

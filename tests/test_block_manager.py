@@ -78,15 +78,27 @@ def test_scheduler_budget_chunks_and_caps():
 
 
 def test_scheduler_preempts_youngest_when_blocks_run_out():
-    bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=False)
+    bm = BlockManager(num_blocks=5, block_size=2, enable_prefix_caching=False)
     sch = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
     old, young = seq(0, [1, 2, 3, 4]), seq(1, [5, 6, 7, 8])
     sch.add(old)
     sch.add(young)
-    assert sch.schedule().num_tokens == [4, 4]   # all 4 blocks used
+    assert sch.schedule().num_tokens == [4, 4]   # 4 of 5 blocks used
     for s in (old, young):
         s.num_cached = 4
         s.output_ids.append(9)                   # each now needs a fifth slot: a new block
     batch = sch.schedule()
     assert batch.seqs == [old] and sch.num_preemptions == 1
     assert young.blocks == [] and young.num_cached == 0 and sch.waiting[0] is young
+
+
+def test_scheduler_admits_only_what_can_finish_its_prefill():
+    bm = BlockManager(num_blocks=6, block_size=2, enable_prefix_caching=False)
+    sch = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=4)
+    first, second = seq(0, range(6)), seq(1, range(10, 16))
+    sch.add(first)
+    sch.add(second)
+    assert sch.schedule().seqs == [first]        # a chunk of 4 uses the whole token budget
+    first.num_cached = 4
+    # first's last 2 tokens leave budget for second, but second needs 4 blocks (6 tokens + 1) and 3 are free
+    assert sch.schedule().seqs == [first] and sch.waiting[0] is second
