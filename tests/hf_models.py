@@ -45,3 +45,12 @@ def max_rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|: relative to the logits' scale, not per element (near-zero logits
     would make a per-element ratio meaningless)."""
     return float((ours - ref).abs().max() / ref.abs().max())
+
+
+def assert_matches_transformers(llm, path: Path, ids: list[int], greedy_tokens: int = 32) -> None:
+    """Our logits within 1e-4 (relative to their scale) of transformers', and the same greedy tokens."""
+    from moe_engine import SamplingParams
+    assert max_rel_error(llm.prompt_logits(ids), hf_logits(path, ids)) <= 1e-4
+    ours = llm.generate(prompt_token_ids=[ids],
+                        sampling_params=SamplingParams(max_tokens=greedy_tokens, ignore_eos=True))
+    assert ours[0].token_ids == hf_greedy(path, ids, greedy_tokens)

@@ -5,8 +5,8 @@ import torch
 import transformers
 
 from conftest import WEIGHTS
-from hf_models import hf_greedy, hf_logits, max_rel_error, save_random
-from moe_engine import LLM, SamplingParams
+from hf_models import assert_matches_transformers, hf_logits, max_rel_error, save_random
+from moe_engine import LLM
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.707}
@@ -52,18 +52,14 @@ def test_random_config_matches_transformers(tmp_path, name):
     ref = hf_logits(path, ids)
     for absorb in ("never", "always"):
         assert max_rel_error(LLM(path, absorb=absorb).prompt_logits(ids), ref) <= 1e-4, absorb
-    ours = LLM(path).generate(prompt_token_ids=[ids],
-                              sampling_params=SamplingParams(max_tokens=32, ignore_eos=True))
-    assert ours[0].token_ids == hf_greedy(path, ids, 32)
+    assert_matches_transformers(LLM(path), path, ids)
 
 
 def test_shipped_tiny_deepseek_matches_transformers():
     path = WEIGHTS / "tiny-deepseek"
     llm = LLM(path)
     ids = llm.tokenizer.encode("import sys\n\ndef main(argv):\n    if len(argv) < 2:\n")
-    assert max_rel_error(llm.prompt_logits(ids), hf_logits(path, ids)) <= 1e-4
-    ours = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=32, ignore_eos=True))
-    assert ours[0].token_ids == hf_greedy(path, ids, 32)
+    assert_matches_transformers(llm, path, ids)
 
 
 def test_absorbed_decode_equals_expanded():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from hf_models import hf_greedy, hf_logits, max_rel_error, save_random
+from hf_models import assert_matches_transformers, max_rel_error, save_random
 from conftest import WEIGHTS
 from moe_engine import LLM, SamplingParams
 
@@ -36,20 +36,14 @@ def prompt(n=40, vocab=101, seed=1):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_random_config_matches_transformers(tmp_path, name):
     path = tiny_mixtral(tmp_path, name)
-    ids = prompt()
-    llm = LLM(path)
-    assert max_rel_error(llm.prompt_logits(ids), hf_logits(path, ids)) <= 1e-4
-    ours = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=32, ignore_eos=True))
-    assert ours[0].token_ids == hf_greedy(path, ids, 32)
+    assert_matches_transformers(LLM(path), path, prompt())
 
 
 def test_shipped_tiny_mixtral_matches_transformers():
     path = WEIGHTS / "tiny-mixtral"
     llm = LLM(path)
     ids = llm.tokenizer.encode("import os\n\ndef walk(top):\n    for root, dirs, files in os.walk(top):\n")
-    assert max_rel_error(llm.prompt_logits(ids), hf_logits(path, ids)) <= 1e-4
-    ours = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=32, ignore_eos=True))
-    assert ours[0].token_ids == hf_greedy(path, ids, 32)
+    assert_matches_transformers(llm, path, ids)
 
 
 def incremental_logits(llm: LLM, ids: list[int], split: int) -> torch.Tensor:
