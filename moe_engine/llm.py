@@ -145,6 +145,14 @@ class LLM:
                                              s.finish_reason, num_preemptions=s.num_preemptions))
         return outputs
 
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None) -> list[RequestOutput]:
+        """Answer one conversation ([{"role": ..., "content": ...}, ...]) or a list of them, each rendered
+        through the model's chat template; one RequestOutput per conversation."""
+        tokenizer = require_tokenizer(self.tokenizer, self.path)
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate(prompt_token_ids=[tokenizer.encode_chat(c) for c in conversations],
+                             sampling_params=sampling_params)
+
     def _run_until_done(self, seqs: list[Sequence]) -> None:
         """Step the engine until these requests finish. If anything goes wrong (an exception, Ctrl-C),
         they are aborted so the engine is left clean for the next call."""

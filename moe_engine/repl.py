@@ -2,7 +2,6 @@
 answers streamed as they are generated, and a few /commands."""
 
 import dataclasses
-import re
 import sys
 import time
 import traceback
@@ -21,37 +20,6 @@ HELP = """commands:
   /help          this list
   /exit          quit (Ctrl-D at the prompt works too)
 Ctrl-C stops an answer and keeps the REPL; the arrow keys edit the line and recall earlier ones."""
-
-
-def _special_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    """Text of the BOS/EOS tokens as the chat template writes them -> their ids."""
-    out = {}
-    bos = tokenizer.special_text("bos_token")
-    if bos and tokenizer.bos_id is not None:
-        out[bos] = tokenizer.bos_id
-    eos = tokenizer.special_text("eos_token")
-    if eos and len(tokenizer.eos_ids) == 1:
-        out[eos] = next(iter(tokenizer.eos_ids))
-    return out
-
-
-def chat_token_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
-    """Render messages with the chat template and tokenize the result. The special-token text the template
-    writes (BOS, EOS between turns) becomes the token ids, never their spelling, and BOS appears once."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    specials = _special_ids(tokenizer)
-    adds_bos = tokenizer.bos_id is not None and tokenizer.encode("a")[:1] == [tokenizer.bos_id]
-    ids: list[int] = []
-    parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", text) if specials else [text]
-    for part in parts:
-        if part in specials:
-            ids.append(specials[part])
-        elif part:
-            piece = tokenizer.encode(part)
-            ids += piece[1:] if adds_bos and piece[:1] == [tokenizer.bos_id] else piece
-    if adds_bos and ids[:1] != [tokenizer.bos_id]:
-        ids.insert(0, tokenizer.bos_id)
-    return ids
 
 
 def with_system(tokenizer: Tokenizer, system: str, history: list[dict]) -> list[dict]:
@@ -90,7 +58,7 @@ class Chat:
         history = self.history + [{"role": "user", "content": question}]
         dropped = 0
         while True:
-            ids = chat_token_ids(tokenizer, with_system(tokenizer, self.system, history))
+            ids = tokenizer.encode_chat(with_system(tokenizer, self.system, history))
             if len(ids) + self.params.max_tokens <= self.llm.max_model_len or len(history) <= 1:
                 break
             history, dropped = history[2:], dropped + 1

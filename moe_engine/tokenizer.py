@@ -2,6 +2,7 @@
 library), with special tokens and the chat template from tokenizer_config.json."""
 
 import json
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -43,6 +44,35 @@ class Tokenizer(ABC):
         head = self.decode(context_ids)
         full = self.decode(context_ids + ids)
         return full[len(head):] if head and full.startswith(head) else self.decode(ids)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the chat template. The special-token text the template
+        writes (BOS, EOS between turns) becomes those tokens' ids, never their spelling, and BOS appears once."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        specials = self._special_ids()
+        adds_bos = self.bos_id is not None and self.encode("a")[:1] == [self.bos_id]
+        ids: list[int] = []
+        parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", text) if specials else [text]
+        for part in parts:
+            if part in specials:
+                ids.append(specials[part])
+            elif part:
+                piece = self.encode(part)
+                ids += piece[1:] if adds_bos and piece[:1] == [self.bos_id] else piece
+        if adds_bos and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def _special_ids(self) -> dict[str, int]:
+        """Text of the BOS/EOS tokens as the chat template writes them -> their ids."""
+        out = {}
+        bos = self.special_text("bos_token")
+        if bos and self.bos_id is not None:
+            out[bos] = self.bos_id
+        eos = self.special_text("eos_token")
+        if eos and len(self.eos_ids) == 1:
+            out[eos] = next(iter(self.eos_ids))
+        return out
 
     def special_text(self, key: str) -> str:
         return _token_text(self.config.get(key)) or ""

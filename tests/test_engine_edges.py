@@ -132,3 +132,14 @@ def test_chunked_prefill_on_a_small_cache_does_not_thrash():
     needed = sum(len(p) + params.max_tokens - 1 for p in prompts)
     assert sch.num_preemptions <= 6 and sch.num_scheduled_tokens <= 2 * needed
     assert_clean(llm)
+
+
+def test_chat_renders_the_template_once_per_conversation(mixtral):
+    convo = [{"role": "user", "content": "sort a list"}, {"role": "assistant", "content": "sorted(x)"},
+             {"role": "user", "content": "in place"}]
+    ids = mixtral.tokenizer.encode_chat(convo)
+    assert ids.count(mixtral.tokenizer.bos_id) == 1 and ids[0] == mixtral.tokenizer.bos_id
+    assert 2 in ids                                      # the assistant turn ends with the EOS token id
+    out = mixtral.chat(convo, GREEDY)
+    assert out[0].token_ids == mixtral.generate(prompt_token_ids=[ids], sampling_params=GREEDY)[0].token_ids
+    assert len(mixtral.chat([convo, convo[:1]], GREEDY)) == 2

@@ -170,14 +170,14 @@ def test_chat_session(chat):
 @pytest.mark.parametrize("model", ["weights/tiny-mixtral", "weights/tiny-deepseek"])
 def test_chat_prompt_tokens(model):
     """The template's BOS/EOS text becomes one BOS id at the start and the EOS id after each answer."""
-    from moe_engine.repl import chat_token_ids, with_system
+    from moe_engine.repl import with_system
     from moe_engine.tokenizer import load_tokenizer
     path = ROOT / model
     tokenizer = load_tokenizer(path, json.loads((path / "config.json").read_text()))
     history = [{"role": "user", "content": "add two numbers"},
                {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
                {"role": "user", "content": "now multiply them"}]
-    ids = chat_token_ids(tokenizer, with_system(tokenizer, "you write python", history))
+    ids = tokenizer.encode_chat(with_system(tokenizer, "you write python", history))
     eos = next(iter(tokenizer.eos_ids))
     assert ids[0] == tokenizer.bos_id and ids.count(tokenizer.bos_id) == 1
     assert ids.count(eos) == 1
@@ -185,4 +185,4 @@ def test_chat_prompt_tokens(model):
     assert "you write python" in text and "return a + b" in text and "now multiply them" in text
     # A single turn tokenizes exactly as the rendered text would on its own.
     one = [{"role": "user", "content": "hi"}]
-    assert chat_token_ids(tokenizer, one) == tokenizer.encode("# hi\n")
+    assert tokenizer.encode_chat(one) == tokenizer.encode("# hi\n")
