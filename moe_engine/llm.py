@@ -37,7 +37,7 @@ class LLM:
 
     def __init__(self, model: str | Path, device=None, dtype=None, *, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_bytes: int | None = None,
-                 gpu_memory_utilization: float = 0.9, max_num_seqs: int = 32,
+                 gpu_memory_utilization: float = 0.8, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, progress: bool = False, **model_kwargs):
         device = pick_device(device)
@@ -59,7 +59,7 @@ class LLM:
         return llm
 
     def _setup(self, model, config, path, tokenizer, device, dtype, *, block_size=16, num_kv_blocks=None,
-               kv_cache_bytes=None, gpu_memory_utilization=0.9, max_num_seqs=32,
+               kv_cache_bytes=None, gpu_memory_utilization=0.8, max_num_seqs=32,
                max_num_batched_tokens=2048, max_model_len=None, enable_prefix_caching=True):
         _check_engine_args(block_size=block_size, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
