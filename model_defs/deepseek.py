@@ -126,7 +126,7 @@ class MLAttention(nn.Module):
         if self.absorb == "always" or (self.absorb == "auto" and meta.is_decode):
             out = self._absorbed(q_nope, q_pe, cache, meta)
         else:
-            out = self._expanded(q_nope, q_pe, cache, meta)
+            out = self._per_sequence(q_nope, q_pe, cache, meta)
         return F.linear(out.reshape(T, H * a.v_head_dim), self.wo, self._bias("wo_bias"))
 
     def _absorbed(self, q_nope, q_pe, cache, meta):
@@ -138,23 +138,40 @@ class MLAttention(nn.Module):
         out_latent = kernels.paged_attention(q_full, entries, entries[..., :L], meta, self.scale)  # [T, H, L]
         return torch.einsum("thl,hvl->thv", out_latent, self.w_uv)              # [T, H, v]
 
-    def _expanded(self, q_nope, q_pe, cache, meta):
-        """Expand each sequence's cached latent into per-head keys and values (prefill)."""
+    def _per_sequence(self, q_nope, q_pe, cache, meta):
+        """A batch with prefill in it, one sequence at a time. Expanding the latent into per-head keys and
+        values costs a kv_b matmul over the whole context, which pays off for many queries (a prompt or a
+        large chunk); a decode token or a small chunk attends over the latent directly (absorbed)."""
         a, H = self.a, self.a.num_attention_heads
-        q = torch.cat([q_nope, q_pe], -1).transpose(0, 1)                       # [H, T, nope + R]
-        out = q_nope.new_empty(q_nope.shape[0], H, a.v_head_dim)
+        out = q_nope.new_empty(q_nope.shape[0], H, a.v_head_dim)               # [T, H, v]
         for b in range(meta.num_seqs):
             lo, hi = meta.query_start_loc[b], meta.query_start_loc[b + 1]
-            entries = cache[meta.context_slots[b]].to(q.dtype)                  # [ctx, L + R]
-            ctx = entries.shape[0]
-            kv = F.linear(entries[:, : a.kv_lora_rank], self.kv_b).view(ctx, H, -1)   # [ctx, H, nope + v]
-            k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], -1)
-            k = torch.cat([k_nope, entries[:, None, a.kv_lora_rank:].expand(ctx, H, -1)], -1)  # [ctx, H, nope+R]
-            o = F.scaled_dot_product_attention(q[:, lo:hi], k.transpose(0, 1), v.transpose(0, 1),
-                                               attn_mask=causal_mask(hi - lo, ctx, q.device),
-                                               scale=self.scale)                          # [H, n, v]
-            out[lo:hi] = o.transpose(0, 1)
+            entries = cache[meta.context_slots[b]].to(q_nope.dtype)             # [ctx, L + R]
+            mask = causal_mask(hi - lo, entries.shape[0], q_nope.device)
+            expand = self.absorb == "never" or hi - lo == entries.shape[0] or hi - lo > 64
+            attend = self._expanded_one if expand else self._absorbed_one
+            out[lo:hi] = attend(q_nope[lo:hi], q_pe[lo:hi], entries, mask)
         return out
+
+    def _expanded_one(self, q_nope, q_pe, entries, mask):
+        """q_nope [n, H, nope], q_pe [n, H, R], entries [ctx, L + R] -> [n, H, v]."""
+        a, H, ctx = self.a, self.a.num_attention_heads, entries.shape[0]
+        q = torch.cat([q_nope, q_pe], -1).transpose(0, 1)                       # [H, n, nope + R]
+        kv = F.linear(entries[:, : a.kv_lora_rank], self.kv_b).view(ctx, H, -1)   # [ctx, H, nope + v]
+        k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], -1)
+        k = torch.cat([k_nope, entries[:, None, a.kv_lora_rank:].expand(ctx, H, -1)], -1)  # [ctx, H, nope+R]
+        o = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                           scale=self.scale)                     # [H, n, v]
+        return o.transpose(0, 1)
+
+    def _absorbed_one(self, q_nope, q_pe, entries, mask):
+        """The absorbed form for one sequence: same arguments and result as _expanded_one."""
+        L = self.a.kv_lora_rank
+        q_latent = torch.einsum("nhd,hdl->hnl", q_nope, self.w_uk)              # [H, n, L]
+        q = torch.cat([q_latent, q_pe.transpose(0, 1)], -1)                     # [H, n, L + R]
+        o = F.scaled_dot_product_attention(q, entries[None], entries[None, :, :L], attn_mask=mask,
+                                           scale=self.scale, enable_gqa=True)   # [H, n, L]
+        return torch.einsum("hnl,hvl->nhv", o, self.w_uv)                      # [n, H, v]
 
     def targets(self, hf: str, ours: str) -> dict[str, Target]:
         names = {"kv_a_proj_with_mqa": "kv_a", "kv_a_layernorm": "kv_a_norm.weight", "kv_b_proj": "kv_b",

@@ -6,7 +6,7 @@ import transformers
 
 from conftest import WEIGHTS
 from hf_models import assert_matches_transformers, hf_logits, max_rel_error, save_random
-from moe_engine import LLM
+from moe_engine import LLM, SamplingParams
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.707}
@@ -90,3 +90,19 @@ def test_cache_holds_only_latent_and_rope_key():
     per_token = cache_bytes / (4 * 16)
     assert per_token == (a.kv_lora_rank + a.qk_rope_head_dim) * a.num_hidden_layers * 4   # float32
     assert llm.model.kv_cache_bytes_per_token(torch.float32) == per_token
+
+
+def test_mixed_batches_attend_per_sequence_in_either_form(monkeypatch):
+    """Decode tokens batched with a prefill chunk use the absorbed form per sequence; same tokens as
+    expanding everything."""
+    from model_defs.deepseek import MLAttention
+    calls = []
+    real = MLAttention._absorbed_one
+    monkeypatch.setattr(MLAttention, "_absorbed_one", lambda self, *a: calls.append(1) or real(self, *a))
+    prompts = [list(range(5, 5 + n)) for n in (3, 40, 7, 90)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    outs = {}
+    for absorb in ("auto", "never"):
+        llm = LLM(WEIGHTS / "tiny-deepseek", absorb=absorb, max_num_batched_tokens=24)
+        outs[absorb] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+    assert calls and outs["auto"] == outs["never"]
