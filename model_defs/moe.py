@@ -84,13 +84,19 @@ def route(router_logits: torch.Tensor, cfg: RoutingConfig, bias: torch.Tensor | 
         grouped = choice.view(choice.shape[0], cfg.n_group, -1)
         choice = _keep_groups(choice, grouped.topk(min(2, grouped.shape[-1]), -1).values.sum(-1), cfg)
     topk_ids = choice.topk(cfg.top_k, dim=-1).indices                                # [T, k]
-    topk_weights = scores.gather(1, topk_ids)                                        # [T, k]
-    normalize = cfg.norm_topk_prob and (cfg.top_k > 1 or cfg.scale_normalized)
+    return expert_weights(scores, topk_ids, cfg), topk_ids
+
+
+def expert_weights(scores: torch.Tensor, topk_ids: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:
+    """The weights of the chosen experts topk_ids [T, k] from the scores [T, E]: normalised and scaled
+    as the variant says (V3 scales after normalising; V2 scales only what it does not normalise)."""
+    weights = scores.gather(1, topk_ids)                                             # [T, k]
+    normalize = cfg.norm_topk_prob and (topk_ids.shape[1] > 1 or cfg.scale_normalized)
     if normalize:
-        topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     if cfg.scale_normalized or not normalize:
-        topk_weights = topk_weights * cfg.routed_scaling_factor
-    return topk_weights, topk_ids
+        weights = weights * cfg.routed_scaling_factor
+    return weights
 
 
 class RoutingHook(Protocol):

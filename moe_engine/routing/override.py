@@ -4,7 +4,7 @@ import dataclasses
 
 import torch
 
-from model_defs.moe import RoutingConfig, route
+from model_defs.moe import RoutingConfig, expert_weights, route
 from moe_engine.errors import MoeEngineError
 from moe_engine.routing.trace import RequestKeys, Trace
 
@@ -17,14 +17,7 @@ def weights_for(router_logits: torch.Tensor, topk_ids: torch.Tensor, cfg: Routin
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     scores = logits.softmax(-1) if cfg.scoring == "softmax" else logits.sigmoid()   # [T, E]
-    weights = scores.gather(1, topk_ids)                                            # [T, k]
-    k = topk_ids.shape[1]
-    normalize = cfg.norm_topk_prob and (k > 1 or cfg.scale_normalized)
-    if normalize:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    if cfg.scale_normalized or not normalize:
-        weights = weights * cfg.routed_scaling_factor
-    return weights
+    return expert_weights(scores, topk_ids, cfg)
 
 
 def random_route(router_logits: torch.Tensor, cfg: RoutingConfig, generator: torch.Generator,
