@@ -210,7 +210,8 @@ def test_pickle_only_folder_is_refused_and_never_opened(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert "pytorch_model.bin" in msg and "safetensors" in msg
     assert opened == [] and not marker.exists()
-    # The side effect is real: unpickling the file would have created the marker.
+    # The side effect is real: unpickling the file would have created the marker (this test's own file,
+    # unpickled on purpose here to prove the refusal above mattered).
     pickle.loads((path / "pytorch_model.bin").read_bytes())
     assert marker.exists()
 

@@ -59,7 +59,7 @@ def test_transformers_loads_and_runs_tiny_mixtral(tmp_path):
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
-    theirs = torch.load(out)
+    theirs = torch.load(out, weights_only=True)
     assert theirs.shape == (len(TEXT_IDS), 4096) and theirs.isfinite().all()
     ours = LLM(MIXTRAL, device="cpu", dtype="float32", num_kv_blocks=4).prompt_logits(TEXT_IDS)
     assert max_rel_error(ours, theirs) <= 1e-4
