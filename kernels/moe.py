@@ -35,15 +35,12 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     token_of = order // k                                    # [T*k] source token of each sorted row
     counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
     xs = x[token_of]                                         # [T*k, D]
-    ys = torch.empty_like(xs)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = slice(start, start + n)
-        gate, up = F.linear(xs[rows], w13[e]).chunk(2, dim=-1)   # [n, I] each
-        ys[rows] = F.linear(F.silu(gate) * up, w2[e])             # [n, D]
-        start += n
+    outs = []
+    for e, rows in enumerate(xs.split(counts)):              # rows [n_e, D], in expert order
+        if len(rows):
+            gate, up = F.linear(rows, w13[e]).chunk(2, dim=-1)    # [n_e, I] each
+            outs.append(F.linear(F.silu(gate) * up, w2[e]))      # [n_e, D]
+    ys = torch.cat(outs)                                     # [T*k, D]
     weights = topk_weights.reshape(-1)[order].to(ys.dtype)   # [T*k]
     out = torch.zeros_like(x)
     out.index_add_(0, token_of, ys * weights[:, None])
