@@ -4,6 +4,7 @@ one tensor at a time into preallocated parameters (stacking experts, dequantisin
 import inspect
 import math
 import os
+from contextlib import ExitStack
 
 import torch
 from safetensors import safe_open
@@ -106,19 +107,19 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
     targets = model.checkpoint_targets()
     bar = tqdm(total=len(targets), desc=f"loading {path.name}", unit="tensor", disable=not progress,
                leave=False)
-    with torch.no_grad():
-        for f in files:
-            with safe_open(f, framework="pt") as st:
-                for name in st.keys():
-                    if name not in targets:
-                        continue
-                    t = st.get_tensor(name)
-                    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                        scale_name = name + SCALE_SUFFIX
-                        with safe_open(tensors[scale_name].file, framework="pt") as sf:
-                            t = dequantize_fp8(t, sf.get_tensor(scale_name), block)
-                    _dest(model, *targets[name]).copy_(t)
-                    bar.update()
+    with torch.no_grad(), ExitStack() as stack:
+        # Every shard opened once (memory-mapped); tensors are read one at a time in file order.
+        handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
+        for f, st in handles.items():
+            for name in st.keys():
+                if name not in targets:
+                    continue
+                t = st.get_tensor(name)
+                if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    scale_name = name + SCALE_SUFFIX
+                    t = dequantize_fp8(t, handles[tensors[scale_name].file].get_tensor(scale_name), block)
+                _dest(model, *targets[name]).copy_(t)
+                bar.update()
     bar.close()
     model.post_load()
     model.eval()
