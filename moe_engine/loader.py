@@ -117,7 +117,9 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
                 t = st.get_tensor(name)
                 if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                     scale_name = name + SCALE_SUFFIX
-                    t = dequantize_fp8(t, handles[tensors[scale_name].file].get_tensor(scale_name), block)
+                    scale = handles[tensors[scale_name].file].get_tensor(scale_name)
+                    # Dequantise where the weight is going (a GPU does it far faster than the CPU).
+                    t = dequantize_fp8(t.to(device), scale.to(device), block)
                 _dest(model, *targets[name]).copy_(t)
                 bar.update()
     bar.close()
