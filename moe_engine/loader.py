@@ -118,8 +118,9 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
                 if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                     scale_name = name + SCALE_SUFFIX
                     scale = handles[tensors[scale_name].file].get_tensor(scale_name)
-                    # Dequantise where the weight is going (a GPU does it far faster than the CPU).
-                    t = dequantize_fp8(t.to(device), scale.to(device), block)
+                    # On CUDA dequantise on the card (far faster); MPS has no float8, so the CPU does it.
+                    where = device if torch.device(device).type == "cuda" else "cpu"
+                    t = dequantize_fp8(t.to(where), scale.to(where), block)
                 _dest(model, *targets[name]).copy_(t)
                 bar.update()
     bar.close()
