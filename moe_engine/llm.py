@@ -68,8 +68,8 @@ class LLM:
         self.device, self.dtype = device, dtype
         self.max_model_len = min(max_model_len or model.max_model_len, model.max_model_len)
         self.block_size = block_size
-        if device.type == "cuda":
-            torch.cuda.set_device(device)   # Triton launches on the current device
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device.index)   # Triton launches on the current device
         if kv_cache_bytes is None:
             # GPU: a share of what is free once the weights are in; CPU/MPS: a fixed budget.
             kv_cache_bytes = (int(torch.cuda.mem_get_info(device)[0] * gpu_memory_utilization)
