@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from moe_engine.bench_models import SHAPES, build_random, hf_twin
+from moe_engine.bench_models import SHAPES, build_random, hf_twin, weight_bytes
 from moe_engine.device import pick_device
 from moe_engine.info import parameter_counts
 from moe_engine.llm import LLM
@@ -155,6 +155,13 @@ def main(argv=None) -> int:
     print(f"device: {machine}, {torch.get_num_threads()} CPU threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     rows = []
     for name in models:
+        if name in SHAPES and gpu:
+            need = weight_bytes(name, dtype)
+            free = torch.cuda.mem_get_info(device)[0]
+            if need > 0.9 * free:
+                print(f"{name}: skipped, its {need / 2**30:.0f} GiB of weights do not fit the "
+                      f"{free / 2**30:.0f} GiB free on this GPU")
+                continue
         if name in SHAPES:
             model = build_random(name, device, dtype)
         else:

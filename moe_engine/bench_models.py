@@ -36,11 +36,23 @@ def hf_config_dict(name: str) -> dict:
     return {"model_type": model_type, **fields}
 
 
+def _classes(cfg: dict):
+    return (MixtralArgs, MixtralModel) if cfg["model_type"] == "mixtral" else (DeepseekArgs, DeepseekModel)
+
+
+def weight_bytes(name: str, dtype) -> int:
+    """Bytes the named shape's weights take in dtype, counted on the meta device (nothing allocated)."""
+    cfg = hf_config_dict(name)
+    args_cls, model_cls = _classes(cfg)
+    with torch.device("meta"):
+        model = model_cls(args_cls.from_hf_config(cfg), dtype=dtype)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def build_random(name: str, device, dtype, seed: int = 0):
     """Our model with the named shape, random weights made directly on the device."""
     cfg = hf_config_dict(name)
-    args_cls, model_cls = (MixtralArgs, MixtralModel) if cfg["model_type"] == "mixtral" else (DeepseekArgs,
-                                                                                            DeepseekModel)
+    args_cls, model_cls = _classes(cfg)
     with torch.device(device):
         model = model_cls(args_cls.from_hf_config(cfg), dtype=dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
