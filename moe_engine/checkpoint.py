@@ -28,8 +28,10 @@ def read_config(model_dir: str | os.PathLike) -> tuple[Path, dict]:
         raise MoeEngineError(f"{str(path)!r} is a file, not a model folder; pass the folder that holds config.json")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
+        inside = sorted(str(p.parent) for p in path.glob("*/config.json"))
+        hint = f"; models inside it: {', '.join(inside[:5])}" if inside else ""
         raise MoeEngineError(f"{str(path)!r} is not a model folder: it has no config.json; pass a Hugging "
-                             "Face-format folder (config.json + *.safetensors)")
+                             f"Face-format folder (config.json + *.safetensors){hint}")
     try:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
