@@ -34,3 +34,17 @@ def test_bench_decode_runs_and_writes_json(tmp_path):
     assert [(r["model"], r["batch"]) for r in rows] == [("mixtral-tiny", 1), ("mixtral-tiny", 2),
                                                          ("deepseek-tiny", 1), ("deepseek-tiny", 2)]
     assert all(r["ours_decode_tok_s"] > 0 and r["hf_decode_tok_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("name", ["mixtral-tiny", "deepseek-tiny"])
+def test_bfloat16_paths_run_and_stay_close(name):
+    """The GPU default dtype, exercised on the CPU: our bf16 model and its bf16 transformers twin (router
+    weights kept in float32 on our side) agree with the float32 model to bf16 precision."""
+    ids = list(range(5, 37))
+    ref = LLM.from_model(build_random(name, "cpu", torch.float32)).prompt_logits(ids)
+    model = build_random(name, "cpu", torch.bfloat16)
+    ours = LLM.from_model(model).prompt_logits(ids)
+    with torch.no_grad():
+        theirs = hf_twin(model, name)(torch.tensor([ids])).logits[0].float()
+    assert max_rel_error(ours, ref) < 0.05 and max_rel_error(theirs, ref) < 0.05
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
