@@ -42,12 +42,7 @@ class AttentionMetadata:
                    block_tables=table.to(device), context_lens=list(context_lens), query_start_loc=starts,
                    block_size=block_size, context_slots=[all_slots[b, :ctx] for b, ctx in enumerate(context_lens)],
                    context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32).to(device))
-        longest = max(context_lens)
-        valid = None
-        if min(context_lens) != longest:
-            lens = torch.tensor(context_lens, device=device)
-            valid = torch.arange(longest, device=device)[None, :] < lens[:, None]       # [B, L]
-        meta._padded = (all_slots[:, :longest], valid)
+        meta._padded = (all_slots[:, :max(context_lens)], _valid_mask(context_lens, device))
         return meta
 
     @property
@@ -74,12 +69,17 @@ class AttentionMetadata:
         L the longest context: every layer of a step gathers its whole batch's context with one index."""
         if self._padded is None:       # a hand-built metadata: derive it from context_slots
             slots = torch.nn.utils.rnn.pad_sequence(self.context_slots, batch_first=True)   # [B, L]
-            valid = None
-            if min(self.context_lens) != slots.shape[1]:
-                lens = torch.tensor(self.context_lens, device=slots.device)
-                valid = torch.arange(slots.shape[1], device=slots.device)[None, :] < lens[:, None]
-            self._padded = (slots, valid)
+            self._padded = (slots, _valid_mask(self.context_lens, slots.device))
         return self._padded
+
+
+def _valid_mask(context_lens: list[int], device) -> torch.Tensor | None:
+    """[B, L] bool, True where position < context_lens[b] (L the longest); None when all are equal."""
+    longest = max(context_lens)
+    if min(context_lens) == longest:
+        return None
+    lens = torch.tensor(context_lens, device=device)
+    return torch.arange(longest, device=device)[None, :] < lens[:, None]
 
 
 def write_cache(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
