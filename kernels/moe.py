@@ -57,12 +57,40 @@ def _single_token_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
     return out
 
 
+def grouped_mm_fits(x: torch.Tensor, w13: torch.Tensor) -> bool:
+    """torch's grouped matmul serves the CPU when present and every row stride is a 16-byte multiple."""
+    elem = x.element_size()
+    return (hasattr(F, "grouped_mm") and x.device.type == "cpu" and x.dtype == w13.dtype
+            and (x.shape[1] * elem) % 16 == 0 and (w13.shape[1] // 2 * elem) % 16 == 0)
+
+
+def fused_moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The reference's arithmetic with the per-expert loop replaced by two grouped matmuls (one call each
+    for gate+up and for down over all experts), for batches on the CPU."""
+    _check_moe_args(x, w13, w2, topk_weights, topk_ids)
+    k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1)                                          # [T*k]
+    order = torch.argsort(flat_ids, stable=True)                             # [T*k]
+    token_of = order // k                                                    # [T*k]
+    ends = torch.bincount(flat_ids, minlength=w13.shape[0]).cumsum(0).to(torch.int32)   # [E]
+    gate, up = F.grouped_mm(x[token_of], w13.transpose(1, 2), offs=ends).chunk(2, dim=-1)  # [T*k, I]
+    ys = F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=ends)     # [T*k, D]
+    weights = topk_weights.reshape(-1)[order].to(ys.dtype)                   # [T*k]
+    out = torch.zeros_like(x)
+    out.index_add_(0, token_of, ys * weights[:, None])
+    return out
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Mixture of SwiGLU experts: x [T, D], w13 [E, 2I, D], w2 [E, D, I], topk_* [T, k] -> [T, D].
 
-    backend 'auto' runs the Triton kernel on CUDA tensors and the reference elsewhere (see kernels.backend)."""
+    backend 'auto' runs the Triton kernel on CUDA tensors; on the CPU a batch goes through torch's grouped
+    matmul where it fits; everything else, and backend 'torch', runs the reference (see kernels.backend)."""
     if not use_triton(backend, x, w13, w2):
+        if backend == "auto" and x.shape[0] > 1 and grouped_mm_fits(x, w13):
+            return fused_moe_grouped(x, w13, w2, topk_weights, topk_ids)
         return fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
     _check_moe_args(x, w13, w2, topk_weights, topk_ids)
     if not (x.dtype == w13.dtype == w2.dtype):
