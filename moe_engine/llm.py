@@ -1,5 +1,6 @@
 """The user API: LLM(model_dir).generate(...), prompt_logits(...), and the one-call generate()."""
 
+import numbers
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,6 +89,10 @@ class LLM:
         """A validated request, accepted by the engine; MoeEngineError says why one is refused."""
         if not prompt_ids:
             raise MoeEngineError("empty prompt; give at least one token of text")
+        if not all(_is_integer(t) for t in prompt_ids):
+            raise MoeEngineError(f"prompt token ids must be integers, got {[type(t).__name__ for t in prompt_ids][:3]}; "
+                                 "pass text as prompts or lists of ints as prompt_token_ids")
+        prompt_ids = [int(t) for t in prompt_ids]
         bad = [t for t in prompt_ids if not 0 <= t < self.model.args.vocab_size]
         if bad:
             raise MoeEngineError(f"prompt token id(s) {bad[:5]} outside the vocabulary "
@@ -113,8 +118,8 @@ class LLM:
             raise MoeEngineError("give either prompts or prompt_token_ids")
         if isinstance(prompts, str):
             prompts = [prompts]
-        if prompt_token_ids is not None and prompt_token_ids and not isinstance(prompt_token_ids[0], (list, tuple)):
-            prompt_token_ids = [prompt_token_ids]          # one prompt given as a flat list of ids
+        if prompt_token_ids is not None and len(prompt_token_ids) and _is_integer(prompt_token_ids[0]):
+            prompt_token_ids = [prompt_token_ids]          # one prompt given as a flat sequence of ids
         n = len(prompts) if prompts is not None else len(prompt_token_ids)
         if n == 0:
             return []
@@ -224,6 +229,13 @@ class LLM:
         """exp(mean next-token loss) over token_ids (windows of at most max_model_len tokens)."""
         from moe_engine.routing import perplexity
         return perplexity(self, token_ids, window)
+
+
+def _is_integer(t) -> bool:
+    """An int, a numpy integer or a 0-d integer tensor (bools are not token ids)."""
+    if isinstance(t, torch.Tensor):
+        return t.ndim == 0 and not t.is_floating_point() and t.dtype != torch.bool
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
 def _check_engine_args(**values) -> None:

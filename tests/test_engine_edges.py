@@ -56,6 +56,12 @@ def test_input_forms(mixtral):
     one = mixtral.generate(prompt_token_ids=[1, 668, 1353], sampling_params=GREEDY)
     nested = mixtral.generate(prompt_token_ids=[[1, 668, 1353]], sampling_params=GREEDY)
     assert len(one) == 1 and one[0].token_ids == nested[0].token_ids
+    import torch
+    for form in (np.array([1, 668, 1353]), torch.tensor([1, 668, 1353]), [np.array([1, 668, 1353])]):
+        assert mixtral.generate(prompt_token_ids=form, sampling_params=GREEDY)[0].token_ids == one[0].token_ids
+    mixed = mixtral.generate(prompt_token_ids=[[1, 668], ["a"], [True, 5]], sampling_params=GREEDY)
+    assert mixed[0].finish_reason == "length" and "must be integers" in mixed[1].error and mixed[2].error
+    assert_clean(mixtral)
     both = mixtral.generate(["a", "b"], (GREEDY, GREEDY))
     assert len(both) == 2
     with pytest.raises(MoeEngineError, match="sampling_params"):
