@@ -95,6 +95,16 @@ def causal_mask(n: int, ctx: int, device) -> torch.Tensor | None:
     return torch.arange(ctx, device=device)[None, :] <= q_pos
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     enable_gqa: bool = False) -> torch.Tensor:
+    """q [H, n, Dk] as the newest n positions of k [Hkv, ctx, Dk] / v [Hkv, ctx, Dv] -> [H, n, Dv].
+    Passed 4-D, and as is_causal when there is no cached context, so the fused attention kernels apply."""
+    n, ctx = q.shape[-2], k.shape[-2]
+    masking = {"is_causal": True} if n == ctx and n > 1 else {"attn_mask": causal_mask(n, ctx, q.device)}
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], scale=scale, enable_gqa=enable_gqa,
+                                          **masking)[0]
+
+
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, H, Dk], k_cache [S, Hkv, Dk], v_cache [S, Hkv, Dv] -> [T, H, Dv], causal per sequence."""
@@ -109,9 +119,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         slots = meta.context_slots[b]
         k = k_cache[slots].transpose(0, 1)               # [Hkv, ctx, Dk]
         v = v_cache[slots].transpose(0, 1)               # [Hkv, ctx, Dv]
-        mask = causal_mask(hi - lo, len(slots), q.device)
-        o = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1), k.to(q.dtype), v.to(q.dtype),
-                                           attn_mask=mask, scale=scale, enable_gqa=k.shape[0] != H)
+        o = causal_attention(q[lo:hi].transpose(0, 1), k.to(q.dtype), v.to(q.dtype), scale,
+                             enable_gqa=k.shape[0] != H)   # [H, n, Dv]
         out[lo:hi] = o.transpose(0, 1)                   # [n, H, Dv]
     return out
 

@@ -40,6 +40,8 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         if len(rows):
             gate, up = F.linear(rows, w13[e]).chunk(2, dim=-1)    # [n_e, I] each
             outs.append(F.linear(F.silu(gate) * up, w2[e]))      # [n_e, D]
+    if not outs:                                             # no tokens at all
+        return torch.zeros_like(x)
     ys = torch.cat(outs)                                     # [T*k, D]
     weights = topk_weights.reshape(-1)[order].to(ys.dtype)   # [T*k]
     out = torch.zeros_like(x)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels.attention import AttentionMetadata, causal_mask
+from kernels.attention import AttentionMetadata, causal_attention
 from model_defs.base import CausalLM, DecoderLayer, Target, mlp_targets, moe_targets
 from model_defs.hf_config import args_from_hf_config
 from model_defs.layers import RMSNorm, Rotary, SwiGLU, weight, yarn_mscale
@@ -147,30 +147,27 @@ class MLAttention(nn.Module):
         for b in range(meta.num_seqs):
             lo, hi = meta.query_start_loc[b], meta.query_start_loc[b + 1]
             entries = cache[meta.context_slots[b]].to(q_nope.dtype)             # [ctx, L + R]
-            mask = causal_mask(hi - lo, entries.shape[0], q_nope.device)
             expand = self.absorb == "never" or hi - lo == entries.shape[0] or hi - lo > 64
             attend = self._expanded_one if expand else self._absorbed_one
-            out[lo:hi] = attend(q_nope[lo:hi], q_pe[lo:hi], entries, mask)
+            out[lo:hi] = attend(q_nope[lo:hi], q_pe[lo:hi], entries)
         return out
 
-    def _expanded_one(self, q_nope, q_pe, entries, mask):
+    def _expanded_one(self, q_nope, q_pe, entries):
         """q_nope [n, H, nope], q_pe [n, H, R], entries [ctx, L + R] -> [n, H, v]."""
         a, H, ctx = self.a, self.a.num_attention_heads, entries.shape[0]
         q = torch.cat([q_nope, q_pe], -1).transpose(0, 1)                       # [H, n, nope + R]
         kv = F.linear(entries[:, : a.kv_lora_rank], self.kv_b).view(ctx, H, -1)   # [ctx, H, nope + v]
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], -1)
         k = torch.cat([k_nope, entries[:, None, a.kv_lora_rank:].expand(ctx, H, -1)], -1)  # [ctx, H, nope+R]
-        o = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                           scale=self.scale)                     # [H, n, v]
+        o = causal_attention(q, k.transpose(0, 1), v.transpose(0, 1), self.scale)   # [H, n, v]
         return o.transpose(0, 1)
 
-    def _absorbed_one(self, q_nope, q_pe, entries, mask):
+    def _absorbed_one(self, q_nope, q_pe, entries):
         """The absorbed form for one sequence: same arguments and result as _expanded_one."""
         L = self.a.kv_lora_rank
         q_latent = torch.einsum("nhd,hdl->hnl", q_nope, self.w_uk)              # [H, n, L]
         q = torch.cat([q_latent, q_pe.transpose(0, 1)], -1)                     # [H, n, L + R]
-        o = F.scaled_dot_product_attention(q, entries[None], entries[None, :, :L], attn_mask=mask,
-                                           scale=self.scale, enable_gqa=True)   # [H, n, L]
+        o = causal_attention(q, entries[None], entries[None, :, :L], self.scale, enable_gqa=True)   # [H, n, L]
         return torch.einsum("hnl,hvl->nhv", o, self.w_uv)                      # [n, H, v]
 
     def targets(self, hf: str, ours: str) -> dict[str, Target]:

@@ -32,7 +32,9 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """None: float32 on CPU (bf16 matmul is ~100x slower there), bfloat16 on CUDA, float16 on MPS."""
     if dtype is None or dtype == "auto":
-        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+        if device.type == "cuda":   # bf16 where the card has it (Ampere on), else fp16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:

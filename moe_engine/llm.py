@@ -73,6 +73,8 @@ class LLM:
             torch.cuda.set_device(device.index)   # Triton launches on the current device
         if kv_cache_bytes is None:
             # GPU: a share of what is free once the weights are in; CPU/MPS: a fixed budget.
+            if device.type == "cuda":
+                torch.cuda.empty_cache()     # loading temporaries still held by the allocator are free
             kv_cache_bytes = (int(torch.cuda.mem_get_info(device)[0] * gpu_memory_utilization)
                               if device.type == "cuda" else 1 << 30)
         num_blocks = plan_num_blocks(model.kv_cache_bytes_per_token(dtype), block_size, self.max_model_len,
@@ -108,6 +110,14 @@ class LLM:
     def _encode(self, prompt: str) -> list[int]:
         return require_tokenizer(self.tokenizer, self.path).encode(prompt)
 
+    def _prompt_ids(self, prompt) -> list:
+        """Text -> token ids; a sequence of ids -> a list of them (checked by _new_sequence)."""
+        if isinstance(prompt, str):
+            return self._encode(prompt)
+        if isinstance(prompt, (list, tuple, torch.Tensor)) or hasattr(prompt, "__array__"):
+            return list(prompt)
+        raise MoeEngineError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
+
     def generate(self, prompts: str | list[str] | None = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  prompt_token_ids: list[list[int]] | None = None) -> list[RequestOutput]:
@@ -130,14 +140,17 @@ class LLM:
         if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
             raise MoeEngineError(f"sampling_params must be one SamplingParams or a list of {n} (one per prompt)")
         texts = prompts if prompts is not None else [None] * n
-        token_lists = ([list(ids) for ids in prompt_token_ids] if prompt_token_ids is not None
-                       else [self._encode(p) for p in prompts])
+        sources = prompt_token_ids if prompt_token_ids is not None else prompts
         seqs: list[Sequence | MoeEngineError] = []
-        for ids, p in zip(token_lists, params):
+        token_lists: list[list] = []
+        for source, p in zip(sources, params):
+            ids = []
             try:
+                ids = self._prompt_ids(source)
                 seqs.append(self._new_sequence(ids, p))
             except MoeEngineError as e:
                 seqs.append(e)
+            token_lists.append(ids)
         if all(isinstance(s, MoeEngineError) for s in seqs):
             raise seqs[0]
         self._run_until_done([s for s in seqs if isinstance(s, Sequence)])
@@ -174,8 +187,8 @@ class LLM:
                ) -> Iterator[str]:
         """Yield the generated text piece by piece as tokens arrive. Closing the generator early
         (or Ctrl-C) cancels the request and frees its cache blocks."""
-        ids = self._encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        seq = self._new_sequence(ids, sampling_params or SamplingParams())
+        seq = self._new_sequence(self._prompt_ids(prompt), sampling_params or SamplingParams())
+        ids = seq.prompt_ids
         seq.streaming = True
         self.last_stats = stats = {"prompt_tokens": len(ids), "generated_tokens": 0, "seconds": 0.0}
         start, sent = time.perf_counter(), 0

@@ -149,3 +149,21 @@ def test_chat_renders_the_template_once_per_conversation(mixtral):
     out = mixtral.chat(convo, GREEDY)
     assert out[0].token_ids == mixtral.generate(prompt_token_ids=[ids], sampling_params=GREEDY)[0].token_ids
     assert len(mixtral.chat([convo, convo[:1]], GREEDY)) == 2
+
+
+def test_malformed_prompts_are_refused_per_request(mixtral):
+    outs = mixtral.generate(prompt_token_ids=[[1, 668], [1.0, 2.0], None], sampling_params=GREEDY)
+    assert outs[0].finish_reason == "length" and outs[1].error and outs[2].error
+    texts = mixtral.generate(["def", 5], GREEDY)
+    assert texts[0].token_ids and "text or a list of token ids" in texts[1].error
+    with pytest.raises(MoeEngineError, match="must be integers"):
+        next(mixtral.stream([1.7, 2.2], GREEDY))
+    assert_clean(mixtral)
+
+
+def test_moe_with_no_tokens_returns_empty():
+    import torch
+    from kernels import fused_moe_ref
+    x = torch.zeros(0, 8)
+    out = fused_moe_ref(x, torch.randn(2, 6, 8), torch.randn(2, 8, 3), torch.zeros(0, 1), torch.zeros(0, 1, dtype=torch.long))
+    assert out.shape == (0, 8)
