@@ -82,21 +82,28 @@ class Engine:
             positions += range(seq.num_cached, seq.num_cached + n)
             context_lens.append(seq.num_cached + n)
             owners += [seq.request_id] * n
-        if self.routing_hook is not None:
-            self.routing_hook.begin_step(owners, ids, positions)
         meta = AttentionMetadata.build([s.blocks for s in batch.seqs], context_lens, batch.num_tokens,
                                        self.block_size, self.device)
         sampled = [s for s, ctx in zip(batch.seqs, context_lens) if ctx == s.num_tokens]
         rows = [meta.query_start_loc[i + 1] - 1 for i, (s, ctx) in enumerate(zip(batch.seqs, context_lens))
                 if ctx == s.num_tokens]
+        hidden = self.run_model(ids, positions, owners, meta, self.kv_caches)      # [T, D]
         with torch.inference_mode():
-            hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                                self.kv_caches, meta, self.routing_hook)     # [T, D]
             logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
         for seq, ctx in zip(batch.seqs, context_lens):
             seq.num_cached = ctx
             self.blocks.register_full_blocks(seq)
         return logits, sampled
+
+    def run_model(self, ids: list[int], positions: list[int], owners: list[int], meta: AttentionMetadata,
+                  kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """One forward over a flat batch -> hidden [T, D]; the routing hook (if any) hears of each row's
+        request, token and position first."""
+        if self.routing_hook is not None:
+            self.routing_hook.begin_step(owners, ids, positions)
+        with torch.inference_mode():
+            return self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                              kv_caches, meta, self.routing_hook)
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
         p = seq.params

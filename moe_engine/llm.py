@@ -217,12 +217,8 @@ class LLM:
                                               self.dtype, self.device)
         meta = AttentionMetadata.build([list(range(blocks_for(T, self.block_size)))], [T], [T],
                                        self.block_size, self.device)
-        hook = self.engine.routing_hook
-        if hook is not None:
-            hook.begin_step([-1] * T, ids, list(range(T)))
+        hidden = self.engine.run_model(ids, list(range(T)), [-1] * T, meta, caches)   # [T, D]
         with torch.inference_mode():
-            hidden = self.model(torch.tensor(ids, device=self.device), torch.arange(T, device=self.device),
-                                caches, meta, hook)
             return self.model.compute_logits(hidden)
 
     def trace_routing(self, scores: bool = False):
