@@ -105,12 +105,23 @@ class Engine:
             return self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
                               kv_caches, meta, self.routing_hook)
 
+    def _extend_text(self, seq: Sequence, settle_after: int = 16) -> None:
+        """Bring seq.text up to date by decoding only the tokens after its settled part (with a few
+        tokens before them as context), not the whole output each step. The settled part moves on once
+        enough tokens have piled up and the text does not end inside a multi-byte character."""
+        done = len(seq.prompt_ids) + seq.text_done
+        tail = self.tokenizer.decode_continuation(seq.all_ids[max(0, done - 4):done],
+                                                  seq.output_ids[seq.text_done:])
+        seq.text = seq.text[:seq.text_done_len] + tail
+        if len(seq.output_ids) - seq.text_done >= settle_after and not tail.endswith("\ufffd"):
+            seq.text_done, seq.text_done_len = len(seq.output_ids), len(seq.text)
+
     def _check_finished(self, seq: Sequence, token: int) -> None:
         p = seq.params
         # Text is decoded every step only where it is watched (stop strings, streams); else at the end.
         live_text = self.tokenizer is not None and (p.stop or seq.streaming)
         if live_text:
-            seq.text = self.tokenizer.decode_continuation(seq.prompt_ids[-4:], seq.output_ids)
+            self._extend_text(seq)
             for stop in p.stop:
                 cut = seq.text.find(stop)
                 if cut >= 0:

@@ -23,6 +23,8 @@ class Sequence:
     generator: torch.Generator | None = None
     num_preemptions: int = 0
     streaming: bool = False                         # someone reads .text as it grows
+    text_done: int = 0                              # leading output tokens whose text is final in .text
+    text_done_len: int = 0                          # ... and how many characters of .text that is
 
     @property
     def all_ids(self) -> list[int]:

@@ -167,3 +167,15 @@ def test_moe_with_no_tokens_returns_empty():
     x = torch.zeros(0, 8)
     out = fused_moe_ref(x, torch.randn(2, 6, 8), torch.randn(2, 8, 3), torch.zeros(0, 1), torch.zeros(0, 1, dtype=torch.long))
     assert out.shape == (0, 8)
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-deepseek"])
+def test_streamed_text_of_a_long_answer_equals_one_decode(name):
+    """Streaming decodes only the newest tokens each step; the result must equal decoding it all at once."""
+    llm = LLM(WEIGHTS / name)
+    params = SamplingParams(max_tokens=200, temperature=1.0, seed=3, ignore_eos=True)
+    for prompt in ("def parse(text):", "s = 'héllo 🙂'\n"):
+        pieces = "".join(llm.stream(prompt, params))
+        seq = llm.last_output
+        full = llm.tokenizer.decode(seq.prompt_ids + seq.output_ids)
+        assert len(seq.output_ids) == 200 and prompt + pieces == full
