@@ -30,11 +30,10 @@ bench: $(STAMP)
 bench-kernels: $(STAMP)
 	$(BIN)/moe-engine bench kernels
 
-# On a CUDA machine: the full-size kernel tests, then both benchmarks (one prepared run).
+# On a CUDA machine: the GPU tests, tile tuning, then the decode and kernel benchmarks (one prepared run;
+# logs and JSON in bench_results/).
 gpu-check: $(STAMP)
-	$(BIN)/python -m pytest -q -m gpu tests
-	$(BIN)/moe-engine bench kernels
-	$(BIN)/moe-engine bench decode
+	.ci/gpu_check.sh bench_results $(BIN)/python
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -15,19 +15,25 @@ class AttentionMetadata:
     Sequence b owns query rows query_start_loc[b]:query_start_loc[b+1]; those are its newest tokens,
     so its context (cached + new) has context_lens[b] tokens, stored at context_slots[b].
     context_lens_tensor holds the same lengths on the device for kernels that read them there.
+    max_context bounds every context: kernels that split the context size their launch by it, so a bound
+    fixed for the engine's life gives every step the same launch (and a CUDA graph can replay it).
+
+    A static decode metadata (static_decode, for CUDA graphs) knows the lengths only on the device:
+    context_lens and context_slots are None there, and everything is derived from the tensors.
     """
     slot_mapping: torch.Tensor          # [T] cache slot each new token is written to
     block_tables: torch.Tensor          # [B, max_blocks] physical block ids (int32)
-    context_lens: list[int]             # B host ints: tokens in context after this step
+    context_lens: list[int] | None      # B host ints: tokens in context after this step
     query_start_loc: list[int]          # B+1 host ints: prefix sums of query lengths
     block_size: int
-    context_slots: list[torch.Tensor]   # B tensors [context_lens[b]]: slots of the whole context
+    context_slots: list[torch.Tensor] | None   # B tensors [context_lens[b]]: slots of the whole context
     context_lens_tensor: torch.Tensor | None = None   # [B] int32 on the device; built on demand when None
+    max_context: int = 0                # >= every context length (0: the longest of context_lens)
     _padded: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int],
-              block_size: int, device: torch.device) -> "AttentionMetadata":
+              block_size: int, device: torch.device, max_context: int = 0) -> "AttentionMetadata":
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
@@ -41,13 +47,25 @@ class AttentionMetadata:
         meta = cls(slot_mapping=all_slots.view(-1)[torch.tensor(new, device=device)],
                    block_tables=table.to(device), context_lens=list(context_lens), query_start_loc=starts,
                    block_size=block_size, context_slots=[all_slots[b, :ctx] for b, ctx in enumerate(context_lens)],
-                   context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32).to(device))
+                   context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32).to(device),
+                   max_context=max(max_context, *context_lens))
         meta._padded = (all_slots[:, :max(context_lens)], _valid_mask(context_lens, device))
         return meta
 
+    @classmethod
+    def static_decode(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                      block_size: int, max_context: int) -> "AttentionMetadata":
+        """One new token per sequence, described by device tensors only (slot_mapping [B] int64,
+        block_tables [B, >= max_context / block_size] int32, context_lens [B] int32): nothing here
+        reads them on the host, so a step built on them can be captured in a CUDA graph."""
+        B = block_tables.shape[0]
+        return cls(slot_mapping=slot_mapping, block_tables=block_tables, context_lens=None,
+                   query_start_loc=list(range(B + 1)), block_size=block_size, context_slots=None,
+                   context_lens_tensor=context_lens, max_context=max_context)
+
     @property
     def num_seqs(self) -> int:
-        return len(self.context_lens)
+        return len(self.query_start_loc) - 1
 
     def query_len(self, b: int) -> int:
         return self.query_start_loc[b + 1] - self.query_start_loc[b]
@@ -67,7 +85,11 @@ class AttentionMetadata:
     def padded_context(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(slots [B, L] padded with other valid slots, valid [B, L] bool or None when nothing is padded),
         L the longest context: every layer of a step gathers its whole batch's context with one index."""
-        if self._padded is None:       # a hand-built metadata: derive it from context_slots
+        if self._padded is None and self.context_lens is None:   # static: from the tensors, L = max_context
+            pos = torch.arange(self.max_context, device=self.block_tables.device)             # [L]
+            slots = self.block_tables[:, pos // self.block_size].long() * self.block_size + pos % self.block_size
+            self._padded = (slots, pos[None, :] < self.context_lens_tensor[:, None])
+        elif self._padded is None:     # a hand-built metadata: derive it from context_slots
             slots = torch.nn.utils.rnn.pad_sequence(self.context_slots, batch_first=True)   # [B, L]
             self._padded = (slots, _valid_mask(self.context_lens, slots.device))
         return self._padded
@@ -152,4 +174,4 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                          f"{tuple(v_cache.shape)} want [T, H, Dk], [S, Hkv, Dk], [S, Hkv, Dv] with Hkv dividing H")
     from kernels.triton_attention import paged_decode_triton   # lazily: the package works without triton
     return paged_decode_triton(q, k_cache, v_cache, meta.block_tables, meta.device_context_lens(q.device),
-                               meta.block_size, scale, max(meta.context_lens))
+                               meta.block_size, scale, meta.max_context or max(meta.context_lens))

@@ -177,7 +177,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     n = T * k
     if n == 0:
         return torch.zeros_like(x)
-    tuning = tuning or moe_tuning(x.device, n, E, w13.dtype)
+    tuning = tuning or moe_tuning(x.device, n, E, w13.dtype, D, I)
     bm = tuning.block_m
     sorted_pairs, block_expert = align_by_expert(topk_ids.contiguous(), E, tuning)
     num_blocks = block_expert.numel()

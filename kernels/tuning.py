@@ -1,5 +1,11 @@
-"""Tile sizes for the Triton kernels: a small table keyed by device and shape class, with a default heuristic."""
+"""Tile sizes for the Triton kernels: a small table keyed by device and shape class, with a default heuristic.
 
+Measured tiles for a model's exact expert shape (moe-engine bench tune) take precedence: those in
+MOE_SHAPE_TABLE, and before them any in the JSON file named by the MOE_ENGINE_TUNING variable."""
+
+import functools
+import json
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -93,10 +99,35 @@ _DEFAULT_DECODE = {"gqa": DecodeTuning(block_n=64, block_h=16),
                    "mla": DecodeTuning(block_n=32, block_h=16, num_warps=8)}
 
 
-def moe_tuning(device: torch.device, num_pairs: int, num_experts: int, dtype=torch.bfloat16) -> MoETuning:
+# Measured for one expert shape: (device, shape class, experts, dim, intermediate) -> tiles.
+MOE_SHAPE_TABLE: dict[tuple[str, str, int, int, int], MoETuning] = {}
+
+
+def moe_tuning_from_json(entry: dict) -> MoETuning:
+    """{"block_m": 16, "gate_up": [block_n, block_k, group_m, warps, stages], "down": [...]} -> MoETuning."""
+    return MoETuning(entry["block_m"], GemmTile(*entry["gate_up"]), GemmTile(*entry["down"]))
+
+
+@functools.cache
+def tuning_file(path: str) -> dict[tuple[str, str, int, int, int], MoETuning]:
+    """The MoE entries of a tuning file written by `moe-engine bench tune` (read once per path)."""
+    try:
+        entries = json.loads(open(path).read())["moe"]
+        return {(e["device"], e["shape"], e["experts"], e["dim"], e["inter"]): moe_tuning_from_json(e)
+                for e in entries}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"MOE_ENGINE_TUNING={path}: not a tuning file from `moe-engine bench tune` ({e})") from None
+
+
+def moe_tuning(device: torch.device, num_pairs: int, num_experts: int, dtype=torch.bfloat16,
+               dim: int = 0, inter: int = 0) -> MoETuning:
     """The table is for 2-byte weights; 4-byte ones get half the block_k, so the same shared memory."""
     shape = moe_shape_class(num_pairs, num_experts)
-    tuning = MOE_TABLE.get((device_key(device), shape), _DEFAULT_MOE[shape])
+    key = device_key(device)
+    exact = (key, shape, num_experts, dim, inter)
+    override = tuning_file(os.environ["MOE_ENGINE_TUNING"]) if os.environ.get("MOE_ENGINE_TUNING") else {}
+    tuning = (override.get(exact) or MOE_SHAPE_TABLE.get(exact) or MOE_TABLE.get((key, shape))
+              or _DEFAULT_MOE[shape])
     if dtype.itemsize > 2:
         tuning = replace(tuning, gate_up=replace(tuning.gate_up, block_k=max(16, tuning.gate_up.block_k // 2)),
                          down=replace(tuning.down, block_k=max(16, tuning.down.block_k // 2)))

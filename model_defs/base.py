@@ -75,7 +75,7 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata, routing_hook=None) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)                 # [T, D]
-        cos_sin = self.rotary.cos_sin(positions)               # 2 x [T, rope_dim/2]
+        cos_sin = self.rotary.cos_sin(positions, x.dtype)      # 2 x [T, 1, rope_dim/2]
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, cos_sin, cache, meta, routing_hook)
         return self.norm(x)

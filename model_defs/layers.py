@@ -21,10 +21,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)   # one fused op
-        # Normalise in float32, as the reference does, then scale in the run dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalise in float32 (one fused op), as the reference does, then scale in the run dtype.
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -79,10 +77,12 @@ class Rotary(nn.Module):
         return (1.0 / (factor * pos_freqs) * (1 - extrapolate) + 1.0 / pos_freqs * extrapolate,
                 float(attention_factor))
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Angles for positions [T], shaped [T, 1, dim/2] to broadcast over heads; computed once a step."""
+    def cos_sin(self, positions: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Angles for positions [T], shaped [T, 1, dim/2] to broadcast over heads; computed once a step in
+        float32 and cast once to the dtype the layers rotate in."""
         freqs = positions.float()[:, None, None] * self.inv_freq              # [T, 1, dim/2]
-        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+        cos, sin = freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+        return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, H, dim] rotated by angles cos/sin [T, 1, dim/2]."""

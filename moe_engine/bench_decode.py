@@ -3,6 +3,7 @@ the memory-bandwidth limit (active weight bytes per token / measured copy bandwi
 and writes JSON."""
 
 import argparse
+import inspect
 import json
 import time
 from pathlib import Path
@@ -68,6 +69,8 @@ def ours_rates(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[flo
 def hf_rates(hf, prompts: list[list[int]], new_tokens: int, device) -> tuple[float, float]:
     """The same for transformers: one cached prefill forward, then greedy decode steps with its cache."""
     x = torch.tensor(prompts, device=device)
+    # transformers renamed past_key_values to cache (5.2x); an unknown name would be ignored silently
+    cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     with torch.no_grad():
         sync(device)
         t0 = time.perf_counter()
@@ -77,7 +80,7 @@ def hf_rates(hf, prompts: list[list[int]], new_tokens: int, device) -> tuple[flo
         t1 = time.perf_counter()
         cache = out.past_key_values
         for _ in range(new_tokens - 1):
-            out = hf(token, cache=cache, use_cache=True)
+            out = hf(token, use_cache=True, **{cache_arg: cache})
             cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         sync(device)
         t2 = time.perf_counter()
@@ -109,26 +112,37 @@ def best_of(run, repeats: int = 3) -> tuple[float, float]:
     return max(r[0] for r in results), max(r[1] for r in results)
 
 
-def measure(name, model, hf, device, batches, prompt_len, new_tokens, vocab) -> list[dict]:
+def engine_for(model, batch: int, prompt_len: int, new_tokens: int, cuda_graphs: bool | None) -> LLM:
+    """An engine sized for the batch: a cache just big enough, leaving GPU memory to transformers' cache."""
+    per_seq = -(-(prompt_len + new_tokens + 16) // 16)
+    return LLM.from_model(model, max_num_seqs=max(batch, 1), max_model_len=prompt_len + new_tokens + 16,
+                          max_num_batched_tokens=max(2048, batch * prompt_len), enable_prefix_caching=False,
+                          block_size=16, num_kv_blocks=batch * per_seq + 1, cuda_graphs=cuda_graphs)
+
+
+def measure(name, model, hf, device, batches, prompt_len, new_tokens, vocab, repeats: int = 3,
+            compare_eager: bool = False, sequential: bool = True, cuda_graphs: bool | None = None,
+            hf_repeats: int | None = None) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     for batch in batches:
         prompts = torch.randint(3, vocab, (batch, prompt_len), generator=gen).tolist()
-        # A cache just big enough for the batch, leaving GPU memory to transformers' own cache.
-        per_seq = -(-(prompt_len + new_tokens + 16) // 16)
-        llm = LLM.from_model(model, max_num_seqs=max(batch, 1), max_model_len=prompt_len + new_tokens + 16,
-                             max_num_batched_tokens=max(2048, batch * prompt_len), enable_prefix_caching=False,
-                             block_size=16, num_kv_blocks=batch * per_seq + 1)
-        prefill, decode = best_of(lambda: ours_rates(llm, prompts, new_tokens))
+        llm = engine_for(model, batch, prompt_len, new_tokens, cuda_graphs)
+        prefill, decode = best_of(lambda: ours_rates(llm, prompts, new_tokens), repeats)
         row = {"model": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-               "ours_decode_tok_s": decode, "ours_prefill_tok_s": prefill}
-        if batch > 1:
+               "ours_decode_tok_s": decode, "ours_prefill_tok_s": prefill,
+               "cuda_graphs": llm.engine.graphs is not None}
+        if batch > 1 and sequential:
             row["ours_batched_vs_sequential"] = batched_vs_sequential(llm, prompts, new_tokens)
+        del llm
+        if compare_eager and device.type == "cuda":
+            eager = engine_for(model, batch, prompt_len, new_tokens, False)
+            row["ours_eager_decode_tok_s"] = best_of(lambda: ours_rates(eager, prompts, new_tokens), 1)[1]
+            del eager
         if hf is not None:
-            hf_prefill, hf_decode = best_of(lambda: hf_rates(hf, prompts, new_tokens, device))
+            hf_prefill, hf_decode = best_of(lambda: hf_rates(hf, prompts, new_tokens, device), hf_repeats or repeats)
             row.update(hf_decode_tok_s=hf_decode, hf_prefill_tok_s=hf_prefill, ratio_vs_hf=decode / hf_decode)
         rows.append(row)
-        del llm
     return rows
 
 
@@ -142,6 +156,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best is kept)")
+    p.add_argument("--hf-repeats", type=int, default=None, help="timed transformers runs (default: --repeats)")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="on CUDA, also time our decode without CUDA graphs")
+    p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
+    p.add_argument("--sequential", default=None, action=argparse.BooleanOptionalAction,
+                   help="also time the batch's prompts one after another (default: on the CPU only)")
     p.add_argument("--out", default=str(REPO / "bench_results" / "decode.json"))
     a = p.parse_args(argv)
     device = pick_device(a.device)
@@ -168,27 +189,39 @@ def main(argv=None) -> int:
             model = LLM(REPO / "weights" / name, device=device, dtype=dtype, num_kv_blocks=1).model
         hf = None
         if not a.no_hf:
-            hf = hf_twin(model, name) if name in SHAPES else _hf_from_folder(REPO / "weights" / name, device, dtype)
+            try:
+                hf = hf_twin(model, name) if name in SHAPES else _hf_from_folder(REPO / "weights" / name, device, dtype)
+            except Exception as e:   # a transformers version that cannot build the twin: ours still counts
+                print(f"{name}: transformers comparison skipped: {type(e).__name__}: {e}")
         limit = bandwidth / active_weight_bytes(model)
-        for row in measure(name, model, hf, device, batches, prompt_len, a.new_tokens, model.args.vocab_size):
+        for row in measure(name, model, hf, device, batches, prompt_len, a.new_tokens, model.args.vocab_size,
+                           a.repeats, a.compare_eager, not gpu if a.sequential is None else a.sequential,
+                           False if a.no_graphs else None, a.hf_repeats):
             row["bandwidth_limit_tok_s"] = limit
             row["pct_of_limit_b1"] = 100 * row["ours_decode_tok_s"] / limit if row["batch"] == 1 else None
             rows.append(row)
             hf_part = (f"  transformers {row['hf_decode_tok_s']:8.1f} tok/s  ratio {row['ratio_vs_hf']:5.2f}x"
                        if "hf_decode_tok_s" in row else "")
             limit_part = (f"  {row['pct_of_limit_b1']:5.1f}% of limit" if row["batch"] == 1 else
-                          f"  batched {row['ours_batched_vs_sequential']:4.1f}x faster than one by one")
-            print(f"{name:18s} batch {row['batch']:3d}  decode {row['ours_decode_tok_s']:8.1f} tok/s"
-                  f"  prefill {row['ours_prefill_tok_s']:9.1f} tok/s{hf_part}{limit_part}")
+                          f"  batched {row['ours_batched_vs_sequential']:4.1f}x faster than one by one"
+                          if "ours_batched_vs_sequential" in row else "")
+            eager_part = (f"  (no graphs {row['ours_eager_decode_tok_s']:8.1f})"
+                          if "ours_eager_decode_tok_s" in row else "")
+            print(f"{name:18s} batch {row['batch']:3d}  decode {row['ours_decode_tok_s']:8.1f} tok/s{eager_part}"
+                  f"  prefill {row['ours_prefill_tok_s']:9.1f} tok/s{hf_part}{limit_part}", flush=True)
         del model, hf
         if gpu:
             torch.cuda.empty_cache()
-    out = Path(a.out)
+        _write(Path(a.out), machine, bandwidth, dtype, rows)   # after every model: a cut-short run keeps its rows
+    print(f"wrote {a.out}")
+    return 0
+
+
+def _write(out: Path, machine: str, bandwidth: float, dtype, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": machine, "copy_bandwidth_bytes_s": bandwidth, "dtype": str(dtype),
-                               "threads": torch.get_num_threads(), "rows": rows}, indent=2))
-    print(f"wrote {out}")
-    return 0
+                               "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows},
+                              indent=2))
 
 
 def _hf_from_folder(path, device, dtype):

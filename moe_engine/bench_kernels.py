@@ -125,7 +125,7 @@ def bench_moe(spec: MoESpec, token_counts, device, dtype, limits, min_time) -> l
         flops = 6 * T * k * D * I
         nbytes = used * 3 * D * I * w13.element_size() + 2 * T * D * x.element_size()  # weights read, x and out
         row = {"kernel": "fused_moe", "shape": spec.name, "T": T, **asdict(spec), "experts_used": used,
-               "flops": flops, "bytes": nbytes, "tuning": asdict(moe_tuning(device, T * k, E, dtype))}
+               "flops": flops, "bytes": nbytes, "tuning": asdict(moe_tuning(device, T * k, E, dtype, D, I))}
         row["time_s"], row["error"] = timed(lambda: fused_moe_triton(*args), device, min_time)
         if row["time_s"] is not None:
             row["rel_error"] = rel_error(fused_moe_triton(*args), kernels.fused_moe_ref(*args))

@@ -13,7 +13,8 @@ from moe_engine.errors import MoeEngineError
 DEFAULT_MODEL = "weights/tiny-mixtral"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-BENCHMARKS = {"decode": "moe_engine.bench_decode", "kernels": "moe_engine.bench_kernels"}
+BENCHMARKS = {"decode": "moe_engine.bench_decode", "kernels": "moe_engine.bench_kernels",
+              "tune": "moe_engine.bench_tune"}
 
 
 class UsageError(Exception):
@@ -68,7 +69,7 @@ def build_parser() -> Parser:
                    description="Chat with a model; /help inside lists the commands.")
     sub.add_parser("info", parents=[common], help="architecture, experts, parameter counts, KV-cache cost",
                    description="Load a model and describe it.")
-    bench = sub.add_parser("bench", help="run a benchmark (decode or kernels)",
+    bench = sub.add_parser("bench", help="run a benchmark (decode, kernels, or tune: measure kernel tiles)",
                            description="Run a benchmark; arguments after its name go to it.")
     bench.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments (see `bench NAME --help`)")

@@ -4,6 +4,7 @@ import torch
 
 from kernels.attention import AttentionMetadata
 from moe_engine.block_manager import BlockManager, blocks_for
+from moe_engine.cuda_graphs import DecodeGraphs
 from moe_engine.errors import MoeEngineError
 from moe_engine.sampling import sample_token
 from moe_engine.scheduler import ScheduledBatch, Scheduler
@@ -13,8 +14,11 @@ from moe_engine.sequence import Sequence
 class Engine:
     def __init__(self, model, kv_caches: list[torch.Tensor], num_blocks: int, block_size: int, device,
                  tokenizer=None, max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True, eos_ids: set[int] | None = None):
+                 enable_prefix_caching: bool = True, eos_ids: set[int] | None = None,
+                 max_model_len: int = 0, graphs: DecodeGraphs | None = None):
         self.model, self.kv_caches, self.block_size, self.device = model, kv_caches, block_size, device
+        self.max_model_len = max_model_len     # bounds every context: attention launches sized once
+        self.graphs = graphs                   # decode steps replayed from CUDA graphs when set
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer else set())
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
@@ -76,6 +80,8 @@ class Engine:
     def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         """Feed each sequence's next num_tokens uncached tokens; logits at the last token of every
         sequence whose whole context is now cached (the ones that sample)."""
+        if self._graphable(batch):
+            return self._graph_decode(batch), batch.seqs
         ids, positions, context_lens, owners = [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_tokens):
             ids += seq.all_ids[seq.num_cached:seq.num_cached + n]
@@ -83,17 +89,36 @@ class Engine:
             context_lens.append(seq.num_cached + n)
             owners += [seq.request_id] * n
         meta = AttentionMetadata.build([s.blocks for s in batch.seqs], context_lens, batch.num_tokens,
-                                       self.block_size, self.device)
+                                       self.block_size, self.device, self.max_model_len)
         sampled = [s for s, ctx in zip(batch.seqs, context_lens) if ctx == s.num_tokens]
         rows = [meta.query_start_loc[i + 1] - 1 for i, (s, ctx) in enumerate(zip(batch.seqs, context_lens))
                 if ctx == s.num_tokens]
         hidden = self.run_model(ids, positions, owners, meta, self.kv_caches)      # [T, D]
         with torch.inference_mode():
             logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+        self._advance(batch, context_lens)
+        return logits, sampled
+
+    def _graphable(self, batch: ScheduledBatch) -> bool:
+        """A pure decode step (one token per sequence, each of which samples) with no routing hook."""
+        return (self.graphs is not None and self.routing_hook is None and len(batch.seqs) <= self.graphs.rows
+                and all(n == 1 and s.num_cached + 1 == s.num_tokens for s, n in zip(batch.seqs, batch.num_tokens)))
+
+    def _graph_decode(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits [B, V] of a decode step replayed from the CUDA graph of its batch-size bucket."""
+        seqs, bs = batch.seqs, self.block_size
+        positions = [s.num_cached for s in seqs]
+        slots = [s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        logits = self.graphs.run([s.token_at(p) for s, p in zip(seqs, positions)], positions, slots,
+                                 [p + 1 for p in positions], [s.blocks for s in seqs])
+        self._advance(batch, [p + 1 for p in positions])
+        return logits
+
+    def _advance(self, batch: ScheduledBatch, context_lens: list[int]) -> None:
+        """The scheduled tokens are in the cache now: move each sequence on, register its full blocks."""
         for seq, ctx in zip(batch.seqs, context_lens):
             seq.num_cached = ctx
             self.blocks.register_full_blocks(seq)
-        return logits, sampled
 
     def run_model(self, ids: list[int], positions: list[int], owners: list[int], meta: AttentionMetadata,
                   kv_caches: list[torch.Tensor]) -> torch.Tensor:

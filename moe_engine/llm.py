@@ -11,6 +11,7 @@ import torch
 from kernels.attention import AttentionMetadata
 from moe_engine.device import pick_device, pick_dtype
 from moe_engine.block_manager import blocks_for
+from moe_engine.cuda_graphs import DecodeGraphs
 from moe_engine.engine import Engine
 from moe_engine.sequence import Sequence
 from moe_engine.errors import MoeEngineError
@@ -40,7 +41,8 @@ class LLM:
                  num_kv_blocks: int | None = None, kv_cache_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.8, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, progress: bool = False, **model_kwargs):
+                 enable_prefix_caching: bool = True, cuda_graphs: bool | None = None, progress: bool = False,
+                 **model_kwargs):
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
         path = Path(model).expanduser()
@@ -49,7 +51,7 @@ class LLM:
                     block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes,
                     gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                    enable_prefix_caching=enable_prefix_caching)
+                    enable_prefix_caching=enable_prefix_caching, cuda_graphs=cuda_graphs)
 
     @classmethod
     def from_model(cls, model, tokenizer=None, **engine_kwargs) -> "LLM":
@@ -61,7 +63,9 @@ class LLM:
 
     def _setup(self, model, config, path, tokenizer, device, dtype, *, block_size=16, num_kv_blocks=None,
                kv_cache_bytes=None, gpu_memory_utilization=0.8, max_num_seqs=32,
-               max_num_batched_tokens=2048, max_model_len=None, enable_prefix_caching=True):
+               max_num_batched_tokens=2048, max_model_len=None, enable_prefix_caching=True, cuda_graphs=None):
+        """cuda_graphs: replay decode steps from CUDA graphs (None: on CUDA devices; True elsewhere runs
+        the same static-buffer step eagerly, which is how the CPU tests check it)."""
         _check_engine_args(block_size=block_size, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                            gpu_memory_utilization=gpu_memory_utilization)
@@ -79,10 +83,15 @@ class LLM:
                               if device.type == "cuda" else 1 << 30)
         num_blocks = plan_num_blocks(model.kv_cache_bytes_per_token(dtype), block_size, self.max_model_len,
                                      max_num_seqs, kv_cache_bytes, num_kv_blocks)
-        kv_caches = model.allocate_kv_cache(num_blocks * block_size, dtype, device)
+        # One block more than the block manager hands out: padding rows of a graph-replayed batch write there.
+        kv_caches = model.allocate_kv_cache((num_blocks + 1) * block_size, dtype, device)
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda"
+        graphs = (DecodeGraphs(model, kv_caches, block_size, self.max_model_len, max_num_seqs, num_blocks, device)
+                  if cuda_graphs else None)
         self.engine = Engine(model, kv_caches, num_blocks, block_size, device, tokenizer,
                              max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
-                             eos_ids=_eos_ids(tokenizer, config))
+                             eos_ids=_eos_ids(tokenizer, config), max_model_len=self.max_model_len, graphs=graphs)
         self._next_id = 0
         self.last_stats: dict = {}          # of the latest stream(): prompt/generated tokens, seconds
         self.last_output: Sequence | None = None

@@ -244,3 +244,26 @@ def test_bench_suite_runs_tiny_on_cpu():
     for key in ("TFLOPps", "GBps", "frac_of_copy_bw", "frac_of_matmul", "speedup_vs_loop", "speedup_vs_reference"):
         assert (moe.get(key) or decode.get(key)) > 0
     json.dumps(report)
+
+
+def test_tuner_picks_checked_tiles_and_its_file_is_used(tmp_path, monkeypatch):
+    """bench tune's search on a tiny shape under the interpreter: every candidate is checked against the
+    reference, the winner is one of them, and MOE_ENGINE_TUNING makes moe_tuning return it."""
+    import json
+    from kernels import tuning
+    from moe_engine import bench_kernels, bench_tune
+    spec = bench_kernels.MoESpec("tiny", 4, 32, 48, 2)
+    candidates = [tuning.GemmTile(16, 16, 1, 1, 1), tuning.GemmTile(32, 16, 1, 1, 1)]
+    entry = bench_tune.tune_shape(spec, torch.device("cpu"), torch.float32, 0.0, candidates, tokens=[1, 3])
+    assert all(t["ok"] and t["rel_error"] < 1e-5 for t in entry["trials"])
+    assert tuple(entry["gate_up"]) in [tuple(vars(c).values()) for c in candidates]
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"moe": [entry]}))
+    monkeypatch.setenv("MOE_ENGINE_TUNING", str(path))
+    chosen = tuning.moe_tuning(torch.device("cpu"), 2, 4, torch.float16, 32, 48)
+    assert chosen == tuning.moe_tuning_from_json(entry)
+    assert tuning.moe_tuning(torch.device("cpu"), 2, 4, torch.float16, 32, 64) != chosen   # another shape
+    path.with_name("bad.json").write_text("{}")
+    monkeypatch.setenv("MOE_ENGINE_TUNING", str(path.with_name("bad.json")))
+    with pytest.raises(ValueError, match="MOE_ENGINE_TUNING"):
+        tuning.moe_tuning(torch.device("cpu"), 2, 4, torch.float16, 32, 48)

@@ -1,0 +1,84 @@
+"""Decode steps from static buffers (the CUDA-graph path): the same tokens as the plain step.
+
+On the CPU the static-buffer step runs eagerly (cuda_graphs=True there means exactly that), which checks
+the buffers, the bucket padding and the scratch block; on a GPU the graphs are really captured."""
+
+import pytest
+import torch
+
+from moe_engine.cuda_graphs import bucket_sizes
+from moe_engine.llm import LLM
+from moe_engine.sampling import SamplingParams
+from tests.conftest import WEIGHTS
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(1) == [1]
+    assert bucket_sizes(8) == [1, 2, 4, 8]
+    assert bucket_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
+
+
+def prompts(n: int, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randint(3, vocab, (length,), generator=gen).tolist() for length in (5, 17, 33, 1, 40)[:n]]
+
+
+def run(model: str, graphs: bool, device="cpu", dtype=None, **kw):
+    llm = LLM(WEIGHTS / model, device=device, dtype=dtype, cuda_graphs=graphs, block_size=8, max_num_seqs=8, **kw)
+    # Different lengths: requests finish at different steps, so the batch shrinks through the buckets.
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (12, 20, 7, 16, 9)]
+    calls = []
+    if graphs:
+        real_run = llm.engine.graphs.run
+        llm.engine.graphs.run = lambda *a: calls.append(len(a[0])) or real_run(*a)
+    outs = llm.generate(prompt_token_ids=prompts(5, llm.model.args.vocab_size), sampling_params=params)
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+    return [o.token_ids for o in outs], calls, llm
+
+
+@pytest.mark.parametrize("model", ["tiny-mixtral", "tiny-deepseek"])
+def test_static_decode_gives_the_same_tokens(model):
+    plain, _, _ = run(model, graphs=False)
+    static, calls, llm = run(model, graphs=True)
+    assert static == plain
+    assert 5 in calls and 3 in calls and 1 in calls           # padded buckets (8, 4) and an exact one (1)
+    assert llm.engine.graphs.sizes == [1, 2, 4, 8]
+
+
+def test_static_decode_under_preemption():
+    """A cache too small for all five: requests are preempted and recomputed, tokens unchanged."""
+    plain, _, _ = run("tiny-mixtral", graphs=False, num_kv_blocks=9)
+    static, calls, llm = run("tiny-mixtral", graphs=True, num_kv_blocks=9)
+    assert static == plain and calls
+    assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_routing_hooks_take_the_plain_step():
+    """A trace must see every token, so hooked steps never replay a graph."""
+    llm = LLM(WEIGHTS / "tiny-mixtral", cuda_graphs=True, block_size=8)
+    llm.engine.graphs.run = lambda *a: pytest.fail("graph step used under a routing hook")
+    with llm.trace_routing():
+        llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model", ["tiny-mixtral", "tiny-deepseek"])
+def test_cuda_graphs_give_the_same_tokens_on_gpu(model, dtype):
+    eager, _, _ = run(model, graphs=False, device="cuda", dtype=dtype)
+    graphed, calls, llm = run(model, graphs=True, device="cuda", dtype=dtype)
+    assert graphed == eager and calls
+    assert all(isinstance(g, torch.cuda.CUDAGraph) for g, _ in llm.engine.graphs.graphs.values())
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("model", ["tiny-mixtral", "tiny-deepseek"])
+def test_gpu_float32_matches_cpu(model):
+    """The CUDA path (Triton kernels, graphs) against the CPU path, which is checked against transformers."""
+    cpu, _, _ = run(model, graphs=False)
+    graphed, _, _ = run(model, graphs=True, device="cuda", dtype=torch.float32)
+    assert graphed == cpu
