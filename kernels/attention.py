@@ -150,10 +150,18 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 def _decode_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """One new token per sequence: the whole batch in one masked attention over padded contexts."""
     slots, valid = meta.padded_context()                       # [B, L], [B, L] or None
-    k = k_cache[slots].transpose(1, 2)                         # [B, Hkv, L, Dk]
-    v = v_cache[slots].transpose(1, 2)                         # [B, Hkv, L, Dv]
+    B, L = slots.shape
+    flat = slots.reshape(-1)                                   # index_select: 2-3x cheaper than k_cache[slots]
+    k = k_cache.index_select(0, flat).view(B, L, *k_cache.shape[1:]).transpose(1, 2)   # [B, Hkv, L, Dk]
+    v = v_cache.index_select(0, flat).view(B, L, *v_cache.shape[1:]).transpose(1, 2)   # [B, Hkv, L, Dv]
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
+    if k.shape[1] == 1 and q.dtype == torch.float32:
+        # One key head shared by all (MLA's latent): two matmuls, ~3x faster than SDPA's GQA path on the CPU.
+        scores = torch.matmul(q[:, None] * scale, k.transpose(-1, -2))    # [B, 1, H, L]
+        if valid is not None:
+            scores.masked_fill_(valid[:, None, None, :].logical_not(), float("-inf"))
+        return torch.matmul(scores.softmax(-1), v)[:, 0]                  # [B, H, Dv]
     mask = None if valid is None else valid[:, None, None, :]  # [B, 1, 1, L]
     out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[1])   # [B, H, 1, Dv]

