@@ -10,7 +10,7 @@ from kernels.tuning import DecodeTuning, decode_splits, decode_tuning
 
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, block_tables_ptr, context_lens_ptr,
-                   qk_scale, group, split_len, page_size, dim_a, dim_b, dim_v,
+                   qk_scale, group, page_size, dim_a, dim_b, dim_v,
                    stride_qb, stride_qh, stride_qd, stride_ks, stride_kh, stride_kd,
                    stride_vs, stride_vh, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
                    stride_lb, stride_lh, stride_table,
@@ -33,7 +33,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, block_tables_ptr, cont
               + dv[None, :] * stride_od)                                                # [BH, BV]
     l_ptrs = lse_ptr + seq * stride_lb + heads * stride_lh + split                      # [BH]
 
+    # Each sequence's own context is cut into the launch's splits (whole BLOCK_N steps each), so the
+    # launch can be sized once for the longest possible context and still spread a short one evenly.
     context = tl.load(context_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(context, tl.num_programs(1)), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, context)
     if start >= end:   # a split past this sequence's context: contributes nothing to the combine
@@ -126,8 +129,6 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     block_a = max(16, triton.next_power_of_2(dim_a))
     head_blocks = Hkv * triton.cdiv(group, block_h)
     splits = num_splits or decode_splits(B * head_blocks, max_context, q.device, tuning)
-    split_len = triton.cdiv(triton.cdiv(max_context, splits), tuning.block_n) * tuning.block_n
-    splits = triton.cdiv(max_context, split_len)
 
     out = q.new_empty(B, H, Dv)
     if splits == 1:   # write the answer directly; no log-sum-exp needed
@@ -141,7 +142,7 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _decode_kernel[(head_blocks, splits, B)](
         q, k_cache, v_cache, part, lse, block_tables, context_lens,
-        scale * 1.4426950408889634, group, split_len, page_size, dim_a, dim_b, Dv,
+        scale * 1.4426950408889634, group, page_size, dim_a, dim_b, Dv,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *part_strides, *lse_strides, block_tables.stride(0),
         BLOCK_H=block_h, BLOCK_N=tuning.block_n, BLOCK_A=block_a,
         BLOCK_B=max(16, triton.next_power_of_2(max(dim_b, 1))),

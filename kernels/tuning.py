@@ -88,10 +88,12 @@ MOE_TABLE: dict[tuple[str, str], MoETuning] = {
 
 # Decode attention: "gqa" heads up to 256 wide, "mla" the wide latent (kv_lora_rank + rope) rows; "-wide" when
 # more than 16 query heads share a KV head, so that a program takes more of them and L2 serves fewer re-reads.
+# On an H200 a batch-1 decode split of 256 tokens left 3 programs per KV head, each walking its split
+# step by step: 23 us per MLA layer for a 520-token context. Splits of one or two BLOCK_N steps spread it.
 DECODE_TABLE: dict[tuple[str, str], DecodeTuning] = {
-    ("sm90", "gqa"): DecodeTuning(block_n=64, block_h=16, num_warps=4, num_stages=3),
-    ("sm90", "mla"): DecodeTuning(block_n=32, block_h=16, num_warps=8, num_stages=2),
-    ("sm90", "mla-wide"): DecodeTuning(block_n=16, block_h=32, num_warps=8, num_stages=2),
+    ("sm90", "gqa"): DecodeTuning(block_n=64, block_h=16, num_warps=4, num_stages=3, min_split_tokens=64),
+    ("sm90", "mla"): DecodeTuning(block_n=32, block_h=16, num_warps=8, num_stages=2, min_split_tokens=32),
+    ("sm90", "mla-wide"): DecodeTuning(block_n=16, block_h=32, num_warps=8, num_stages=2, min_split_tokens=32),
     ("interpreter", "gqa"): DecodeTuning(block_n=16, block_h=16, num_warps=1, num_stages=1, min_split_tokens=16),
     ("interpreter", "mla"): DecodeTuning(block_n=16, block_h=16, num_warps=1, num_stages=1, min_split_tokens=16),
 }
@@ -99,8 +101,14 @@ _DEFAULT_DECODE = {"gqa": DecodeTuning(block_n=64, block_h=16),
                    "mla": DecodeTuning(block_n=32, block_h=16, num_warps=8)}
 
 
-# Measured for one expert shape: (device, shape class, experts, dim, intermediate) -> tiles.
-MOE_SHAPE_TABLE: dict[tuple[str, str, int, int, int], MoETuning] = {}
+# Measured for one expert shape: (device, shape class, experts, dim, intermediate) -> tiles. From
+# `moe-engine bench tune` on an H200 (2026-11-27, bf16, T = 1/16/64 tokens). Mixtral-8x7B: 190/574/923 us
+# (the class default: 189/625/929); DeepSeek-V2-Lite: 57/219/290 us (default 56/221/295): at T = 1 every
+# tile tried was within noise, the gain is the down tile at 16-64 tokens.
+MOE_SHAPE_TABLE: dict[tuple[str, str, int, int, int], MoETuning] = {
+    ("sm90", "tiny", 8, 4096, 14336): MoETuning(16, GemmTile(128, 128, 1, 8, 3), GemmTile(64, 256, 1, 8, 3)),
+    ("sm90", "tiny", 64, 2048, 1408): MoETuning(16, GemmTile(32, 256, 1, 4, 3), GemmTile(64, 128, 1, 4, 4)),
+}
 
 
 def moe_tuning_from_json(entry: dict) -> MoETuning:
@@ -145,8 +153,12 @@ def decode_tuning(device: torch.device, head_dim: int, group: int, dtype=torch.b
     return tuning
 
 
+MAX_DECODE_SPLITS = 32   # the combine kernel holds every split's partial output of a head at once
+
+
 def decode_splits(num_programs: int, max_context: int, device: torch.device, tuning: DecodeTuning) -> int:
-    """Split each context so that about two waves of programs fill the GPU (flash-decoding)."""
+    """Split each context so that about two waves of programs fill the GPU (flash-decoding); never into
+    pieces shorter than min_split_tokens of the longest possible context, nor more than MAX_DECODE_SPLITS."""
     want = -(-2 * num_sms(device) // max(1, num_programs))
     most = max(1, -(-max_context // tuning.min_split_tokens))
-    return max(1, min(want, most))
+    return max(1, min(want, most, MAX_DECODE_SPLITS))

@@ -39,8 +39,7 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x, cos_sin, kv_cache, meta, routing_hook=None):
-        x = x + self.attn(self.input_norm(x), cos_sin, kv_cache, meta)
-        h = self.post_attn_norm(x)
+        h, x = self.post_attn_norm.add_and_norm(self.attn(self.input_norm(x), cos_sin, kv_cache, meta), x)
         return x + (self.mlp(h, routing_hook) if isinstance(self.mlp, MoEBlock) else self.mlp(h))
 
 

@@ -58,17 +58,19 @@ def _keep_groups(choice: torch.Tensor, group_scores: torch.Tensor, cfg: RoutingC
 
 
 def route(router_logits: torch.Tensor, cfg: RoutingConfig, bias: torch.Tensor | None = None,
-          allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          allowed: torch.Tensor | None = None, ranked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (topk_weights [T, k] float32, topk_ids [T, k] int64).
 
     The correction bias (noaux_tc) only steers which experts are chosen; weights come from the
     unbiased scores. `allowed` [E] bool removes experts: as if their router logit were -inf.
+    ranked: the k experts best first (what traces report); the MoE itself needs no order, and on CUDA
+    the ranking is a sort kernel per layer.
     """
     logits = router_logits.float()
     if (cfg.scoring == "softmax" and cfg.method == "greedy" and cfg.norm_topk_prob and cfg.scale_normalized
             and bias is None and allowed is None):
         # Mixtral's case in two ops: a softmax renormalised over the top k is the softmax of the top-k logits.
-        top = logits.topk(cfg.top_k, dim=-1)
+        top = logits.topk(cfg.top_k, dim=-1, sorted=ranked)
         weights = top.values.softmax(-1)                                              # [T, k]
         return (weights if cfg.routed_scaling_factor == 1.0 else weights * cfg.routed_scaling_factor), top.indices
     if allowed is not None:
@@ -83,7 +85,7 @@ def route(router_logits: torch.Tensor, cfg: RoutingConfig, bias: torch.Tensor | 
     elif cfg.method == "noaux_tc":
         grouped = choice.view(choice.shape[0], cfg.n_group, -1)
         choice = _keep_groups(choice, grouped.topk(min(2, grouped.shape[-1]), -1).values.sum(-1), cfg)
-    topk_ids = choice.topk(cfg.top_k, dim=-1).indices                                # [T, k]
+    topk_ids = choice.topk(cfg.top_k, dim=-1, sorted=ranked).indices                 # [T, k]
     return expert_weights(scores, topk_ids, cfg), topk_ids
 
 
@@ -94,7 +96,7 @@ def expert_weights(scores: torch.Tensor, topk_ids: torch.Tensor, cfg: RoutingCon
     normalize = cfg.norm_topk_prob and (topk_ids.shape[1] > 1 or cfg.scale_normalized)
     if normalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    if cfg.scale_normalized or not normalize:
+    if (cfg.scale_normalized or not normalize) and cfg.routed_scaling_factor != 1.0:
         weights = weights * cfg.routed_scaling_factor
     return weights
 
@@ -125,7 +127,9 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor, hook: RoutingHook | None = None) -> torch.Tensor:
         router_logits = F.linear(x.float(), self.gate)                         # [T, E] float32
         if hook is None:
-            topk_weights, topk_ids = route(router_logits, self.routing, self.bias)   # [T, k] each
+            # Unranked on CUDA saves a sort kernel per layer; elsewhere the ranking is free and keeps the
+            # hooked and plain paths summing experts in the same order (bit-identical results).
+            topk_weights, topk_ids = route(router_logits, self.routing, self.bias, ranked=not x.is_cuda)
         else:
             topk_weights, topk_ids = hook.route(self.moe_index, router_logits, self.routing, self.bias)
         out = kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)   # [T, D]

@@ -101,6 +101,15 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max().clamp_min(1e-30)).item()
 
 
+def checked(fn, row: dict, name: str):
+    """fn() or None, noting in row why it failed (e.g. a reference too big for the GPU's memory)."""
+    try:
+        return fn()
+    except Exception as e:
+        row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        return None
+
+
 def timed(fn, device, min_time) -> tuple[float | None, str | None]:
     try:
         return time_call(fn, device, min_time), None
@@ -127,8 +136,9 @@ def bench_moe(spec: MoESpec, token_counts, device, dtype, limits, min_time) -> l
         row = {"kernel": "fused_moe", "shape": spec.name, "T": T, **asdict(spec), "experts_used": used,
                "flops": flops, "bytes": nbytes, "tuning": asdict(moe_tuning(device, T * k, E, dtype, D, I))}
         row["time_s"], row["error"] = timed(lambda: fused_moe_triton(*args), device, min_time)
-        if row["time_s"] is not None:
-            row["rel_error"] = rel_error(fused_moe_triton(*args), kernels.fused_moe_ref(*args))
+        reference = checked(lambda: kernels.fused_moe_ref(*args), row, "loop")
+        if row["time_s"] is not None and reference is not None:
+            row["rel_error"] = rel_error(fused_moe_triton(*args), reference)
         row["loop_time_s"], row["loop_error"] = timed(lambda: kernels.fused_moe_ref(*args), device, min_time)
         if gmm is None:
             row["grouped_mm_time_s"], row["grouped_mm_error"] = None, "torch has no grouped_mm"
@@ -166,10 +176,14 @@ def bench_decode(spec: DecodeSpec, contexts, batch: int, device, dtype, limits, 
             return paged_decode_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens_tensor,
                                        page_size, scale, ctx)
         row["time_s"], row["error"] = timed(ours, device, min_time)
-        if row["time_s"] is not None:
-            row["rel_error"] = rel_error(ours(), kernels.paged_attention_ref(q, k_cache, v_cache, meta, scale))
-        row["reference_time_s"], row["reference_error"] = timed(
-            lambda: kernels.paged_attention_ref(q, k_cache, v_cache, meta, scale), device, min_time)
+        reference = checked(lambda: kernels.paged_attention_ref(q, k_cache, v_cache, meta, scale), row, "reference")
+        if row["time_s"] is not None and reference is not None:
+            row["rel_error"] = rel_error(ours(), reference)
+            row["reference_time_s"], row["reference_error"] = timed(
+                lambda: kernels.paged_attention_ref(q, k_cache, v_cache, meta, scale), device, min_time)
+        del reference
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         rows.append(finish_row(row, limits, baselines=("reference",)))
     return rows
 

@@ -267,3 +267,71 @@ def test_tuner_picks_checked_tiles_and_its_file_is_used(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_ENGINE_TUNING", str(path.with_name("bad.json")))
     with pytest.raises(ValueError, match="MOE_ENGINE_TUNING"):
         tuning.moe_tuning(torch.device("cpu"), 2, 4, torch.float16, 32, 48)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D", [40, 256])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_triton_matches_reference(dtype, D, with_residual):
+    from kernels.pointwise import rms_norm
+    x = torch.randn(5, 2 * D, dtype=dtype)[:, :D]                  # rows with a stride, as a slice would have
+    residual = torch.randn(5, D, dtype=dtype) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(D)).to(dtype)
+    out, total = rms_norm(x, weight, 1e-6, residual, backend="triton")
+    ref_out, ref_total = rms_norm(x, weight, 1e-6, residual, backend="torch")
+    assert torch.equal(total, ref_total)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert rel_err(out, ref_out) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("H,R", [(5, 16), (20, 64)])
+def test_rotary_triton_matches_reference(dtype, interleave, H, R):
+    from kernels.pointwise import rotary
+    T = 3
+    qkv = torch.randn(T, H + 2, R, dtype=dtype)
+    x = qkv[:, :H]                                                  # a strided view, as the models pass it
+    angles = torch.rand(T, 1, R // 2) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    out = rotary(x, cos, sin, interleave, backend="triton")
+    ref = rotary(x, cos, sin, interleave, backend="torch")
+    assert out.shape == (T, H, R) and out.is_contiguous()
+    assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("model", ["tiny-mixtral", "tiny-deepseek"])
+def test_models_with_triton_norm_and_rotary_match(model, monkeypatch):
+    """The whole model with every norm and rotation through the Triton kernels (interpreter on the CPU):
+    the shapes and strides the models really pass, e.g. MLA's rope key [T, 1, R] and q/k slices of qkv."""
+    from kernels import pointwise
+    from moe_engine.llm import LLM
+    from tests.conftest import WEIGHTS
+    llm = LLM(WEIGHTS / model, num_kv_blocks=8)
+    ids = list(range(7, 40))
+    expected = llm.prompt_logits(ids)
+    calls = []
+    monkeypatch.setattr(pointwise, "use_triton", lambda backend, *t: calls.append(1) or True)
+    assert rel_err(llm.prompt_logits(ids), expected) < 1e-5
+    assert len(calls) >= 3 * len(llm.model.layers)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("interleave", [False, True])
+def test_norm_and_rotary_gpu_bfloat16(interleave):
+    from kernels.pointwise import rms_norm, rotary
+    dt = dict(dtype=torch.bfloat16, device="cuda")
+    x, residual, weight = torch.randn(7, 4096, **dt), torch.randn(7, 4096, **dt), 1 + 0.1 * torch.randn(4096, **dt)
+    out, total = rms_norm(x, weight, 1e-5, residual, backend="triton")
+    ref_out, ref_total = rms_norm(x, weight, 1e-5, residual, backend="torch")
+    assert torch.equal(total, ref_total) and rel_err(out, ref_out) < 1e-2
+    qkv = torch.randn(7, 48, 128, **dt)
+    angles = torch.rand(7, 1, 64, device="cuda") * 6
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    assert rel_err(rotary(qkv[:, :40], cos, sin, interleave, backend="triton"),
+                   rotary(qkv[:, :40], cos, sin, interleave, backend="torch")) < 1e-2

@@ -1,0 +1,50 @@
+"""Row-wise ops that a decode step runs many times per layer: RMSNorm (optionally with the residual add
+before it) and rotary embedding. On CUDA each is one Triton launch instead of 3-7 torch kernels, which
+matters once a step is replayed from a CUDA graph and kernel count, not Python, sets its length."""
+
+import torch
+import torch.nn.functional as F
+
+from kernels.backend import use_triton
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] normalised in float32 (as the reference implementations do), then scaled by weight [D]
+    in the run dtype."""
+    if x.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)                    # one fused op
+    return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual) for x [T, D]; without a residual, (norm(x), x)."""
+    if residual is not None and x.shape != residual.shape:
+        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
+    if use_triton(backend, x, weight) and x.dim() == 2 and x.stride(-1) == 1 and x.dtype == weight.dtype:
+        from kernels.triton_pointwise import rms_norm_triton   # lazily: the package works without triton
+        return rms_norm_triton(x, weight, eps, residual)
+    total = x if residual is None else x + residual
+    return rms_norm_ref(total, weight, eps), total
+
+
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """x [T, H, R] rotated by angles cos/sin [T, 1, R/2]: channel pairs (2i, 2i+1) when interleave
+    (DeepSeek's layout), else (i, i + R/2) (Llama/Mixtral's rotate-half layout)."""
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool,
+           backend: str = "auto") -> torch.Tensor:
+    """Rotary embedding (see rotary_ref); a new contiguous [T, H, R] tensor."""
+    if (use_triton(backend, x, cos, sin) and x.dim() == 3 and x.stride(-1) == 1 and cos.is_contiguous()
+            and sin.is_contiguous() and cos.shape == (x.shape[0], 1, x.shape[2] // 2)):
+        from kernels.triton_pointwise import rotary_triton
+        return rotary_triton(x, cos, sin, interleave)
+    return rotary_ref(x, cos, sin, interleave)
