@@ -43,6 +43,8 @@ def build_parser() -> Parser:
     common.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
     common.add_argument("--dtype", default="auto",
                         help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA, float16 on MPS)")
+    common.add_argument("--no-cuda-graphs", action="store_true",
+                        help="on CUDA, run every decode step eagerly instead of replaying CUDA graphs")
     common.add_argument("--quiet", action="store_true", help="no loading bar (shown on a terminal) and no stats line")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
@@ -99,7 +101,8 @@ def device_and_dtype(args):
 def load_llm(args):
     from moe_engine.llm import LLM
     device, dtype = device_and_dtype(args)
-    return LLM(resolve_model(args.model), device, dtype, progress=show_progress(args))
+    graphs = False if getattr(args, "no_cuda_graphs", False) else None
+    return LLM(resolve_model(args.model), device, dtype, progress=show_progress(args), cuda_graphs=graphs)
 
 
 def show_progress(args) -> bool:

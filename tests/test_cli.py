@@ -97,3 +97,13 @@ def test_errors_are_one_line(case, tmp_path):
     expected = {"bad path": "does not exist", "not a model": "no config.json", "bad sampling value": "top_p",
                 "unknown device": "tpu", "usage error": "--max-tokens"}[case]
     assert expected in lines[0]
+
+
+def test_no_cuda_graphs_flag_reaches_the_engine(monkeypatch):
+    import moe_engine.llm
+    from moe_engine.cli import build_parser, load_llm
+    seen = []
+    monkeypatch.setattr(moe_engine.llm, "LLM", lambda *a, **kw: seen.append(kw["cuda_graphs"]))
+    for argv in (["generate", "--no-cuda-graphs", "hi"], ["generate", "hi"]):
+        load_llm(build_parser().parse_args(argv))
+    assert seen == [False, None]          # off when asked; else the default (graphs on CUDA only)
