@@ -21,7 +21,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     """(norm(x + residual), x + residual) for x [T, D]; without a residual, (norm(x), x)."""
     if residual is not None and x.shape != residual.shape:
         raise ValueError(f"rms_norm: residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
-    if use_triton(backend, x, weight) and x.dim() == 2 and x.stride(-1) == 1 and x.dtype == weight.dtype:
+    fits = x.dim() == 2 and x.stride(-1) == 1 and x.dtype == weight.dtype and (
+        residual is None or (residual.stride(-1) == 1 and residual.dtype == x.dtype))
+    if use_triton(backend, x, weight) and fits:
         from kernels.triton_pointwise import rms_norm_triton   # lazily: the package works without triton
         return rms_norm_triton(x, weight, eps, residual)
     total = x if residual is None else x + residual

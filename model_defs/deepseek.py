@@ -123,7 +123,8 @@ class MLAttention(nn.Module):
         q_pe = self.rotary(q_pe, *cos_sin)                                       # [T, H, R]
         k_pe = self.rotary(k_pe[:, None, :], *cos_sin)[:, 0]                     # [T, R]
         kernels.write_cache(cache, torch.cat([self.kv_a_norm(latent), k_pe], -1), meta.slot_mapping)
-        if self.absorb == "always" or (self.absorb == "auto" and meta.is_decode):
+        # A static (graph) decode step knows its contexts only on the device: only the absorbed form serves it.
+        if self.absorb == "always" or meta.context_slots is None or (self.absorb == "auto" and meta.is_decode):
             out = self._absorbed(q_nope, q_pe, cache, meta)
         else:
             out = self._per_sequence(q_nope, q_pe, cache, meta)

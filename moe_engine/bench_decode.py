@@ -80,7 +80,9 @@ def hf_rates(hf, prompts: list[list[int]], new_tokens: int, device) -> tuple[flo
     with torch.no_grad():
         sync(device)
         t0 = time.perf_counter()
-        out = hf(x, use_cache=True)
+        # Logits for the last position only, as ours computes them (when this transformers can say so).
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
+        out = hf(x, use_cache=True, **keep)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         sync(device)
         t1 = time.perf_counter()

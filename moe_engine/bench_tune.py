@@ -70,6 +70,8 @@ def tune_shape(spec: MoESpec, device, dtype, min_time: float, candidates=CANDIDA
     def pick(variants):
         results = [(t, trial(t)) for t in variants]
         results = [(t, times) for t, times in results if times]
+        if not results:
+            raise RuntimeError(f"{spec.name}: no candidate tile compiled and matched the reference")
         best = [min(times[i] for _, times in results) for i in range(len(tokens))]
         return min(results, key=lambda r: sum(t / b for t, b in zip(r[1], best)))
 
@@ -77,11 +79,11 @@ def tune_shape(spec: MoESpec, device, dtype, min_time: float, candidates=CANDIDA
     best, best_times = pick([replace(gate_up, down=c) for c in candidates])
     base_times = trial(base)
     print(f"{spec.name}: best {best}; us at T={tokens}: "
-          f"{[round(t * 1e6, 1) for t in best_times]} (default tiles {[round(t * 1e6, 1) for t in base_times or []]})")
+          f"{[round(t * 1e6, 1) for t in best_times]} (tiles in use before: {[round(t * 1e6, 1) for t in base_times or []]})")
     return {"device": device_key(device), "shape": moe_shape_class(spec.top_k, E), "experts": E, "dim": D,
             "inter": I, "block_m": best.block_m, "gate_up": list(asdict(best.gate_up).values()),
             "down": list(asdict(best.down).values()), "tokens": tokens,
-            "best_times_s": best_times, "default_times_s": base_times, "trials": trials}
+            "best_times_s": best_times, "previous_times_s": base_times, "trials": trials}
 
 
 def main(argv=None) -> int:

@@ -4,8 +4,8 @@ A decode step of a small batch is bound by launch overhead, not by the GPU: hund
 launched from Python. Captured once per batch-size bucket (1, 2, 4, 8, 16, 32, ... up to max_num_seqs),
 a step becomes one replay. Everything a step reads lives in one static int32 buffer (token ids,
 positions, cache slots, context lengths, block tables) that each step overwrites with one host-to-device
-copy; the logits come back in a static tensor. Rows beyond the real batch are padding: they read and
-write only a scratch cache block that no sequence owns.
+copy of the rows in use; the logits come back in a static tensor. Rows beyond the real batch are
+padding: they read and write only a scratch cache block that no sequence owns.
 
 Without CUDA (tests on the CPU) the same buffers and the same forward run eagerly, so everything but
 the capture itself is exercised there.
@@ -42,10 +42,12 @@ class DecodeGraphs:
         self.sizes = bucket_sizes(max_num_seqs)
         self.rows = self.sizes[-1]
         self.width = blocks_for(max_model_len, block_size)
-        n = self.rows * (4 + self.width)
+        # One row per sequence: [token id, position, cache slot, context length, block table ...], so the
+        # rows a bucket uses are one contiguous piece to copy.
+        shape = (self.rows, 4 + self.width)
         self.capture = device.type == "cuda"
-        self.buffer = torch.zeros(n, dtype=torch.int32, device=device)              # the graphs' only input
-        self.staging = torch.zeros(n, dtype=torch.int32, pin_memory=self.capture)   # filled on the host
+        self.buffer = torch.zeros(shape, dtype=torch.int32, device=device)              # the graphs' only input
+        self.staging = torch.zeros(shape, dtype=torch.int32, pin_memory=self.capture)   # filled on the host
         self.host = self.staging.numpy()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor]] = {}
         self.pool = None
@@ -54,36 +56,27 @@ class DecodeGraphs:
     def bucket(self, batch: int) -> int:
         return next(b for b in self.sizes if b >= batch)
 
-    def _views(self, bs: int):
-        """(ids, positions, slots, context_lens) [bs] each and block tables [bs, width], in the buffer."""
-        n = self.rows
-        head = self.buffer[:4 * n].view(4, n)[:, :bs]
-        tables = self.buffer[4 * n:].view(n, self.width)[:bs]
-        return head[0], head[1], head[2], head[3], tables
-
     def _forward(self, bs: int) -> torch.Tensor:
         """The step that is captured: static buffers in, logits [bs, V] out."""
-        ids, positions, slots, context_lens, tables = self._views(bs)
-        meta = AttentionMetadata.static_decode(slots.long(), tables, context_lens, self.block_size,
+        rows = self.buffer[:bs]                                                   # [bs, 4 + width]
+        ids, positions, slots = rows[:, 0].long(), rows[:, 1].long(), rows[:, 2].long()
+        meta = AttentionMetadata.static_decode(slots, rows[:, 4:], rows[:, 3].contiguous(), self.block_size,
                                                self.max_model_len)
         with torch.inference_mode():
-            hidden = self.model(ids.long(), positions.long(), self.kv_caches, meta)    # [bs, D]
+            hidden = self.model(ids, positions, self.kv_caches, meta)                  # [bs, D]
             return self.model.compute_logits(hidden)                                  # [bs, V]
 
     def _fill(self, ids, positions, slots, context_lens, block_tables, bs: int) -> None:
-        """Write a batch (host lists) into the staging buffer, padding rows up to bs, then copy it over."""
-        n, w, h, B = self.rows, self.width, self.host, len(ids)
+        """Write a batch (host lists) into the staging rows, padding up to bs, then copy those rows over.
+        Table entries past a sequence's own blocks are left stale: nothing reads past its context."""
+        h, B = self.host, len(ids)
         if self.copied is not None:
             self.copied.synchronize()          # the previous asynchronous copy has read the staging buffer
-        for row, values in enumerate((ids, positions, slots, context_lens)):
-            h[row * n:row * n + B] = values
-        pad_slot = self.pad_block * self.block_size
-        h[B:bs], h[n + B:n + bs], h[2 * n + B:2 * n + bs], h[3 * n + B:3 * n + bs] = 0, 0, pad_slot, 1
-        tables = h[4 * n:].reshape(n, w)
+        h[:B, 0], h[:B, 1], h[:B, 2], h[:B, 3] = ids, positions, slots, context_lens
+        h[B:bs, :5] = (0, 0, self.pad_block * self.block_size, 1, self.pad_block)
         for row, table in enumerate(block_tables):
-            tables[row, :len(table)] = table
-        tables[B:bs, 0] = self.pad_block
-        self.buffer.copy_(self.staging, non_blocking=self.capture)
+            h[row, 4:4 + len(table)] = table
+        self.buffer[:bs].copy_(self.staging[:bs], non_blocking=self.capture)
         if self.copied is not None:
             self.copied.record()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from kernels.attention import AttentionMetadata
+from kernels.backend import triton_available
 from moe_engine.device import pick_device, pick_dtype
 from moe_engine.block_manager import blocks_for
 from moe_engine.cuda_graphs import DecodeGraphs
@@ -85,8 +86,11 @@ class LLM:
                                      max_num_seqs, kv_cache_bytes, num_kv_blocks)
         # One block more than the block manager hands out: padding rows of a graph-replayed batch write there.
         kv_caches = model.allocate_kv_cache((num_blocks + 1) * block_size, dtype, device)
-        if cuda_graphs is None:
-            cuda_graphs = device.type == "cuda"
+        if cuda_graphs is None:       # captured steps need the Triton kernels: the references wait on the host
+            cuda_graphs = device.type == "cuda" and triton_available()
+        elif cuda_graphs and device.type == "cuda" and not triton_available():
+            raise MoeEngineError("cuda_graphs=True needs the triton package on CUDA: pip install 'moe-engine[triton]', "
+                                 "or leave cuda_graphs unset")
         graphs = (DecodeGraphs(model, kv_caches, block_size, self.max_model_len, max_num_seqs, num_blocks, device)
                   if cuda_graphs else None)
         self.engine = Engine(model, kv_caches, num_blocks, block_size, device, tokenizer,

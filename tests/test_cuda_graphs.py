@@ -47,6 +47,13 @@ def test_static_decode_gives_the_same_tokens(model):
     assert llm.engine.graphs.sizes == [1, 2, 4, 8]
 
 
+def test_static_decode_of_an_mla_model_told_never_to_absorb():
+    """The static step knows contexts only on the device, so MLA serves it absorbed whatever it was told."""
+    plain, _, _ = run("tiny-deepseek", graphs=False, absorb="never")
+    static, calls, _ = run("tiny-deepseek", graphs=True, absorb="never")
+    assert static == plain and calls
+
+
 def test_static_decode_under_preemption():
     """A cache too small for all five: requests are preempted and recomputed, tokens unchanged."""
     plain, _, _ = run("tiny-mixtral", graphs=False, num_kv_blocks=9)

@@ -275,11 +275,13 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("D", [40, 256])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_triton_matches_reference(dtype, D, with_residual):
+@pytest.mark.parametrize("residual_kind", [None, "rows", "strided"])
+def test_rms_norm_triton_matches_reference(dtype, D, residual_kind):
+    """Residual: none, plain rows, or one whose last dim is strided (not for the kernel: the reference)."""
     from kernels.pointwise import rms_norm
     x = torch.randn(5, 2 * D, dtype=dtype)[:, :D]                  # rows with a stride, as a slice would have
-    residual = torch.randn(5, D, dtype=dtype) if with_residual else None
+    residual = {None: None, "rows": torch.randn(5, D, dtype=dtype),
+                "strided": torch.randn(D, 5, dtype=dtype).t()}[residual_kind]
     weight = (1 + 0.1 * torch.randn(D)).to(dtype)
     out, total = rms_norm(x, weight, 1e-6, residual, backend="triton")
     ref_out, ref_total = rms_norm(x, weight, 1e-6, residual, backend="torch")
@@ -335,3 +337,25 @@ def test_norm_and_rotary_gpu_bfloat16(interleave):
     cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
     assert rel_err(rotary(qkv[:, :40], cos, sin, interleave, backend="triton"),
                    rotary(qkv[:, :40], cos, sin, interleave, backend="torch")) < 1e-2
+
+
+@pytest.mark.parametrize("mla", [False, True])
+def test_paged_decode_on_static_metadata(mla):
+    """The graph step's metadata (device tensors only, block tables as a strided view of a wider buffer,
+    the launch sized by a max_context bound) through the kernel equals the plain metadata's reference."""
+    ctx, page, num_pages, bound = [5, 21, 1], 4, 24, 40
+    meta = paged_batch(ctx, page, num_pages)
+    buffer = torch.full((3, 4 + bound // page), 7, dtype=torch.int32)     # stale entries past each table
+    buffer[:, 4:4 + meta.block_tables.shape[1]] = meta.block_tables
+    buffer[:, 3] = torch.tensor(ctx, dtype=torch.int32)
+    static = AttentionMetadata.static_decode(meta.slot_mapping, buffer[:, 4:], buffer[:, 3].contiguous(), page, bound)
+    S = num_pages * page
+    if mla:
+        H, L, R = 4, 32, 8
+        entries = torch.randn(S, 1, L + R)
+        q, k_cache, v_cache = torch.randn(3, H, L + R), entries, entries[..., :L]
+    else:
+        q, k_cache, v_cache = torch.randn(3, 4, 16), torch.randn(S, 2, 16), torch.randn(S, 2, 16)
+    expected = kernels.paged_attention_ref(q, k_cache, v_cache, meta, 0.3)
+    assert_close(kernels.paged_attention(q, k_cache, v_cache, static, 0.3, backend="triton"), expected, 1e-5)
+    assert_close(kernels.paged_attention_ref(q, k_cache, v_cache, static, 0.3), expected, 1e-5)
