@@ -75,13 +75,14 @@ def ours_rates(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[flo
 def hf_rates(hf, prompts: list[list[int]], new_tokens: int, device) -> tuple[float, float]:
     """The same for transformers: one cached prefill forward, then greedy decode steps with its cache."""
     x = torch.tensor(prompts, device=device)
+    params = inspect.signature(hf.forward).parameters
     # transformers renamed past_key_values to cache (5.2x); an unknown name would be ignored silently
-    cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    # Logits for the last position only, as ours computes them (when this transformers can say so).
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     with torch.no_grad():
         sync(device)
         t0 = time.perf_counter()
-        # Logits for the last position only, as ours computes them (when this transformers can say so).
-        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
         out = hf(x, use_cache=True, **keep)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         sync(device)

@@ -2,16 +2,15 @@
 
 A decode step of a small batch is bound by launch overhead, not by the GPU: hundreds of kernels, each
 launched from Python. Captured once per batch-size bucket (1, 2, 4, 8, 16, 32, ... up to max_num_seqs),
-a step becomes one replay. Everything a step reads lives in one static int32 buffer (token ids,
-positions, cache slots, context lengths, block tables) that each step overwrites with one host-to-device
-copy of the rows in use; the logits come back in a static tensor. Rows beyond the real batch are
-padding: they read and write only a scratch cache block that no sequence owns.
+a step becomes one replay. Everything a step reads lives in one static int32 buffer (token id, position
+and block table per sequence; the cache slot and context length follow from those on the device) that
+each step overwrites with one host-to-device copy of the rows in use; the logits come back in a static
+tensor. Rows beyond the real batch are padding: position 0 of a scratch cache block that no sequence owns.
 
 Without CUDA (tests on the CPU) the same buffers and the same forward run eagerly, so everything but
 the capture itself is exercised there.
 """
 
-import numpy as np
 import torch
 
 from kernels.attention import AttentionMetadata
@@ -30,7 +29,7 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """Graph-replayed decode for up to max_num_seqs sequences of one token each.
 
-    run(ids, positions, slots, context_lens, block_tables) -> logits [B, V] float32 (a view into a
+    run(ids, positions, block_tables) -> logits [B, V] float32 (a view into a
     static tensor, valid until the next run). Graphs are captured on first use of a bucket, so only the
     batch sizes a workload reaches cost capture time and memory.
     """
@@ -42,9 +41,9 @@ class DecodeGraphs:
         self.sizes = bucket_sizes(max_num_seqs)
         self.rows = self.sizes[-1]
         self.width = blocks_for(max_model_len, block_size)
-        # One row per sequence: [token id, position, cache slot, context length, block table ...], so the
-        # rows a bucket uses are one contiguous piece to copy.
-        shape = (self.rows, 4 + self.width)
+        # One row per sequence: [token id, position, block table ...], so the rows a bucket uses are one
+        # contiguous piece to copy.
+        shape = (self.rows, 2 + self.width)
         self.capture = device.type == "cuda"
         self.buffer = torch.zeros(shape, dtype=torch.int32, device=device)              # the graphs' only input
         self.staging = torch.zeros(shape, dtype=torch.int32, pin_memory=self.capture)   # filled on the host
@@ -58,24 +57,26 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         """The step that is captured: static buffers in, logits [bs, V] out."""
-        rows = self.buffer[:bs]                                                   # [bs, 4 + width]
-        ids, positions, slots = rows[:, 0].long(), rows[:, 1].long(), rows[:, 2].long()
-        meta = AttentionMetadata.static_decode(slots, rows[:, 4:], rows[:, 3].contiguous(), self.block_size,
-                                               self.max_model_len)
+        rows = self.buffer[:bs]                                                   # [bs, 2 + width]
+        ids, positions, tables = rows[:, 0].long(), rows[:, 1].long(), rows[:, 2:]
+        block = tables.gather(1, (positions // self.block_size)[:, None])[:, 0].long()          # [bs]
+        slots = block * self.block_size + positions % self.block_size                          # [bs]
+        context_lens = (rows[:, 1] + 1).contiguous()                                           # [bs] int32
+        meta = AttentionMetadata.static_decode(slots, tables, context_lens, self.block_size, self.max_model_len)
         with torch.inference_mode():
             hidden = self.model(ids, positions, self.kv_caches, meta)                  # [bs, D]
             return self.model.compute_logits(hidden)                                  # [bs, V]
 
-    def _fill(self, ids, positions, slots, context_lens, block_tables, bs: int) -> None:
+    def _fill(self, ids, positions, block_tables, bs: int) -> None:
         """Write a batch (host lists) into the staging rows, padding up to bs, then copy those rows over.
         Table entries past a sequence's own blocks are left stale: nothing reads past its context."""
         h, B = self.host, len(ids)
         if self.copied is not None:
             self.copied.synchronize()          # the previous asynchronous copy has read the staging buffer
-        h[:B, 0], h[:B, 1], h[:B, 2], h[:B, 3] = ids, positions, slots, context_lens
-        h[B:bs, :5] = (0, 0, self.pad_block * self.block_size, 1, self.pad_block)
+        h[:B, 0], h[:B, 1] = ids, positions
+        h[B:bs, :3] = (0, 0, self.pad_block)
         for row, table in enumerate(block_tables):
-            h[row, 4:4 + len(table)] = table
+            h[row, 2:2 + len(table)] = table
         self.buffer[:bs].copy_(self.staging[:bs], non_blocking=self.capture)
         if self.copied is not None:
             self.copied.record()
@@ -86,7 +87,7 @@ class DecodeGraphs:
         if not self.capture:
             entry = (None, torch.empty(0))
         else:
-            self._fill([], [], [], [], [], bs)             # all padding while capturing
+            self._fill([], [], [], bs)                     # all padding while capturing
             side = torch.cuda.Stream(self.device)          # warm up (compiles the Triton kernels) off-stream
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -101,13 +102,13 @@ class DecodeGraphs:
         self.graphs[bs] = entry
         return entry
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [B, V] for B <= max_num_seqs sequences decoding one token each."""
+    def run(self, ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits [B, V] for B <= max_num_seqs sequences decoding one token each: the token at `position`
+        of each, whose cache slot is taken from its block table."""
         B = len(ids)
         bs = self.bucket(B)
         graph, logits = self._graph(bs)
-        self._fill(ids, positions, slots, context_lens, block_tables, bs)
+        self._fill(ids, positions, block_tables, bs)
         if graph is None:
             return self._forward(bs)[:B]
         graph.replay()

@@ -106,11 +106,9 @@ class Engine:
 
     def _graph_decode(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [B, V] of a decode step replayed from the CUDA graph of its batch-size bucket."""
-        seqs, bs = batch.seqs, self.block_size
+        seqs = batch.seqs
         positions = [s.num_cached for s in seqs]
-        slots = [s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
-        logits = self.graphs.run([s.token_at(p) for s, p in zip(seqs, positions)], positions, slots,
-                                 [p + 1 for p in positions], [s.blocks for s in seqs])
+        logits = self.graphs.run([s.token_at(p) for s, p in zip(seqs, positions)], positions, [s.blocks for s in seqs])
         self._advance(batch, [p + 1 for p in positions])
         return logits
 

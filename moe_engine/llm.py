@@ -65,8 +65,8 @@ class LLM:
     def _setup(self, model, config, path, tokenizer, device, dtype, *, block_size=16, num_kv_blocks=None,
                kv_cache_bytes=None, gpu_memory_utilization=0.8, max_num_seqs=32,
                max_num_batched_tokens=2048, max_model_len=None, enable_prefix_caching=True, cuda_graphs=None):
-        """cuda_graphs: replay decode steps from CUDA graphs (None: on CUDA devices; True elsewhere runs
-        the same static-buffer step eagerly, which is how the CPU tests check it)."""
+        """cuda_graphs: replay decode steps from CUDA graphs (None: on CUDA where Triton is installed; True
+        off CUDA runs the same static-buffer step eagerly, which is how the CPU tests check it)."""
         _check_engine_args(block_size=block_size, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                            gpu_memory_utilization=gpu_memory_utilization)
