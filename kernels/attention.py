@@ -26,31 +26,28 @@ class AttentionMetadata:
     context_lens: list[int] | None      # B host ints: tokens in context after this step
     query_start_loc: list[int]          # B+1 host ints: prefix sums of query lengths
     block_size: int
-    context_slots: list[torch.Tensor] | None   # B tensors [context_lens[b]]: slots of the whole context
     context_lens_tensor: torch.Tensor | None = None   # [B] int32 on the device; built on demand when None
     max_context: int = 0                # >= every context length (0: the longest of context_lens)
+    _all_slots: torch.Tensor | None = field(default=None, repr=False)
+    _context_slots: list[torch.Tensor] | None = field(default=None, repr=False)
     _padded: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int],
               block_size: int, device: torch.device, max_context: int = 0) -> "AttentionMetadata":
+        """From host lists. Built every step, so it makes only three small tensors (a decode step on the
+        CPU pays microseconds per torch call); the per-sequence context slots follow on first use."""
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
         width = max(len(t) for t in block_tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-        # Every sequence's slots in logical order, from its block table: [B, width * block_size].
-        all_slots = (table.long()[:, :, None] * block_size + torch.arange(block_size)).view(len(table), -1)
-        row = all_slots.shape[1]
-        new = [b * row + p for b, (ctx, n) in enumerate(zip(context_lens, query_lens)) for p in range(ctx - n, ctx)]
-        all_slots = all_slots.to(device)
-        meta = cls(slot_mapping=all_slots.view(-1)[torch.tensor(new, device=device)],
-                   block_tables=table.to(device), context_lens=list(context_lens), query_start_loc=starts,
-                   block_size=block_size, context_slots=[all_slots[b, :ctx] for b, ctx in enumerate(context_lens)],
+        new = [t[p // block_size] * block_size + p % block_size
+               for t, ctx, n in zip(block_tables, context_lens, query_lens) for p in range(ctx - n, ctx)]
+        return cls(slot_mapping=torch.tensor(new).to(device), block_tables=table.to(device),
+                   context_lens=list(context_lens), query_start_loc=starts, block_size=block_size,
                    context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32).to(device),
                    max_context=max(max_context, *context_lens))
-        meta._padded = (all_slots[:, :max(context_lens)], _valid_mask(context_lens, device))
-        return meta
 
     @classmethod
     def static_decode(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -60,8 +57,23 @@ class AttentionMetadata:
         reads them on the host, so a step built on them can be captured in a CUDA graph."""
         B = block_tables.shape[0]
         return cls(slot_mapping=slot_mapping, block_tables=block_tables, context_lens=None,
-                   query_start_loc=list(range(B + 1)), block_size=block_size, context_slots=None,
+                   query_start_loc=list(range(B + 1)), block_size=block_size,
                    context_lens_tensor=context_lens, max_context=max_context)
+
+    def _slots(self) -> torch.Tensor:
+        """[B, max_blocks * block_size]: the slots of every sequence's blocks, in logical order."""
+        if self._all_slots is None:
+            offsets = torch.arange(self.block_size, device=self.block_tables.device)
+            table = self.block_tables.long()
+            self._all_slots = (table[:, :, None] * self.block_size + offsets).view(table.shape[0], -1)
+        return self._all_slots
+
+    @property
+    def context_slots(self) -> list[torch.Tensor] | None:
+        """B tensors [context_lens[b]]: the slots of each sequence's whole context (None when static)."""
+        if self.context_lens is not None and self._context_slots is None:
+            self._context_slots = [self._slots()[b, :ctx] for b, ctx in enumerate(self.context_lens)]
+        return self._context_slots
 
     @property
     def num_seqs(self) -> int:
@@ -89,9 +101,9 @@ class AttentionMetadata:
             pos = torch.arange(self.max_context, device=self.block_tables.device)             # [L]
             slots = self.block_tables[:, pos // self.block_size].long() * self.block_size + pos % self.block_size
             self._padded = (slots, pos[None, :] < self.context_lens_tensor[:, None])
-        elif self._padded is None:     # a hand-built metadata: derive it from context_slots
-            slots = torch.nn.utils.rnn.pad_sequence(self.context_slots, batch_first=True)   # [B, L]
-            self._padded = (slots, _valid_mask(self.context_lens, slots.device))
+        elif self._padded is None:
+            self._padded = (self._slots()[:, :max(self.context_lens)],
+                            _valid_mask(self.context_lens, self.block_tables.device))
         return self._padded
 
 
@@ -153,7 +165,10 @@ def _decode_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
     B, L = slots.shape
     flat = slots.reshape(-1)                                   # index_select: 2-3x cheaper than k_cache[slots]
     k = k_cache.index_select(0, flat).view(B, L, *k_cache.shape[1:]).transpose(1, 2)   # [B, Hkv, L, Dk]
-    v = v_cache.index_select(0, flat).view(B, L, *v_cache.shape[1:]).transpose(1, 2)   # [B, Hkv, L, Dv]
+    if v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride():
+        v = k[..., :v_cache.shape[-1]]                         # MLA: the values are the keys' first channels
+    else:
+        v = v_cache.index_select(0, flat).view(B, L, *v_cache.shape[1:]).transpose(1, 2)   # [B, Hkv, L, Dv]
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
     if k.shape[1] == 1 and q.dtype == torch.float32:

@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import use_triton
-from kernels.linear import skinny_linear
 
 
 def _check_moe_args(x, w13, w2, topk_weights, topk_ids):
@@ -51,12 +50,19 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
 
 def _single_token_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
-    """Decode of one sequence: just run its k experts (no sorting or scatter)."""
-    out = None
-    for e, w in zip(topk_ids[0].tolist(), topk_weights[0].tolist()):
-        gate, up = skinny_linear(x, w13[e]).chunk(2, dim=-1)      # [1, I] each
-        y = skinny_linear(F.silu(gate) * up, w2[e]) * w          # [1, D]
-        out = y if out is None else out + y
+    """Decode of one sequence: just run its k experts (no sorting or scatter), in as few torch calls as
+    possible, since on the CPU each call costs microseconds that a tiny expert does not amortise: the
+    gate/up product split into one bmm over 4 row blocks (MKL streams a weight faster so, see
+    kernels.linear), and the down product accumulated with its routing weight in one addmm."""
+    D, I = x.shape[1], w2.shape[2]
+    N = 2 * I
+    split = 4 if x.device.type == "cpu" and N % 4 == 0 and x.dtype == w13.dtype else 1
+    x_cols = x.t().expand(split, D, 1)                                  # [split, D, 1]
+    out = x.new_zeros(1, D)
+    for e, w in zip(topk_ids.view(-1).tolist(), topk_weights.view(-1).tolist()):
+        h = torch.bmm(w13[e].view(split, N // split, D), x_cols).view(1, N)   # [1, 2I]: gate | up
+        act = F.silu(h[:, :I]).mul_(h[:, I:])                            # [1, I]
+        out = torch.addmm(out, act, w2[e].t(), alpha=w)                  # out + w * act @ w2[e].T
     return out
 
 

@@ -42,6 +42,26 @@ def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def spread_angles(cos: torch.Tensor, sin: torch.Tensor, interleave: bool,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """cos/sin [T, 1, R/2] -> (cos_full, sin_swap) [T, 1, R] for rotary_swapped: each angle on both channels
+    of its pair, sin signed (-sin on the channel whose partner comes after it). None where rotary() runs
+    its kernel, which takes the half-width angles. Once a step."""
+    if use_triton(backend, cos, sin):
+        return None
+    if interleave:
+        return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+    return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+
+
+def rotary_swapped(x: torch.Tensor, cos_full: torch.Tensor, sin_swap: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """rotary_ref's result (the same floating-point operations) in four torch calls instead of ten, for
+    the CPU, where every call costs microseconds: x * cos + swap(x) * sin, swap exchanging the partners
+    of each pair, with angles from spread_angles. x [T, H, R] -> a new [T, H, R]."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) if interleave else x.roll(x.shape[-1] // 2, -1)
+    return x * cos_full + swapped * sin_swap
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool,
            backend: str = "auto") -> torch.Tensor:
     """Rotary embedding (see rotary_ref); a new contiguous [T, H, R] tensor."""

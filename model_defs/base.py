@@ -38,8 +38,8 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(dim, eps, dtype)
         self.mlp = mlp
 
-    def forward(self, x, cos_sin, kv_cache, meta, routing_hook=None):
-        h, x = self.post_attn_norm.add_and_norm(self.attn(self.input_norm(x), cos_sin, kv_cache, meta), x)
+    def forward(self, x, angles, kv_cache, meta, routing_hook=None):
+        h, x = self.post_attn_norm.add_and_norm(self.attn(self.input_norm(x), angles, kv_cache, meta), x)
         return x + (self.mlp(h, routing_hook) if isinstance(self.mlp, MoEBlock) else self.mlp(h))
 
 
@@ -75,13 +75,14 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata, routing_hook=None) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)                 # [T, D]
-        cos_sin = self.rotary.cos_sin(positions, x.dtype)      # 2 x [T, 1, rope_dim/2]
+        angles = self.rotary.angles(positions, x.dtype)         # RotaryAngles
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, cache, meta, routing_hook)
+            x = layer(x, angles, cache, meta, routing_hook)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return skinny_linear(hidden, self.lm_head).float()     # [N, V]
+        logits = skinny_linear(hidden, self.lm_head)            # [N, V]
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def common_targets(self) -> dict[str, Target]:
         out = {"model.embed_tokens.weight": ("embed", None), "model.norm.weight": ("norm.weight", None)}

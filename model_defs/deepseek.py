@@ -111,7 +111,7 @@ class MLAttention(nn.Module):
     def _bias(self, name):
         return getattr(self, name, None)
 
-    def forward(self, x: torch.Tensor, cos_sin, cache: torch.Tensor, meta: AttentionMetadata):
+    def forward(self, x: torch.Tensor, angles, cache: torch.Tensor, meta: AttentionMetadata):
         a, T, H = self.a, x.shape[0], self.a.num_attention_heads
         if a.q_lora_rank:
             q = F.linear(self.q_a_norm(F.linear(x, self.q_a, self._bias("q_a_bias"))), self.q_b)
@@ -120,8 +120,8 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.view(T, H, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)  # [T, H, *]
         latent, k_pe = F.linear(x, self.kv_a, self._bias("kv_a_bias")).split(
             [a.kv_lora_rank, a.qk_rope_head_dim], -1)                            # [T, L], [T, R]
-        q_pe = self.rotary(q_pe, *cos_sin)                                       # [T, H, R]
-        k_pe = self.rotary(k_pe[:, None, :], *cos_sin)[:, 0]                     # [T, R]
+        q_pe = self.rotary(q_pe, angles)                                       # [T, H, R]
+        k_pe = self.rotary(k_pe[:, None, :], angles)[:, 0]                     # [T, R]
         kernels.write_cache(cache, torch.cat([self.kv_a_norm(latent), k_pe], -1), meta.slot_mapping)
         # A static (graph) decode step knows its contexts only on the device: only the absorbed form serves it.
         if self.absorb == "always" or meta.context_slots is None or (self.absorb == "auto" and meta.is_decode):

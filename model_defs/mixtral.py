@@ -57,10 +57,10 @@ class GQAttention(nn.Module):
         self.rotary = rotary
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, cos_sin, kv_cache: torch.Tensor, meta: AttentionMetadata):
+    def forward(self, x: torch.Tensor, angles, kv_cache: torch.Tensor, meta: AttentionMetadata):
         T, H = x.shape[0], self.n_heads
         qkv = F.linear(x, self.wqkv).view(T, H + 2 * self.n_kv, self.head_dim)   # [T, H + 2 Hkv, Dh]
-        qk = self.rotary(qkv[:, :H + self.n_kv], *cos_sin)                      # q and k heads at once
+        qk = self.rotary(qkv[:, :H + self.n_kv], angles)                      # q and k heads at once
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + self.n_kv:]
         kernels.write_cache(kv_cache[0], k, meta.slot_mapping)
         kernels.write_cache(kv_cache[1], v, meta.slot_mapping)

@@ -125,7 +125,7 @@ class MoEBlock(nn.Module):
         self.shared = SwiGLU(dim, shared_intermediate, dtype=dtype) if shared_intermediate else None
 
     def forward(self, x: torch.Tensor, hook: RoutingHook | None = None) -> torch.Tensor:
-        router_logits = F.linear(x.float(), self.gate)                         # [T, E] float32
+        router_logits = F.linear(x if x.dtype == torch.float32 else x.float(), self.gate)   # [T, E] float32
         if hook is None:
             # Unranked on CUDA saves a sort kernel per layer; elsewhere the ranking is free and keeps the
             # hooked and plain paths summing experts in the same order (bit-identical results).

@@ -95,7 +95,9 @@ class Engine:
                 if ctx == s.num_tokens]
         hidden = self.run_model(ids, positions, owners, meta, self.kv_caches)      # [T, D]
         with torch.inference_mode():
-            logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+            if len(rows) < hidden.shape[0]:     # some rows are prompt tokens that sample nothing
+                hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
+            logits = self.model.compute_logits(hidden)
         self._advance(batch, context_lens)
         return logits, sampled
 

@@ -306,6 +306,19 @@ def test_rotary_triton_matches_reference(dtype, interleave, H, R):
     assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_swapped_equals_reference(interleave, dtype):
+    """The four-call CPU rotation does the reference's floating-point operations: equal, not just close."""
+    from kernels.pointwise import rotary_ref, rotary_swapped, spread_angles
+    T, H, R = 4, 6, 16
+    qkv = torch.randn(T, H + 2, R).to(dtype)
+    angles = torch.rand(T, 1, R // 2) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    out = rotary_swapped(qkv[:, :H], *spread_angles(cos, sin, interleave), interleave)
+    assert torch.equal(out, rotary_ref(qkv[:, :H], cos, sin, interleave))
+
+
 @pytest.mark.parametrize("model", ["tiny-mixtral", "tiny-deepseek"])
 def test_models_with_triton_norm_and_rotary_match(model, monkeypatch):
     """The whole model with every norm and rotation through the Triton kernels (interpreter on the CPU):
