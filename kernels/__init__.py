@@ -2,7 +2,7 @@
 
 from kernels.attention import paged_attention, paged_attention_ref, write_cache
 from kernels.moe import fused_moe, fused_moe_ref
-from kernels.pointwise import rms_norm, rotary, rotary_swapped, spread_angles
+from kernels.pointwise import rms_norm, rms_norm_cpu, rotary, rotary_swapped, spread_angles
 
-__all__ = ["fused_moe", "fused_moe_ref", "paged_attention", "paged_attention_ref", "rms_norm", "rotary",
-           "rotary_swapped", "spread_angles", "write_cache"]
+__all__ = ["fused_moe", "fused_moe_ref", "paged_attention", "paged_attention_ref", "rms_norm", "rms_norm_cpu",
+           "rotary", "rotary_swapped", "spread_angles", "write_cache"]

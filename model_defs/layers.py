@@ -29,13 +29,18 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = weight(dim, dtype=dtype)
         self.eps = eps
+        self._eps_cell = None     # eps as a [1, 1] tensor for kernels.rms_norm_cpu, made on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)[0]
+        return self.add_and_norm(x, None)[0]
 
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual): the residual add and the norm after it, fused on CUDA."""
-        return kernels.rms_norm(x, self.weight, self.eps, residual)
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add and the norm after it, fused on CUDA; on
+        the CPU a float32 norm is kernels.rms_norm_cpu (the same result in about half the time)."""
+        if self._eps_cell is None and x.device.type == "cpu":
+            self._eps_cell = torch.full((1, 1), self.eps)
+        return kernels.rms_norm(x, self.weight, self.eps, residual,
+                                eps_cell=self._eps_cell if x.device.type == "cpu" else None)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

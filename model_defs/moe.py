@@ -51,10 +51,9 @@ class RoutingConfig:
 def _keep_groups(choice: torch.Tensor, group_scores: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:
     """choice [T, E] with every expert outside the best cfg.topk_group groups set to -inf."""
     T = choice.shape[0]
-    top_groups = group_scores.topk(cfg.topk_group, dim=-1).indices          # [T, topk_group]
-    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)  # [T, G]
-    keep = keep[:, :, None].expand(T, cfg.n_group, cfg.num_experts // cfg.n_group).reshape(T, -1)
-    return choice.masked_fill(~keep, float("-inf"))
+    top_groups = group_scores.topk(cfg.topk_group, dim=-1).indices                       # [T, topk_group]
+    drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, False)  # [T, G]
+    return choice.view(T, cfg.n_group, -1).masked_fill(drop[:, :, None], float("-inf")).view(T, -1)
 
 
 def route(router_logits: torch.Tensor, cfg: RoutingConfig, bias: torch.Tensor | None = None,

@@ -306,6 +306,22 @@ def test_rotary_triton_matches_reference(dtype, interleave, H, R):
     assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.parametrize("T,D", [(1, 256), (5, 96), (33, 64)])
+def test_rms_norm_cpu_matches_reference(T, D):
+    """The CPU float32 norm in fewer torch calls: F.rms_norm's result, with and without the residual add
+    before it, and with eps dominating a tiny input (added, not dropped)."""
+    from kernels.pointwise import rms_norm, rms_norm_ref
+    g = torch.Generator().manual_seed(T * D)
+    x, residual = torch.randn(T, D, generator=g) * 3, torch.randn(T, D, generator=g)
+    weight = 1 + 0.1 * torch.randn(D, generator=g)
+    eps_cell = torch.full((1, 1), 1e-6)
+    out, total = rms_norm(x, weight, 1e-6, residual, eps_cell=eps_cell)
+    assert torch.equal(total, x + residual)
+    assert rel_err(out, rms_norm_ref(x + residual, weight, 1e-6)) < 1e-6
+    tiny = torch.full((1, D), 1e-4)
+    assert rel_err(rms_norm(tiny, weight, 1e-6, eps_cell=eps_cell)[0], rms_norm_ref(tiny, weight, 1e-6)) < 1e-6
+
+
 @pytest.mark.parametrize("interleave", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_swapped_equals_reference(interleave, dtype):

@@ -45,3 +45,23 @@ def test_paged_equals_contiguous(block_size, H, Hkv):
     for b, (k, v) in enumerate(contexts):
         lo, hi = meta.query_start_loc[b], meta.query_start_loc[b + 1]
         torch.testing.assert_close(out[lo:hi], dense_attention(q[lo:hi], k, v, 0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("Hkv,shared", [(2, False), (1, False), (1, True)])
+def test_decode_batch_equals_contiguous(Hkv, shared):
+    """A pure decode batch (one masked attention over padded contexts): grouped heads, one shared key head,
+    and MLA's layout where the values are the first channels of the cached keys."""
+    g = torch.Generator().manual_seed(Hkv + shared)
+    H, D, Dv, block_size, num_blocks = 4, 8, 6, 4, 32
+    context_lens = [9, 3, 14]
+    k_cache = torch.randn(num_blocks * block_size, Hkv, D, generator=g)
+    v_cache = k_cache[..., :Dv] if shared else torch.randn(num_blocks * block_size, Hkv, Dv, generator=g)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [[perm.pop() for _ in range(-(-ctx // block_size))] for ctx in context_lens]
+    meta = AttentionMetadata.build(tables, context_lens, [1] * len(context_lens), block_size, torch.device("cpu"))
+    assert meta.is_decode
+    q = torch.randn(len(context_lens), H, D, generator=g)
+    out = paged_attention(q, k_cache, v_cache, meta, scale=0.3)
+    for b, slots in enumerate(meta.context_slots):
+        torch.testing.assert_close(out[b:b + 1], dense_attention(q[b:b + 1], k_cache[slots], v_cache[slots], 0.3),
+                                   atol=1e-5, rtol=1e-5)
