@@ -20,5 +20,13 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if (x.device.type != "cpu" or M > 16 or N % 4 or w.numel() < SKINNY_MIN_WEIGHT
             or x.dtype != w.dtype or not w.is_contiguous()):
         return F.linear(x, w)
-    out = torch.bmm(w.view(4, N // 4, K), x.t().expand(4, K, M))        # [4, N/4, M]
+    out = row_block_matmul(w, x.t().expand(4, K, M))                     # [4, N/4, M]
     return out.view(N, M).t().contiguous()                               # [M, N]
+
+
+def row_block_matmul(w: torch.Tensor, x_cols: torch.Tensor) -> torch.Tensor:
+    """w [N, K] times x_cols [S, K, M] (x [M, K] transposed and expanded S times) as one bmm over S row
+    blocks of w: [S, N/S, M], which .view(N, M) puts back in order. The split that skinny_linear and the
+    single-token MoE use to let MKL stream a weight on both threads."""
+    S, K, _ = x_cols.shape
+    return torch.bmm(w.view(S, w.shape[0] // S, K), x_cols)

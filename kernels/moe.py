@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import use_triton
+from kernels.linear import row_block_matmul
 
 
 def _check_moe_args(x, w13, w2, topk_weights, topk_ids):
@@ -60,7 +61,7 @@ def _single_token_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
     x_cols = x.t().expand(split, D, 1)                                  # [split, D, 1]
     out = x.new_zeros(1, D)
     for e, w in zip(topk_ids.view(-1).tolist(), topk_weights.view(-1).tolist()):
-        h = torch.bmm(w13[e].view(split, N // split, D), x_cols).view(1, N)   # [1, 2I]: gate | up
+        h = row_block_matmul(w13[e], x_cols).view(1, N)                  # [1, 2I]: gate | up
         act = F.silu(h[:, :I]).mul_(h[:, I:])                            # [1, I]
         out = torch.addmm(out, act, w2[e].t(), alpha=w)                  # out + w * act @ w2[e].T
     return out

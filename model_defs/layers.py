@@ -37,10 +37,9 @@ class RMSNorm(nn.Module):
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add and the norm after it, fused on CUDA; on
         the CPU a float32 norm is kernels.rms_norm_cpu (the same result in about half the time)."""
-        if self._eps_cell is None and x.device.type == "cpu":
+        if self._eps_cell is None:      # a CPU tensor; kernels.rms_norm uses it for CPU inputs only
             self._eps_cell = torch.full((1, 1), self.eps)
-        return kernels.rms_norm(x, self.weight, self.eps, residual,
-                                eps_cell=self._eps_cell if x.device.type == "cpu" else None)
+        return kernels.rms_norm(x, self.weight, self.eps, residual, eps_cell=self._eps_cell)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
