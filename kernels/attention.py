@@ -159,13 +159,20 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
+def _values_in_keys(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """v_cache is the first channels of k_cache (MLA's latent). Not asked while torch.compile traces, which
+    cannot compare data pointers: the values are then gathered on their own, to the same result."""
+    return (not torch.compiler.is_compiling() and v_cache.data_ptr() == k_cache.data_ptr()
+            and v_cache.stride() == k_cache.stride())
+
+
 def _decode_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """One new token per sequence: the whole batch in one masked attention over padded contexts."""
     slots, valid = meta.padded_context()                       # [B, L], [B, L] or None
     B, L = slots.shape
     flat = slots.reshape(-1)                                   # index_select: 2-3x cheaper than k_cache[slots]
     k = k_cache.index_select(0, flat).view(B, L, *k_cache.shape[1:]).transpose(1, 2)   # [B, Hkv, L, Dk]
-    if v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride():
+    if _values_in_keys(k_cache, v_cache):
         v = k[..., :v_cache.shape[-1]]                         # MLA: the values are the keys' first channels
     else:
         v = v_cache.index_select(0, flat).view(B, L, *v_cache.shape[1:]).transpose(1, 2)   # [B, Hkv, L, Dv]

@@ -109,21 +109,44 @@ def fused_moe_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     E = w13.shape[0]
     dense_weights = x.new_zeros(T, E).scatter_add_(1, topk_ids, topk_weights.to(x.dtype))   # [T, E]
     gate, up = torch.bmm(w13, x.t().expand(E, D, T)).chunk(2, dim=1)                     # [E, I, T] each
-    # [E, I, T] stored as [E, T, I]: the layout bmm multiplies fastest as its second operand.
-    h = x.new_empty(E, T, gate.shape[1]).transpose(1, 2)                                 # [E, I, T]
-    torch.mul(F.silu(gate).mul_(up), dense_weights.t()[:, None, :], out=h)
+    if torch.compiler.is_compiling():     # the compiler picks the layout (and cannot trace out=)
+        h = F.silu(gate) * up * dense_weights.t()[:, None, :]                            # [E, I, T]
+    else:     # [E, I, T] stored as [E, T, I]: the layout bmm multiplies fastest as its second operand.
+        h = x.new_empty(E, T, gate.shape[1]).transpose(1, 2)                             # [E, I, T]
+        torch.mul(F.silu(gate).mul_(up), dense_weights.t()[:, None, :], out=h)
     return torch.bmm(w2, h).sum(0).t().contiguous()                                      # [E, D, T] -> [T, D]
+
+
+def fused_moe_gathered(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                       topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The chosen experts' products written as gathers, multiplies and sums over the weights, for
+    torch.compile on the CPU: the compiler fuses each gather into its reduction, so the k experts are read
+    in place, with no expert ids brought to the host and no per-expert loop. Run eagerly it would copy the
+    chosen weights out first (fine for tests, slow for use)."""
+    _check_moe_args(x, w13, w2, topk_weights, topk_ids)
+    I = w2.shape[2]
+    h = (w13[topk_ids] * x[:, None, None, :]).sum(-1)                   # [T, k, 2I]
+    act = F.silu(h[..., :I]) * h[..., I:]                                # [T, k, I]
+    y = (w2[topk_ids] * act[:, :, None, :]).sum(-1)                      # [T, k, D]
+    return (y * topk_weights[..., None].to(y.dtype)).sum(1)              # [T, D]
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Mixture of SwiGLU experts: x [T, D], w13 [E, 2I, D], w2 [E, D, I], topk_* [T, k] -> [T, D].
 
-    backend 'auto' runs the Triton kernel on CUDA tensors; on the CPU a decode-sized batch with large experts
+    backend 'auto' runs the Triton kernel on CUDA tensors; on the CPU a compiled decode step takes the chosen
+    experts in place (fused_moe_gathered) or, once a step chooses as many experts as there are, all of them
+    (fused_moe_dense); otherwise a decode-sized batch with large experts
     runs them densely (fused_moe_dense), a larger batch goes through torch's grouped matmul where it fits;
     everything else, and backend 'torch', runs the reference (see kernels.backend)."""
     if not use_triton(backend, x, w13, w2):
         T = x.shape[0]
+        if backend == "auto" and x.device.type == "cpu" and torch.compiler.is_compiling():
+            # A compiled decode step (moe_engine.cuda_graphs): no host round trip for the expert ids.
+            if T * topk_ids.shape[1] < w13.shape[0]:
+                return fused_moe_gathered(x, w13, w2, topk_weights, topk_ids)
+            return fused_moe_dense(x, w13, w2, topk_weights, topk_ids)
         if (backend == "auto" and x.device.type == "cpu" and x.dtype == w13.dtype == w2.dtype
                 and 1 < T <= DENSE_MAX_TOKENS and w13.numel() >= DENSE_MIN_WEIGHT):
             return fused_moe_dense(x, w13, w2, topk_weights, topk_ids)

@@ -80,6 +80,11 @@ class CausalLM(nn.Module):
             x = layer(x, angles, cache, meta, routing_hook)
         return self.norm(x)
 
+    def cache_parts(self, kv_caches: list[torch.Tensor]) -> list:
+        """The caches as the layers may be handed them: each a tensor of its own, no view of a larger
+        one (what a compiled step needs to write them in place). Families with stacked caches split them."""
+        return kv_caches
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = skinny_linear(hidden, self.lm_head)            # [N, V]
         return logits if logits.dtype == torch.float32 else logits.float()

@@ -97,6 +97,11 @@ class MixtralModel(CausalLM):
         return [torch.zeros(2, num_slots, a.kv_heads, a.dim_per_head, dtype=dtype, device=device)
                 for _ in range(a.num_hidden_layers)]
 
+    def cache_parts(self, kv_caches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's [2, S, Hkv, Dh] cache as its (keys, values) halves; the layer reads kv_cache[0] and
+        kv_cache[1] either way."""
+        return [(cache[0], cache[1]) for cache in kv_caches]
+
     def kv_cache_bytes_per_token(self, dtype) -> int:
         a = self.args
         return 2 * a.kv_heads * a.dim_per_head * a.num_hidden_layers * torch.finfo(dtype).bits // 8

@@ -128,23 +128,30 @@ def best_of_alternating(runs: list, repeats: int = 3) -> list[tuple[float, float
     return [(max(r[i][0] for r in results), max(r[i][1] for r in results)) for i in range(len(runs))]
 
 
-def engine_for(model, batch: int, prompt_len: int, new_tokens: int, cuda_graphs: bool | None) -> LLM:
+def engine_for(model, batch: int, prompt_len: int, new_tokens: int, cuda_graphs: bool | None,
+               compile: bool = False) -> LLM:
     """An engine sized for the batch: a cache just big enough, leaving GPU memory to transformers' cache."""
     per_seq = -(-(prompt_len + new_tokens + 16) // 16)
     return LLM.from_model(model, max_num_seqs=max(batch, 1), max_model_len=prompt_len + new_tokens + 16,
                           max_num_batched_tokens=max(2048, batch * prompt_len), enable_prefix_caching=False,
-                          block_size=16, num_kv_blocks=batch * per_seq + 1, cuda_graphs=cuda_graphs)
+                          block_size=16, num_kv_blocks=batch * per_seq + 1, cuda_graphs=cuda_graphs,
+                          compile=compile)
 
 
 def measure(name, model, hf, device, batches, prompt_len, new_tokens, vocab, repeats: int = 3,
             compare_eager: bool = False, sequential: bool = True, cuda_graphs: bool | None = None,
-            hf_repeats: int | None = None) -> list[dict]:
+            hf_repeats: int | None = None, compile: bool = False) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     for batch in batches:
         prompts = torch.randint(3, vocab, (batch, prompt_len), generator=gen).tolist()
-        llm = engine_for(model, batch, prompt_len, new_tokens, cuda_graphs)
+        llm = engine_for(model, batch, prompt_len, new_tokens, cuda_graphs, compile)
         ours = lambda: ours_rates(llm, prompts, new_tokens)      # noqa: E731
+        compile_s = None
+        if compile:        # the first run compiles the batch's decode step: timed apart, as start-up
+            t = time.perf_counter()
+            ours()
+            compile_s = time.perf_counter() - t
         theirs = lambda: hf_rates(hf, prompts, new_tokens, device)   # noqa: E731
         # On the CPU ours and transformers take turns; on a GPU ours runs first and gives its cache back.
         alternate = hf is not None and device.type == "cpu" and not hf_repeats
@@ -154,13 +161,15 @@ def measure(name, model, hf, device, batches, prompt_len, new_tokens, vocab, rep
             prefill, decode = best_of(ours, repeats)
         row = {"model": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
                "ours_decode_tok_s": decode, "ours_prefill_tok_s": prefill,
-               "cuda_graphs": llm.engine.graphs is not None}
+               "cuda_graphs": llm.engine.graphs is not None and llm.engine.graphs.capture,
+               "compiled": compile, "compile_warmup_s": compile_s}
         if batch > 1 and sequential:
             row["ours_batched_vs_sequential"] = batched_vs_sequential(llm, prompts, new_tokens)
         del llm
-        if compare_eager and device.type == "cuda":
+        if compare_eager and (device.type == "cuda" or compile):
             eager = engine_for(model, batch, prompt_len, new_tokens, False)
-            row["ours_eager_decode_tok_s"] = best_of(lambda: ours_rates(eager, prompts, new_tokens), 1)[1]
+            runs = 1 if device.type == "cuda" else repeats
+            row["ours_eager_decode_tok_s"] = best_of(lambda: ours_rates(eager, prompts, new_tokens), runs)[1]
             del eager
         if hf is not None:
             if not alternate:
@@ -183,8 +192,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best is kept)")
     p.add_argument("--hf-repeats", type=int, default=None, help="timed transformers runs (default: --repeats)")
     p.add_argument("--compare-eager", action="store_true",
-                   help="on CUDA, also time our decode without CUDA graphs")
+                   help="also time our decode without CUDA graphs (CUDA) or without --compile (CPU)")
     p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
+    p.add_argument("--compile", action="store_true",
+                   help="on the CPU, time our decode with compiled steps (LLM(compile=True)); the first run, "
+                        "which compiles, is reported apart")
     p.add_argument("--sequential", default=None, action=argparse.BooleanOptionalAction,
                    help="also time the batch's prompts one after another (default: on the CPU only)")
     p.add_argument("--out", default=str(REPO / "bench_results" / "decode.json"))
@@ -220,7 +232,7 @@ def main(argv=None) -> int:
         limit = bandwidth / active_weight_bytes(model)
         for row in measure(name, model, hf, device, batches, prompt_len, a.new_tokens, model.args.vocab_size,
                            a.repeats, a.compare_eager, not gpu if a.sequential is None else a.sequential,
-                           False if a.no_graphs else None, a.hf_repeats):
+                           False if a.no_graphs else None, a.hf_repeats, a.compile):
             row["bandwidth_limit_tok_s"] = limit
             row["pct_of_limit_b1"] = 100 * row["ours_decode_tok_s"] / limit if row["batch"] == 1 else None
             rows.append(row)
@@ -229,10 +241,12 @@ def main(argv=None) -> int:
             limit_part = (f"  {row['pct_of_limit_b1']:5.1f}% of limit" if row["batch"] == 1 else
                           f"  batched {row['ours_batched_vs_sequential']:4.1f}x faster than one by one"
                           if "ours_batched_vs_sequential" in row else "")
-            eager_part = (f"  (no graphs {row['ours_eager_decode_tok_s']:8.1f})"
+            plain = "not compiled" if row["compiled"] else "no graphs"
+            eager_part = (f"  ({plain} {row['ours_eager_decode_tok_s']:8.1f})"
                           if "ours_eager_decode_tok_s" in row else "")
+            compiled = (f"  (compiled; first run {row['compile_warmup_s']:.0f} s)" if row["compiled"] else "")
             print(f"{name:18s} batch {row['batch']:3d}  decode {row['ours_decode_tok_s']:8.1f} tok/s{eager_part}"
-                  f"  prefill {row['ours_prefill_tok_s']:9.1f} tok/s{hf_part}{limit_part}", flush=True)
+                  f"  prefill {row['ours_prefill_tok_s']:9.1f} tok/s{hf_part}{limit_part}{compiled}", flush=True)
         del model, hf
         if gpu:
             torch.cuda.empty_cache()

@@ -45,6 +45,9 @@ def build_parser() -> Parser:
                         help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA, float16 on MPS)")
     common.add_argument("--no-cuda-graphs", action="store_true",
                         help="on CUDA, run every decode step eagerly instead of replaying CUDA graphs")
+    common.add_argument("--compile", action="store_true",
+                        help="on the CPU, compile decode steps with torch.compile: faster steps after a compile "
+                             "of some seconds per batch size (cached on disk for later runs)")
     common.add_argument("--quiet", action="store_true", help="no loading bar (shown on a terminal) and no stats line")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
@@ -95,6 +98,9 @@ def device_and_dtype(args):
     """Checked before anything is loaded, so a bad flag fails at once."""
     from moe_engine.device import pick_device, pick_dtype
     device = pick_device(args.device)
+    if getattr(args, "compile", False) and device.type != "cpu":
+        raise MoeEngineError(f"--compile compiles CPU decode steps; on {device.type} leave it off "
+                             "(CUDA decode steps are replayed from CUDA graphs already)")
     return device, pick_dtype(args.dtype, device)
 
 
@@ -102,7 +108,8 @@ def load_llm(args):
     from moe_engine.llm import LLM
     device, dtype = device_and_dtype(args)
     graphs = False if getattr(args, "no_cuda_graphs", False) else None
-    return LLM(resolve_model(args.model), device, dtype, progress=show_progress(args), cuda_graphs=graphs)
+    return LLM(resolve_model(args.model), device, dtype, progress=show_progress(args), cuda_graphs=graphs,
+               compile=getattr(args, "compile", False))
 
 
 def show_progress(args) -> bool:

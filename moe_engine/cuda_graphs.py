@@ -7,8 +7,11 @@ and block table per sequence; the cache slot and context length follow from thos
 each step overwrites with one host-to-device copy of the rows in use; the logits come back in a static
 tensor. Rows beyond the real batch are padding: position 0 of a scratch cache block that no sequence owns.
 
-Without CUDA (tests on the CPU) the same buffers and the same forward run eagerly, so everything but
-the capture itself is exercised there.
+On the CPU, where each of a step's ~350-600 torch calls costs microseconds of Python and dispatch, the
+same static step can instead be compiled (compile=True): torch.compile fuses it into a few dozen C++
+kernels per batch-size bucket, with the table width (how many blocks the longest context spans) left
+dynamic, so one compile serves every context length. Otherwise, without CUDA (tests on the CPU), the same
+buffers and the same forward run eagerly, so everything but the capture itself is exercised there.
 """
 
 import torch
@@ -35,7 +38,7 @@ class DecodeGraphs:
     """
 
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, max_model_len: int,
-                 max_num_seqs: int, pad_block: int, device: torch.device):
+                 max_num_seqs: int, pad_block: int, device: torch.device, compile: bool = False):
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.max_model_len, self.pad_block, self.device = max_model_len, pad_block, device
         self.sizes = bucket_sizes(max_num_seqs)
@@ -51,21 +54,46 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor]] = {}
         self.pool = None
         self.copied = torch.cuda.Event() if self.capture else None   # the last copy out of staging is done
+        # The compiled step (CPU): traced once per bucket; a mutated cache must reach it as a whole tensor
+        # (a view of a larger one would be copied whole every step), hence the model's cache_parts.
+        self.compiled = torch.compile(self._step, dynamic=False) if compile else None
+        self.cache_parts = model.cache_parts(kv_caches)
+        self.compiled_sizes: set[int] = set()     # buckets compiled so far
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.sizes if b >= batch)
 
     def _forward(self, bs: int) -> torch.Tensor:
-        """The step that is captured: static buffers in, logits [bs, V] out."""
+        """The step that is captured (or compiled): static buffers in, logits [bs, V] out."""
         rows = self.buffer[:bs]                                                   # [bs, 2 + width]
-        ids, positions, tables = rows[:, 0].long(), rows[:, 1].long(), rows[:, 2:]
+        if self.compiled is None:
+            with torch.inference_mode():
+                return self._step(rows[:, :2], rows[:, 2:], self.kv_caches)
+        # Only the table columns the longest context reaches: attention then reads no further than it.
+        width = min(self.width, max(2, int(self.host[:bs, 1].max()) // self.block_size + 1))
+        tables = rows[:, 2:2 + width]                                             # [bs, width]
+        if self.width > 2:
+            torch._dynamo.mark_dynamic(tables, 1, min=2, max=self.width)
+        # Not in inference mode (even if the caller is): the compiled step writes the caches in place.
+        with torch.inference_mode(False), torch.no_grad():
+            if bs in self.compiled_sizes:
+                return self.compiled(rows[:, :2], tables, self.cache_parts)
+            # A bucket's first step compiles it. Every engine of a process compiles the same function, and
+            # torch's limit of 8 compiles per function would leave a process's later engines eager.
+            self.compiled_sizes.add(bs)
+            with torch._dynamo.config.patch(recompile_limit=256):
+                return self.compiled(rows[:, :2], tables, self.cache_parts)
+
+    def _step(self, head: torch.Tensor, tables: torch.Tensor, caches: list) -> torch.Tensor:
+        """head [bs, 2] (token id, position), tables [bs, w] int32 block tables -> logits [bs, V]."""
+        ids, positions = head[:, 0].long(), head[:, 1].long()
         block = tables.gather(1, (positions // self.block_size)[:, None])[:, 0].long()          # [bs]
         slots = block * self.block_size + positions % self.block_size                          # [bs]
-        context_lens = (rows[:, 1] + 1).contiguous()                                           # [bs] int32
-        meta = AttentionMetadata.static_decode(slots, tables, context_lens, self.block_size, self.max_model_len)
-        with torch.inference_mode():
-            hidden = self.model(ids, positions, self.kv_caches, meta)                  # [bs, D]
-            return self.model.compute_logits(hidden)                                  # [bs, V]
+        context_lens = (head[:, 1] + 1).contiguous()                                           # [bs] int32
+        max_context = self.max_model_len if self.compiled is None else tables.shape[1] * self.block_size
+        meta = AttentionMetadata.static_decode(slots, tables, context_lens, self.block_size, max_context)
+        hidden = self.model(ids, positions, caches, meta)                                      # [bs, D]
+        return self.model.compute_logits(hidden)                                              # [bs, V]
 
     def _fill(self, ids, positions, block_tables, bs: int) -> None:
         """Write a batch (host lists) into the staging rows, padding up to bs, then copy those rows over.

@@ -1,6 +1,9 @@
 """The user API: LLM(model_dir).generate(...), prompt_logits(...), and the one-call generate()."""
 
 import numbers
+import os
+import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,8 +45,8 @@ class LLM:
                  num_kv_blocks: int | None = None, kv_cache_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.8, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, cuda_graphs: bool | None = None, progress: bool = False,
-                 **model_kwargs):
+                 enable_prefix_caching: bool = True, cuda_graphs: bool | None = None, compile: bool = False,
+                 progress: bool = False, **model_kwargs):
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
         path = Path(model).expanduser()
@@ -52,7 +55,7 @@ class LLM:
                     block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes,
                     gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                    enable_prefix_caching=enable_prefix_caching, cuda_graphs=cuda_graphs)
+                    enable_prefix_caching=enable_prefix_caching, cuda_graphs=cuda_graphs, compile=compile)
 
     @classmethod
     def from_model(cls, model, tokenizer=None, **engine_kwargs) -> "LLM":
@@ -64,9 +67,12 @@ class LLM:
 
     def _setup(self, model, config, path, tokenizer, device, dtype, *, block_size=16, num_kv_blocks=None,
                kv_cache_bytes=None, gpu_memory_utilization=0.8, max_num_seqs=32,
-               max_num_batched_tokens=2048, max_model_len=None, enable_prefix_caching=True, cuda_graphs=None):
+               max_num_batched_tokens=2048, max_model_len=None, enable_prefix_caching=True, cuda_graphs=None,
+               compile=False):
         """cuda_graphs: replay decode steps from CUDA graphs (None: on CUDA where Triton is installed; True
-        off CUDA runs the same static-buffer step eagerly, which is how the CPU tests check it)."""
+        off CUDA runs the same static-buffer step eagerly, which is how the CPU tests check it).
+        compile: on the CPU, run decode steps as torch.compile'd static steps (moe_engine.cuda_graphs): each
+        batch-size bucket compiles on first use (seconds), then steps take fewer, fused kernels."""
         _check_engine_args(block_size=block_size, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                            gpu_memory_utilization=gpu_memory_utilization)
@@ -91,8 +97,11 @@ class LLM:
         elif cuda_graphs and device.type == "cuda" and not triton_available():
             raise MoeEngineError("cuda_graphs=True needs the triton package on CUDA: pip install 'moe-engine[triton]', "
                                  "or leave cuda_graphs unset")
-        graphs = (DecodeGraphs(model, kv_caches, block_size, self.max_model_len, max_num_seqs, num_blocks, device)
-                  if cuda_graphs else None)
+        if compile:
+            _check_compile(device)
+        graphs = (DecodeGraphs(model, kv_caches, block_size, self.max_model_len, max_num_seqs, num_blocks, device,
+                               compile=compile)
+                  if cuda_graphs or compile else None)
         self.engine = Engine(model, kv_caches, num_blocks, block_size, device, tokenizer,
                              max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
                              eos_ids=_eos_ids(tokenizer, config), max_model_len=self.max_model_len, graphs=graphs)
@@ -251,6 +260,17 @@ class LLM:
         """exp(mean next-token loss) over token_ids (windows of at most max_model_len tokens)."""
         from moe_engine.routing import perplexity
         return perplexity(self, token_ids, window)
+
+
+def _check_compile(device) -> None:
+    """compile=True needs the CPU and the C++ compiler torch.compile builds its CPU kernels with."""
+    if device.type != "cpu":
+        raise MoeEngineError(f"compile=True compiles CPU decode steps; on {device.type} leave it off "
+                             "(CUDA decode steps are replayed from CUDA graphs already)")
+    cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    if shutil.which(cxx) is None:
+        raise MoeEngineError(f"compile=True needs a C++ compiler for torch.compile's CPU kernels, and {cxx!r} "
+                             "is not on PATH: install one (e.g. g++) or set CXX, or leave compile off")
 
 
 def _is_integer(t) -> bool:

@@ -1,13 +1,18 @@
 """Decode steps from static buffers (the CUDA-graph path): the same tokens as the plain step.
 
 On the CPU the static-buffer step runs eagerly (cuda_graphs=True there means exactly that), which checks
-the buffers, the bucket padding and the scratch block; on a GPU the graphs are really captured."""
+the buffers, the bucket padding and the scratch block, or compiled by torch.compile (compile=True); on a
+GPU the graphs are really captured."""
+
+import os
+import shutil
 
 import pytest
 import torch
 
 from moe_engine.cuda_graphs import bucket_sizes
-from moe_engine.llm import LLM
+from moe_engine.errors import MoeEngineError
+from moe_engine.llm import LLM, _check_compile
 from moe_engine.sampling import SamplingParams
 from tests.conftest import WEIGHTS
 
@@ -26,11 +31,12 @@ def prompts(n: int, vocab: int) -> list[list[int]]:
 
 
 def run(model: str, graphs: bool, device="cpu", dtype=None, **kw):
-    llm = LLM(WEIGHTS / model, device=device, dtype=dtype, cuda_graphs=graphs, block_size=8, max_num_seqs=8, **kw)
+    kw = {"max_num_seqs": 8, **kw}
+    llm = LLM(WEIGHTS / model, device=device, dtype=dtype, cuda_graphs=graphs, block_size=8, **kw)
     # Different lengths: requests finish at different steps, so the batch shrinks through the buckets.
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (12, 20, 7, 16, 9)]
     calls = []
-    if graphs:
+    if llm.engine.graphs is not None:
         real_run = llm.engine.graphs.run
         llm.engine.graphs.run = lambda *a: calls.append(len(a[0])) or real_run(*a)
     outs = llm.generate(prompt_token_ids=prompts(5, llm.model.args.vocab_size), sampling_params=params)
@@ -68,6 +74,38 @@ def test_routing_hooks_take_the_plain_step():
     llm.engine.graphs.run = lambda *a: pytest.fail("graph step used under a routing hook")
     with llm.trace_routing():
         llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
+
+
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None,
+                               reason="torch.compile on the CPU needs a C++ compiler (see test_compile_refusals)")
+
+
+@needs_cxx
+@pytest.mark.parametrize("model", ["tiny-mixtral", "tiny-deepseek"])
+def test_compiled_decode_gives_the_same_tokens_and_logits(model):
+    """compile=True: the static step compiled by torch.compile (buckets 1 and 2 here, each compiled once
+    with its table width dynamic) decodes the tokens the plain step does, and its logits match the same
+    step run eagerly to float32 precision."""
+    plain, _, _ = run(model, graphs=False, max_num_seqs=2)
+    compiled, calls, llm = run(model, graphs=False, compile=True, max_num_seqs=2)
+    assert compiled == plain
+    assert 2 in calls and 1 in calls
+    g = llm.engine.graphs
+    g._fill([5, 9], [40, 3], [[1, 2, 3, 4, 5, 6], [7]], 2)     # contexts of 41 and 4 tokens
+    with torch.inference_mode():
+        eager = g._step(g.buffer[:2, :2], g.buffer[:2, 2:], g.kv_caches)
+    fast = g._forward(2)
+    assert fast.shape == eager.shape == (2, llm.model.args.vocab_size)
+    assert ((fast - eager).abs().max() / eager.abs().max()).item() <= 1e-4
+
+
+def test_compile_refusals(monkeypatch):
+    """compile=True is for the CPU and needs a C++ compiler: either missing, a one-line error says so."""
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(MoeEngineError, match="needs a C\\+\\+ compiler.*no-such-compiler-here"):
+        LLM(WEIGHTS / "tiny-mixtral", compile=True)
+    with pytest.raises(MoeEngineError, match="compiles CPU decode steps; on meta"):
+        _check_compile(torch.device("meta"))
 
 
 @pytest.mark.gpu
