@@ -130,6 +130,13 @@ class DecodeGraphs:
         self.graphs[bs] = entry
         return entry
 
+    def warm_up(self, bs: int = 1) -> None:
+        """Compile (or capture) bucket bs now, on a step of padding rows, rather than on its first real step."""
+        self._graph(bs)
+        if self.compiled is not None and bs not in self.compiled_sizes:
+            self._fill([], [], [], bs)
+            self._forward(bs)
+
     def run(self, ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """Logits [B, V] for B <= max_num_seqs sequences decoding one token each: the token at `position`
         of each, whose cache slot is taken from its block table."""

@@ -102,6 +102,8 @@ class LLM:
         graphs = (DecodeGraphs(model, kv_caches, block_size, self.max_model_len, max_num_seqs, num_blocks, device,
                                compile=compile)
                   if cuda_graphs or compile else None)
+        if compile:
+            _compile_first_bucket(graphs)
         self.engine = Engine(model, kv_caches, num_blocks, block_size, device, tokenizer,
                              max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
                              eos_ids=_eos_ids(tokenizer, config), max_model_len=self.max_model_len, graphs=graphs)
@@ -271,6 +273,18 @@ def _check_compile(device) -> None:
     if shutil.which(cxx) is None:
         raise MoeEngineError(f"compile=True needs a C++ compiler for torch.compile's CPU kernels, and {cxx!r} "
                              "is not on PATH: install one (e.g. g++) or set CXX, or leave compile off")
+
+
+def _compile_first_bucket(graphs: DecodeGraphs) -> None:
+    """Compile the batch-of-one decode step while loading: a compiler that cannot build it fails here, in
+    one line, not in the middle of a generation, and the first request does not wait for it."""
+    try:
+        graphs.warm_up(1)
+    except Exception as e:        # Inductor's errors carry the compiler's whole log: keep its first line
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise MoeEngineError(f"torch.compile could not build the CPU decode step ({type(e).__name__}: {first}); "
+                             "check that a C++ compiler and Python's headers are installed, or leave compile "
+                             "off") from e
 
 
 def _is_integer(t) -> bool:

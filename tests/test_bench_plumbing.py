@@ -1,6 +1,8 @@
 """The decode benchmark's plumbing, checked on small stand-in shapes (speed is never asserted here)."""
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -29,11 +31,22 @@ def test_transformers_twin_shares_weights_and_agrees(name):
 def test_bench_decode_runs_and_writes_json(tmp_path):
     out = tmp_path / "decode.json"
     assert bench_decode_main(["--device", "cpu", "--models", "mixtral-tiny,deepseek-tiny", "--batches", "1,2",
-                              "--new-tokens", "4", "--prompt-len", "8", "--out", str(out)]) == 0
+                              "--new-tokens", "4", "--prompt-len", "8", "--no-compile", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["batch"]) for r in rows] == [("mixtral-tiny", 1), ("mixtral-tiny", 2),
                                                          ("deepseek-tiny", 1), ("deepseek-tiny", 2)]
     assert all(r["ours_decode_tok_s"] > 0 and r["hf_decode_tok_s"] > 0 for r in rows)
+    assert not any(r["compiled"] or "ours_eager_decode_tok_s" in r for r in rows)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None, reason="torch.compile needs a C++ compiler")
+def test_bench_decode_on_the_cpu_compiles_by_default_and_times_eager_beside(tmp_path):
+    out = tmp_path / "decode.json"
+    assert bench_decode_main(["--device", "cpu", "--models", "mixtral-tiny", "--batches", "1", "--new-tokens", "4",
+                              "--prompt-len", "8", "--no-hf", "--repeats", "1", "--out", str(out)]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["compiled"] and row["compile_warmup_s"] > 0
+    assert row["ours_decode_tok_s"] > 0 and row["ours_eager_decode_tok_s"] > 0
 
 
 @pytest.mark.parametrize("name", ["mixtral-tiny", "deepseek-tiny"])

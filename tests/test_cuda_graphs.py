@@ -91,6 +91,7 @@ def test_compiled_decode_gives_the_same_tokens_and_logits(model):
     assert compiled == plain
     assert 2 in calls and 1 in calls
     g = llm.engine.graphs
+    assert g.compiled is not None and g.compiled_sizes == {1, 2}    # bucket 1 compiled while loading
     g._fill([5, 9], [40, 3], [[1, 2, 3, 4, 5, 6], [7]], 2)     # contexts of 41 and 4 tokens
     with torch.inference_mode():
         eager = g._step(g.buffer[:2, :2], g.buffer[:2, 2:], g.kv_caches)
@@ -106,6 +107,20 @@ def test_compile_refusals(monkeypatch):
         LLM(WEIGHTS / "tiny-mixtral", compile=True)
     with pytest.raises(MoeEngineError, match="compiles CPU decode steps; on meta"):
         _check_compile(torch.device("meta"))
+
+
+def test_a_failed_compile_is_one_line_at_load(monkeypatch):
+    """The batch-of-one step compiles while loading; a compiler failure surfaces there as a one-line error."""
+    from moe_engine.cuda_graphs import DecodeGraphs
+
+    def fail(self, bs=1):
+        raise RuntimeError("C++ compile failed:\n/tmp/x.cpp:1: fatal error: Python.h: No such file\n...")
+    monkeypatch.setattr(DecodeGraphs, "warm_up", fail)
+    monkeypatch.setattr("moe_engine.llm._check_compile", lambda device: None)
+    with pytest.raises(MoeEngineError, match=r"could not build the CPU decode step \(RuntimeError: C\+\+ compile "
+                                             r"failed:\); check that a C\+\+ compiler") as err:
+        LLM(WEIGHTS / "tiny-mixtral", compile=True)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.gpu
