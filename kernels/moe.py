@@ -143,10 +143,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     if not use_triton(backend, x, w13, w2):
         T = x.shape[0]
         if backend == "auto" and x.device.type == "cpu" and torch.compiler.is_compiling():
-            # A compiled decode step (moe_engine.cuda_graphs): no host round trip for the expert ids.
-            if T * topk_ids.shape[1] < w13.shape[0]:
-                return fused_moe_gathered(x, w13, w2, topk_weights, topk_ids)
-            return fused_moe_dense(x, w13, w2, topk_weights, topk_ids)
+            # A compiled decode step (moe_engine.cuda_graphs): no host round trip for the expert ids. Dense
+            # once the step chooses as many experts as there are, up to the eager path's dense limit.
+            if (T * topk_ids.shape[1] >= w13.shape[0] and T <= DENSE_MAX_TOKENS
+                    and x.dtype == w13.dtype == w2.dtype):
+                return fused_moe_dense(x, w13, w2, topk_weights, topk_ids)
+            return fused_moe_gathered(x, w13, w2, topk_weights, topk_ids)
         if (backend == "auto" and x.device.type == "cpu" and x.dtype == w13.dtype == w2.dtype
                 and 1 < T <= DENSE_MAX_TOKENS and w13.numel() >= DENSE_MIN_WEIGHT):
             return fused_moe_dense(x, w13, w2, topk_weights, topk_ids)

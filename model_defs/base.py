@@ -81,8 +81,9 @@ class CausalLM(nn.Module):
         return self.norm(x)
 
     def cache_parts(self, kv_caches: list[torch.Tensor]) -> list:
-        """The caches as the layers may be handed them: each a tensor of its own, no view of a larger
-        one (what a compiled step needs to write them in place). Families with stacked caches split them."""
+        """The caches as the layers may be handed them, split outside any compiled step: a compiled step
+        that indexed a stacked cache itself would write the whole stack back each step instead of the new
+        slots in place. Families with stacked caches split them."""
         return kv_caches
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,8 @@ class GQAttention(nn.Module):
         self.rotary = rotary
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, angles, kv_cache: torch.Tensor, meta: AttentionMetadata):
+    def forward(self, x: torch.Tensor, angles, kv_cache, meta: AttentionMetadata):
+        """kv_cache: keys at [0], values at [1] (the [2, S, Hkv, Dh] tensor, or its halves from cache_parts)."""
         T, H = x.shape[0], self.n_heads
         qkv = F.linear(x, self.wqkv).view(T, H + 2 * self.n_kv, self.head_dim)   # [T, H + 2 Hkv, Dh]
         qk = self.rotary(qkv[:, :H + self.n_kv], angles)                      # q and k heads at once

@@ -18,6 +18,10 @@ import torch
 
 from kernels.attention import AttentionMetadata
 from moe_engine.block_manager import blocks_for
+from moe_engine.errors import MoeEngineError
+
+# torch's per-function compile limit, named cache_size_limit before torch 2.7.
+_RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
@@ -56,9 +60,9 @@ class DecodeGraphs:
         self.copied = torch.cuda.Event() if self.capture else None   # the last copy out of staging is done
         # The compiled step (CPU): traced once per bucket; a mutated cache must reach it as a whole tensor
         # (a view of a larger one would be copied whole every step), hence the model's cache_parts.
-        self.compiled = torch.compile(self._step, dynamic=False) if compile else None
+        self.compiled = torch.compile(self._step, dynamic=False, fullgraph=True) if compile else None
         self.cache_parts = model.cache_parts(kv_caches)
-        self.compiled_sizes: set[int] = set()     # buckets compiled so far
+        self.compiled_sizes: set[int] = set()     # buckets compiled so far (added once a compile succeeded)
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.sizes if b >= batch)
@@ -79,10 +83,18 @@ class DecodeGraphs:
             if bs in self.compiled_sizes:
                 return self.compiled(rows[:, :2], tables, self.cache_parts)
             # A bucket's first step compiles it. Every engine of a process compiles the same function, and
-            # torch's limit of 8 compiles per function would leave a process's later engines eager.
+            # torch's limit of 8 compiles per function would stop a process's later engines.
+            with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: 256}):
+                try:
+                    logits = self.compiled(rows[:, :2], tables, self.cache_parts)
+                except Exception as e:    # Inductor's errors carry the compiler's whole log: keep a line
+                    first = (str(e).strip().splitlines() or [""])[0][:200]
+                    raise MoeEngineError(
+                        f"torch.compile could not build the CPU decode step for {bs} sequences "
+                        f"({type(e).__name__}: {first}); check the C++ compiler and Python's headers (the full "
+                        "log is in this error's cause, or run the CLI with --debug), or leave compile off") from e
             self.compiled_sizes.add(bs)
-            with torch._dynamo.config.patch(recompile_limit=256):
-                return self.compiled(rows[:, :2], tables, self.cache_parts)
+            return logits
 
     def _step(self, head: torch.Tensor, tables: torch.Tensor, caches: list) -> torch.Tensor:
         """head [bs, 2] (token id, position), tables [bs, w] int32 block tables -> logits [bs, V]."""

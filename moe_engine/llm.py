@@ -49,6 +49,8 @@ class LLM:
                  progress: bool = False, **model_kwargs):
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
+        if compile:
+            _check_compile(device)        # before the weights load and the cache is allocated
         path = Path(model).expanduser()
         loaded, config = load_model(path, device, dtype, progress, **model_kwargs)
         self._setup(loaded, config, path, load_tokenizer(path, config), device, dtype,
@@ -71,8 +73,9 @@ class LLM:
                compile=False):
         """cuda_graphs: replay decode steps from CUDA graphs (None: on CUDA where Triton is installed; True
         off CUDA runs the same static-buffer step eagerly, which is how the CPU tests check it).
-        compile: on the CPU, run decode steps as torch.compile'd static steps (moe_engine.cuda_graphs): each
-        batch-size bucket compiles on first use (seconds), then steps take fewer, fused kernels."""
+        compile: on the CPU, run decode steps as torch.compile'd static steps (moe_engine.cuda_graphs): the
+        batch-of-one bucket compiles here, larger ones on first use (seconds each), then steps take fewer,
+        fused kernels."""
         _check_engine_args(block_size=block_size, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                            gpu_memory_utilization=gpu_memory_utilization)
@@ -103,7 +106,7 @@ class LLM:
                                compile=compile)
                   if cuda_graphs or compile else None)
         if compile:
-            _compile_first_bucket(graphs)
+            graphs.warm_up(1)     # bucket 1 compiles now: a compiler that cannot build it fails while loading
         self.engine = Engine(model, kv_caches, num_blocks, block_size, device, tokenizer,
                              max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
                              eos_ids=_eos_ids(tokenizer, config), max_model_len=self.max_model_len, graphs=graphs)
@@ -269,22 +272,10 @@ def _check_compile(device) -> None:
     if device.type != "cpu":
         raise MoeEngineError(f"compile=True compiles CPU decode steps; on {device.type} leave it off "
                              "(CUDA decode steps are replayed from CUDA graphs already)")
-    cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    cxx = (os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")).split()[0]
     if shutil.which(cxx) is None:
         raise MoeEngineError(f"compile=True needs a C++ compiler for torch.compile's CPU kernels, and {cxx!r} "
                              "is not on PATH: install one (e.g. g++) or set CXX, or leave compile off")
-
-
-def _compile_first_bucket(graphs: DecodeGraphs) -> None:
-    """Compile the batch-of-one decode step while loading: a compiler that cannot build it fails here, in
-    one line, not in the middle of a generation, and the first request does not wait for it."""
-    try:
-        graphs.warm_up(1)
-    except Exception as e:        # Inductor's errors carry the compiler's whole log: keep its first line
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise MoeEngineError(f"torch.compile could not build the CPU decode step ({type(e).__name__}: {first}); "
-                             "check that a C++ compiler and Python's headers are installed, or leave compile "
-                             "off") from e
 
 
 def _is_integer(t) -> bool:

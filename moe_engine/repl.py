@@ -2,7 +2,9 @@
 answers streamed as they are generated, and a few /commands."""
 
 import dataclasses
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -68,10 +70,16 @@ class Chat:
         return ids
 
     def ask(self, question: str) -> None:
-        """Stream one answer; Ctrl-C stops it, and what was shown so far stays in the history."""
+        """Stream one answer; Ctrl-C stops it, and what was shown so far stays in the history.
+
+        While an answer streams, Ctrl-C only raises a flag that is read between pieces: a KeyboardInterrupt
+        raised at an arbitrary point could land in a finalizer, where Python drops it, or halfway through
+        an engine step."""
         ids = self.prompt_ids(question)
         stream = self.llm.stream(ids, self.params)
         pieces, first_at, finish = [], None, None
+        interrupted = []
+        previous = _on_sigint(lambda *_: interrupted.append(True))
         start = time.perf_counter()
         try:
             for piece in stream:
@@ -79,10 +87,15 @@ class Chat:
                 pieces.append(piece)
                 self.out.write(piece)
                 self.out.flush()
-        except KeyboardInterrupt:
+                if interrupted:
+                    break
+            if interrupted:
+                finish = "interrupted (Ctrl-C)"
+        except KeyboardInterrupt:       # where no handler could be installed (not the main thread)
             finish = "interrupted (Ctrl-C)"
         finally:
             stream.close()                  # cancels the request and frees its cache blocks
+            _on_sigint(previous)
         self.say()
         stats = dict(self.llm.last_stats)
         if finish is None:
@@ -165,6 +178,13 @@ class Chat:
                 if self.debug:
                     traceback.print_exc()
                 self.say(f"error: {type(e).__name__}: {e}".splitlines()[0])
+
+
+def _on_sigint(handler):
+    """Install a SIGINT handler (None: leave things as they are); returns the one it replaced, or None."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler)
 
 
 def enable_line_editing() -> None:

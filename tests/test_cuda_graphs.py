@@ -86,12 +86,15 @@ def test_compiled_decode_gives_the_same_tokens_and_logits(model):
     """compile=True: the static step compiled by torch.compile (buckets 1 and 2 here, each compiled once
     with its table width dynamic) decodes the tokens the plain step does, and its logits match the same
     step run eagerly to float32 precision."""
+    from torch._dynamo.utils import counters
     plain, _, _ = run(model, graphs=False, max_num_seqs=2)
+    graphs_before = counters["stats"]["unique_graphs"]
     compiled, calls, llm = run(model, graphs=False, compile=True, max_num_seqs=2)
     assert compiled == plain
     assert 2 in calls and 1 in calls
     g = llm.engine.graphs
-    assert g.compiled is not None and g.compiled_sizes == {1, 2}    # bucket 1 compiled while loading
+    assert g.compiled_sizes == {1, 2}                           # bucket 1 compiled while loading
+    assert counters["stats"]["unique_graphs"] - graphs_before == 2   # one whole graph per bucket, no breaks
     g._fill([5, 9], [40, 3], [[1, 2, 3, 4, 5, 6], [7]], 2)     # contexts of 41 and 4 tokens
     with torch.inference_mode():
         eager = g._step(g.buffer[:2, :2], g.buffer[:2, 2:], g.kv_caches)
@@ -104,22 +107,19 @@ def test_compile_refusals(monkeypatch):
     """compile=True is for the CPU and needs a C++ compiler: either missing, a one-line error says so."""
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     with pytest.raises(MoeEngineError, match="needs a C\\+\\+ compiler.*no-such-compiler-here"):
-        LLM(WEIGHTS / "tiny-mixtral", compile=True)
+        LLM(WEIGHTS / "tiny-mixtral", device="cpu", compile=True)
     with pytest.raises(MoeEngineError, match="compiles CPU decode steps; on meta"):
         _check_compile(torch.device("meta"))
 
 
 def test_a_failed_compile_is_one_line_at_load(monkeypatch):
     """The batch-of-one step compiles while loading; a compiler failure surfaces there as a one-line error."""
-    from moe_engine.cuda_graphs import DecodeGraphs
-
-    def fail(self, bs=1):
+    def failing(*args):
         raise RuntimeError("C++ compile failed:\n/tmp/x.cpp:1: fatal error: Python.h: No such file\n...")
-    monkeypatch.setattr(DecodeGraphs, "warm_up", fail)
-    monkeypatch.setattr("moe_engine.llm._check_compile", lambda device: None)
-    with pytest.raises(MoeEngineError, match=r"could not build the CPU decode step \(RuntimeError: C\+\+ compile "
-                                             r"failed:\); check that a C\+\+ compiler") as err:
-        LLM(WEIGHTS / "tiny-mixtral", compile=True)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: failing)
+    with pytest.raises(MoeEngineError, match=r"could not build the CPU decode step for 1 sequences "
+                                             r"\(RuntimeError: C\+\+ compile failed:\); check the C\+\+") as err:
+        LLM(WEIGHTS / "tiny-mixtral", device="cpu", compile=True)
     assert "\n" not in str(err.value)
 
 
