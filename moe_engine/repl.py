@@ -181,8 +181,10 @@ class Chat:
 
 
 def _on_sigint(handler):
-    """Install a SIGINT handler (None: leave things as they are); returns the one it replaced, or None."""
-    if handler is None or threading.current_thread() is not threading.main_thread():
+    """Install a SIGINT handler (None: leave things as they are); returns the one it replaced, or None.
+    A process told to ignore SIGINT (started in the background, nohup) keeps ignoring it."""
+    if (handler is None or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) == signal.SIG_IGN):
         return None
     return signal.signal(signal.SIGINT, handler)
 

@@ -5,6 +5,7 @@ import os
 import pty
 import re
 import select
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,9 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:                       # the child: becomes the command, the pty its terminal
             try:
+                # As from a terminal: a test run started in the background (SIGINT ignored, which the
+                # child would inherit) must not make Ctrl-C a no-op for the REPL.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.chdir(ROOT)
                 os.execve(argv[0], argv, env)
             finally:
