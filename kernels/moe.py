@@ -109,8 +109,8 @@ def fused_moe_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     E = w13.shape[0]
     dense_weights = x.new_zeros(T, E).scatter_add_(1, topk_ids, topk_weights.to(x.dtype))   # [T, E]
     gate, up = torch.bmm(w13, x.t().expand(E, D, T)).chunk(2, dim=1)                     # [E, I, T] each
-    if torch.compiler.is_compiling():     # the compiler picks the layout (and cannot trace out=)
-        h = F.silu(gate) * up * dense_weights.t()[:, None, :]                            # [E, I, T]
+    if torch.compiler.is_compiling():     # out= cannot be traced: the same layout asked for by a transpose
+        h = (F.silu(gate) * up * dense_weights.t()[:, None, :]).transpose(1, 2).contiguous().transpose(1, 2)
     else:     # [E, I, T] stored as [E, T, I]: the layout bmm multiplies fastest as its second operand.
         h = x.new_empty(E, T, gate.shape[1]).transpose(1, 2)                             # [E, I, T]
         torch.mul(F.silu(gate).mul_(up), dense_weights.t()[:, None, :], out=h)
