@@ -13,7 +13,8 @@ import torch
 from moe_engine.bench_models import SHAPES, build_random, hf_twin, weight_bytes
 from moe_engine.device import pick_device
 from moe_engine.info import parameter_counts
-from moe_engine.llm import LLM
+from moe_engine.errors import MoeEngineError
+from moe_engine.llm import LLM, check_compile
 from moe_engine.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
@@ -207,6 +208,12 @@ def main(argv=None) -> int:
     batches = [int(b) for b in (a.batches or ("1,16,64" if gpu else "1,8")).split(",")]
     prompt_len = a.prompt_len or (512 if gpu else 32)
     compile = not gpu if a.compile is None else a.compile
+    if compile and a.compile is None:          # the CPU default: compiled where this machine can compile
+        try:
+            check_compile(device)
+        except MoeEngineError as e:
+            print(f"timing eager decode only: {e}")
+            compile = False
     compare_eager = a.compare_eager or (compile and a.compile is None)
     dtype = torch.bfloat16 if gpu else torch.float32
     bandwidth = copy_bandwidth(device, (1 << 30) if gpu else (256 << 20))

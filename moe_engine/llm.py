@@ -50,7 +50,7 @@ class LLM:
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
         if compile:
-            _check_compile(device)        # before the weights load and the cache is allocated
+            check_compile(device)        # before the weights load and the cache is allocated
         path = Path(model).expanduser()
         loaded, config = load_model(path, device, dtype, progress, **model_kwargs)
         self._setup(loaded, config, path, load_tokenizer(path, config), device, dtype,
@@ -101,7 +101,7 @@ class LLM:
             raise MoeEngineError("cuda_graphs=True needs the triton package on CUDA: pip install 'moe-engine[triton]', "
                                  "or leave cuda_graphs unset")
         if compile:
-            _check_compile(device)
+            check_compile(device)
         graphs = (DecodeGraphs(model, kv_caches, block_size, self.max_model_len, max_num_seqs, num_blocks, device,
                                compile=compile)
                   if cuda_graphs or compile else None)
@@ -267,7 +267,7 @@ class LLM:
         return perplexity(self, token_ids, window)
 
 
-def _check_compile(device) -> None:
+def check_compile(device) -> None:
     """compile=True needs the CPU and the C++ compiler torch.compile builds its CPU kernels with."""
     if device.type != "cpu":
         raise MoeEngineError(f"compile=True compiles CPU decode steps; on {device.type} leave it off "

@@ -39,6 +39,16 @@ def test_bench_decode_runs_and_writes_json(tmp_path):
     assert not any(r["compiled"] or "ours_eager_decode_tok_s" in r for r in rows)
 
 
+def test_bench_decode_without_a_compiler_times_eager_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    out = tmp_path / "decode.json"
+    assert bench_decode_main(["--device", "cpu", "--models", "mixtral-tiny", "--batches", "1", "--new-tokens", "4",
+                              "--prompt-len", "8", "--no-hf", "--repeats", "1", "--out", str(out)]) == 0
+    assert "timing eager decode only: compile=True needs a C++ compiler" in capsys.readouterr().out
+    [row] = json.loads(out.read_text())["rows"]
+    assert not row["compiled"] and row["ours_decode_tok_s"] > 0
+
+
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None, reason="torch.compile needs a C++ compiler")
 def test_bench_decode_on_the_cpu_compiles_by_default_and_times_eager_beside(tmp_path):
     out = tmp_path / "decode.json"

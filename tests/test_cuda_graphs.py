@@ -12,7 +12,7 @@ import torch
 
 from moe_engine.cuda_graphs import bucket_sizes
 from moe_engine.errors import MoeEngineError
-from moe_engine.llm import LLM, _check_compile
+from moe_engine.llm import LLM, check_compile
 from moe_engine.sampling import SamplingParams
 from tests.conftest import WEIGHTS
 
@@ -109,7 +109,7 @@ def test_compile_refusals(monkeypatch):
     with pytest.raises(MoeEngineError, match="needs a C\\+\\+ compiler.*no-such-compiler-here"):
         LLM(WEIGHTS / "tiny-mixtral", device="cpu", compile=True)
     with pytest.raises(MoeEngineError, match="compiles CPU decode steps; on meta"):
-        _check_compile(torch.device("meta"))
+        check_compile(torch.device("meta"))
 
 
 def test_a_failed_compile_is_one_line_at_load(monkeypatch):
