@@ -70,9 +70,13 @@ class DecodeGraphs:
     def _forward(self, bs: int) -> torch.Tensor:
         """The step that is captured (or compiled): static buffers in, logits [bs, V] out."""
         rows = self.buffer[:bs]                                                   # [bs, 2 + width]
-        if self.compiled is None:
-            with torch.inference_mode():
-                return self._step(rows[:, :2], rows[:, 2:], self.kv_caches)
+        if self.compiled is not None:
+            return self._compiled_forward(bs, rows)
+        with torch.inference_mode():
+            return self._step(rows[:, :2], rows[:, 2:], self.kv_caches)
+
+    def _compiled_forward(self, bs: int, rows: torch.Tensor) -> torch.Tensor:
+        """_forward through the compiled step; the bucket's first call compiles it."""
         # Only the table columns the longest context reaches: attention then reads no further than it.
         width = min(self.width, max(2, int(self.host[:bs, 1].max()) // self.block_size + 1))
         tables = rows[:, 2:2 + width]                                             # [bs, width]
