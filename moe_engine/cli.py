@@ -108,8 +108,12 @@ def load_llm(args):
     from moe_engine.llm import LLM
     device, dtype = device_and_dtype(args)
     graphs = False if getattr(args, "no_cuda_graphs", False) else None
+    compile = getattr(args, "compile", False)
+    if compile and not args.quiet:      # a silent half minute would look like a hang
+        print("compiling the decode step with torch.compile after loading (tens of seconds the first time, "
+              "a few once torch has cached it)...", file=sys.stderr, flush=True)
     return LLM(resolve_model(args.model), device, dtype, progress=show_progress(args), cuda_graphs=graphs,
-               compile=getattr(args, "compile", False))
+               compile=compile)
 
 
 def show_progress(args) -> bool:

@@ -16,10 +16,10 @@ MODELS = ["weights/tiny-mixtral", "weights/tiny-deepseek"]
 CPU = ["--device", "cpu", "--dtype", "float32"]
 
 
-def moe_engine(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def moe_engine(*args: str, stdin: str | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("moe-engine")
     argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "moe_engine"]
-    env = {k: v for k, v in os.environ.items() if k != "MOE_ENGINE_MODEL"}
+    env = {k: v for k, v in os.environ.items() if k != "MOE_ENGINE_MODEL"} | (env_extra or {})
     # One thread: the tiny models gain nothing from more, and on a busy machine spinning OpenMP threads
     # make a run many times slower.
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -79,7 +79,7 @@ def test_info_counts_match_the_checkpoint(model):
 
 
 @pytest.mark.parametrize("case", ["bad path", "not a model", "bad sampling value", "unknown device",
-                                  "usage error"])
+                                  "usage error", "compile without a compiler"])
 def test_errors_are_one_line(case, tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     args = {
@@ -88,14 +88,16 @@ def test_errors_are_one_line(case, tmp_path):
         "bad sampling value": ["generate", "--model", MODELS[0], "--top-p", "1.5", "hi"],
         "unknown device": ["generate", "--model", MODELS[0], "--device", "tpu", "hi"],
         "usage error": ["generate", "--model", MODELS[0], "--max-tokens", "many", "hi"],
+        "compile without a compiler": ["generate", "--model", MODELS[0], *CPU, "--compile", "--quiet", "hi"],
     }[case]
-    out = moe_engine(*args)
+    out = moe_engine(*args, env_extra={"CXX": "no-such-compiler-here"})
     assert out.returncode == 2
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     expected = {"bad path": "does not exist", "not a model": "no config.json", "bad sampling value": "top_p",
-                "unknown device": "tpu", "usage error": "--max-tokens"}[case]
+                "unknown device": "tpu", "usage error": "--max-tokens",
+                "compile without a compiler": "needs a C++ compiler"}[case]
     assert expected in lines[0]
 
 
@@ -103,7 +105,9 @@ def test_no_cuda_graphs_flag_reaches_the_engine(monkeypatch):
     import moe_engine.llm
     from moe_engine.cli import build_parser, load_llm
     seen = []
-    monkeypatch.setattr(moe_engine.llm, "LLM", lambda *a, **kw: seen.append(kw["cuda_graphs"]))
-    for argv in (["generate", "--no-cuda-graphs", "hi"], ["generate", "hi"]):
+    monkeypatch.setattr(moe_engine.llm, "LLM", lambda *a, **kw: seen.append((kw["cuda_graphs"], kw["compile"])))
+    for argv in (["generate", "--no-cuda-graphs", "hi"], ["generate", "hi"],
+                 ["generate", "--compile", "--quiet", "hi"]):
         load_llm(build_parser().parse_args(argv))
-    assert seen == [False, None]          # off when asked; else the default (graphs on CUDA only)
+    # Graphs off when asked, else the default (on CUDA only); compile only when asked.
+    assert seen == [(False, False), (None, False), (None, True)]
