@@ -109,11 +109,9 @@ def fused_moe_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     E = w13.shape[0]
     dense_weights = x.new_zeros(T, E).scatter_add_(1, topk_ids, topk_weights.to(x.dtype))   # [T, E]
     gate, up = torch.bmm(w13, x.t().expand(E, D, T)).chunk(2, dim=1)                     # [E, I, T] each
-    if torch.compiler.is_compiling():     # out= cannot be traced: the same layout asked for by a transpose
-        h = (F.silu(gate) * up * dense_weights.t()[:, None, :]).transpose(1, 2).contiguous().transpose(1, 2)
-    else:     # [E, I, T] stored as [E, T, I]: the layout bmm multiplies fastest as its second operand.
-        h = x.new_empty(E, T, gate.shape[1]).transpose(1, 2)                             # [E, I, T]
-        torch.mul(F.silu(gate).mul_(up), dense_weights.t()[:, None, :], out=h)
+    h = F.silu(gate).mul_(up).mul_(dense_weights.t()[:, None, :])                        # [E, I, T]
+    # Stored as [E, T, I]: the layout bmm multiplies fastest as its second operand (about 2x here).
+    h = h.transpose(1, 2).contiguous().transpose(1, 2)                                   # [E, I, T]
     return torch.bmm(w2, h).sum(0).t().contiguous()                                      # [E, D, T] -> [T, D]
 
 
@@ -131,30 +129,31 @@ def fused_moe_gathered(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return (y * topk_weights[..., None].to(y.dtype)).sum(1)              # [T, D]
 
 
+def _cpu_path(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor):
+    """Which torch formulation serves this batch on the CPU (see fused_moe)."""
+    T, k, E = x.shape[0], topk_ids.shape[1], w13.shape[0]
+    dense_fits = x.dtype == w13.dtype == w2.dtype and T <= DENSE_MAX_TOKENS
+    if torch.compiler.is_compiling():
+        # A compiled decode step (moe_engine.cuda_graphs): no host round trip for the expert ids. Dense once
+        # the step chooses as many experts as there are.
+        return fused_moe_dense if dense_fits and T * k >= E else fused_moe_gathered
+    if dense_fits and T > 1 and w13.numel() >= DENSE_MIN_WEIGHT:
+        return fused_moe_dense
+    return fused_moe_grouped if T > 1 and grouped_mm_fits(x, w13) else fused_moe_ref
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Mixture of SwiGLU experts: x [T, D], w13 [E, 2I, D], w2 [E, D, I], topk_* [T, k] -> [T, D].
 
     backend 'auto' runs the Triton kernel on CUDA tensors; on the CPU a compiled decode step takes the chosen
     experts in place (fused_moe_gathered) or, once a step chooses as many experts as there are, all of them
-    (fused_moe_dense); otherwise a decode-sized batch with large experts
-    runs them densely (fused_moe_dense), a larger batch goes through torch's grouped matmul where it fits;
-    everything else, and backend 'torch', runs the reference (see kernels.backend)."""
+    (fused_moe_dense); otherwise a decode-sized batch with large experts runs them densely, a larger batch
+    goes through torch's grouped matmul where it fits; everything else, and backend 'torch', runs the
+    reference (see kernels.backend)."""
     if not use_triton(backend, x, w13, w2):
-        T = x.shape[0]
-        if backend == "auto" and x.device.type == "cpu" and torch.compiler.is_compiling():
-            # A compiled decode step (moe_engine.cuda_graphs): no host round trip for the expert ids. Dense
-            # once the step chooses as many experts as there are, up to the eager path's dense limit.
-            if (T * topk_ids.shape[1] >= w13.shape[0] and T <= DENSE_MAX_TOKENS
-                    and x.dtype == w13.dtype == w2.dtype):
-                return fused_moe_dense(x, w13, w2, topk_weights, topk_ids)
-            return fused_moe_gathered(x, w13, w2, topk_weights, topk_ids)
-        if (backend == "auto" and x.device.type == "cpu" and x.dtype == w13.dtype == w2.dtype
-                and 1 < T <= DENSE_MAX_TOKENS and w13.numel() >= DENSE_MIN_WEIGHT):
-            return fused_moe_dense(x, w13, w2, topk_weights, topk_ids)
-        if backend == "auto" and T > 1 and grouped_mm_fits(x, w13):
-            return fused_moe_grouped(x, w13, w2, topk_weights, topk_ids)
-        return fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+        path = _cpu_path(x, w13, w2, topk_ids) if backend == "auto" and x.device.type == "cpu" else fused_moe_ref
+        return path(x, w13, w2, topk_weights, topk_ids)
     _check_moe_args(x, w13, w2, topk_weights, topk_ids)
     if not (x.dtype == w13.dtype == w2.dtype):
         raise ValueError(f"fused_moe: x, w13, w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")

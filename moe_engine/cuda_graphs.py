@@ -62,7 +62,6 @@ class DecodeGraphs:
         # (a view of a larger one would be copied whole every step), hence the model's cache_parts.
         self.compiled = torch.compile(self._step, dynamic=False, fullgraph=True) if compile else None
         self.cache_parts = model.cache_parts(kv_caches)
-        self.compiled_sizes: set[int] = set()     # buckets compiled so far (added once a compile succeeded)
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.sizes if b >= batch)
@@ -84,21 +83,22 @@ class DecodeGraphs:
             torch._dynamo.mark_dynamic(tables, 1, min=2, max=self.width)
         # Not in inference mode (even if the caller is): the compiled step writes the caches in place.
         with torch.inference_mode(False), torch.no_grad():
-            if bs in self.compiled_sizes:
-                return self.compiled(rows[:, :2], tables, self.cache_parts)
-            # A bucket's first step compiles it. Every engine of a process compiles the same function, and
-            # torch's limit of 8 compiles per function would stop a process's later engines.
-            with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: 256}):
-                try:
-                    logits = self.compiled(rows[:, :2], tables, self.cache_parts)
-                except Exception as e:    # Inductor's errors carry the compiler's whole log: keep a line
-                    first = (str(e).strip().splitlines() or [""])[0][:200]
-                    raise MoeEngineError(
-                        f"torch.compile could not build the CPU decode step for {bs} sequences "
-                        f"({type(e).__name__}: {first}); check the C++ compiler and Python's headers (the full "
-                        "log is in this error's cause, or run the CLI with --debug), or leave compile off") from e
-            self.compiled_sizes.add(bs)
-            return logits
+            return self.compiled(rows[:, :2], tables, self.cache_parts)
+
+    def _compile(self, bs: int) -> None:
+        """Compile bucket bs on a step of padding rows (as a capture does). Every engine of a process
+        compiles the same function, and torch's limit of 8 compiles per function would stop a process's
+        later engines, hence the raised limit."""
+        self._fill([], [], [], bs)
+        with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: 256}):
+            try:
+                self._forward(bs)
+            except Exception as e:    # Inductor's errors carry the compiler's whole log: keep a line
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise MoeEngineError(
+                    f"torch.compile could not build the CPU decode step for {bs} sequences "
+                    f"({type(e).__name__}: {first}); check the C++ compiler and Python's headers (the full "
+                    "log is in this error's cause, or run the CLI with --debug), or leave compile off") from e
 
     def _step(self, head: torch.Tensor, tables: torch.Tensor, caches: list) -> torch.Tensor:
         """head [bs, 2] (token id, position), tables [bs, w] int32 block tables -> logits [bs, V]."""
@@ -126,9 +126,12 @@ class DecodeGraphs:
             self.copied.record()
 
     def _graph(self, bs: int) -> tuple[torch.cuda.CUDAGraph | None, torch.Tensor]:
+        """Bucket bs made ready on first use: captured on CUDA, compiled where compile is on."""
         if bs in self.graphs:
             return self.graphs[bs]
         if not self.capture:
+            if self.compiled is not None:
+                self._compile(bs)
             entry = (None, torch.empty(0))
         else:
             self._fill([], [], [], bs)                     # all padding while capturing
@@ -147,11 +150,8 @@ class DecodeGraphs:
         return entry
 
     def warm_up(self, bs: int = 1) -> None:
-        """Compile (or capture) bucket bs now, on a step of padding rows, rather than on its first real step."""
+        """Compile (or capture) bucket bs now rather than on its first real step."""
         self._graph(bs)
-        if self.compiled is not None and bs not in self.compiled_sizes:
-            self._fill([], [], [], bs)
-            self._forward(bs)
 
     def run(self, ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """Logits [B, V] for B <= max_num_seqs sequences decoding one token each: the token at `position`

@@ -64,6 +64,8 @@ class LLM:
         """An LLM around an already built model (e.g. random weights for benchmarks)."""
         llm = cls.__new__(cls)
         param = next(model.parameters())
+        if engine_kwargs.get("compile"):
+            check_compile(param.device)
         llm._setup(model, {}, Path("<in-memory>"), tokenizer, param.device, param.dtype, **engine_kwargs)
         return llm
 
@@ -100,8 +102,6 @@ class LLM:
         elif cuda_graphs and device.type == "cuda" and not triton_available():
             raise MoeEngineError("cuda_graphs=True needs the triton package on CUDA: pip install 'moe-engine[triton]', "
                                  "or leave cuda_graphs unset")
-        if compile:
-            check_compile(device)
         graphs = (DecodeGraphs(model, kv_caches, block_size, self.max_model_len, max_num_seqs, num_blocks, device,
                                compile=compile)
                   if cuda_graphs or compile else None)
