@@ -24,7 +24,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor          # [T] cache slot each new token is written to
     block_tables: torch.Tensor          # [B, max_blocks] physical block ids (int32)
     context_lens: list[int] | None      # B host ints: tokens in context after this step
-    query_start_loc: list[int]          # B+1 host ints: prefix sums of query lengths
+    query_start_loc: list[int] | None   # B+1 host ints: prefix sums of query lengths (None: one token each)
     block_size: int
     context_lens_tensor: torch.Tensor | None = None   # [B] int32 on the device; built on demand when None
     max_context: int = 0                # >= every context length (0: the longest of context_lens)
@@ -55,9 +55,8 @@ class AttentionMetadata:
         """One new token per sequence, described by device tensors only (slot_mapping [B] int64,
         block_tables [B, >= max_context / block_size] int32, context_lens [B] int32): nothing here
         reads them on the host, so a step built on them can be captured in a CUDA graph."""
-        B = block_tables.shape[0]
         return cls(slot_mapping=slot_mapping, block_tables=block_tables, context_lens=None,
-                   query_start_loc=list(range(B + 1)), block_size=block_size,
+                   query_start_loc=None, block_size=block_size,
                    context_lens_tensor=context_lens, max_context=max_context)
 
     def _slots(self) -> torch.Tensor:
@@ -77,15 +76,15 @@ class AttentionMetadata:
 
     @property
     def num_seqs(self) -> int:
-        return len(self.query_start_loc) - 1
+        return self.block_tables.shape[0] if self.query_start_loc is None else len(self.query_start_loc) - 1
 
     def query_len(self, b: int) -> int:
-        return self.query_start_loc[b + 1] - self.query_start_loc[b]
+        return 1 if self.query_start_loc is None else self.query_start_loc[b + 1] - self.query_start_loc[b]
 
     @property
     def is_decode(self) -> bool:
         """Every sequence brings exactly one new token."""
-        return self.query_start_loc == list(range(self.num_seqs + 1))
+        return self.query_start_loc is None or self.query_start_loc == list(range(self.num_seqs + 1))
 
     def device_context_lens(self, device: torch.device) -> torch.Tensor:
         """[B] int32 context lengths on device."""

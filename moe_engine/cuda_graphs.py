@@ -9,8 +9,9 @@ tensor. Rows beyond the real batch are padding: position 0 of a scratch cache bl
 
 On the CPU, where each of a step's ~350-600 torch calls costs microseconds of Python and dispatch, the
 same static step can instead be compiled (compile=True): torch.compile fuses it into a few dozen C++
-kernels per batch-size bucket, with the table width (how many blocks the longest context spans) left
-dynamic, so one compile serves every context length. Otherwise, without CUDA (tests on the CPU), the same
+kernels, twice: for a batch of one, and once for every larger bucket (the batch size left dynamic); the
+table width (how many blocks the longest context spans) is dynamic too, so those two compiles serve
+every batch size and context length. Otherwise, without CUDA (tests on the CPU), the same
 buffers and the same forward run eagerly, so everything but the capture itself is exercised there.
 """
 
@@ -58,10 +59,11 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor]] = {}
         self.pool = None
         self.copied = torch.cuda.Event() if self.capture else None   # the last copy out of staging is done
-        # The compiled step (CPU): traced once per bucket; a mutated cache must reach it as a whole tensor
-        # (a view of a larger one would be copied whole every step), hence the model's cache_parts. Its
-        # wrapper, which calls the kernels and allocates their outputs, is C++ rather than Python: ~3 s
-        # more per compile, 8-20% more decode tok/s on the tiny models (2 cores, A/B in one process).
+        # The compiled step (CPU): traced for bucket 1 and once for all larger buckets; a mutated cache must
+        # reach it as a whole tensor (a view of a larger one would be copied whole every step), hence the
+        # model's cache_parts. Its wrapper, which calls the kernels and allocates their outputs, is C++
+        # rather than Python: ~3 s more per compile, 0.1-0.6 ms less per step on the tiny models (medians of
+        # the compiled call, A/B in one process on 2 cores).
         self.compiled = (torch.compile(self._step, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
                          if compile else None)
         self.cache_parts = model.cache_parts(kv_caches)
@@ -78,18 +80,27 @@ class DecodeGraphs:
             return self._step(rows[:, :2], rows[:, 2:], self.kv_caches)
 
     def _compiled_forward(self, bs: int, rows: torch.Tensor) -> torch.Tensor:
-        """_forward through the compiled step; the bucket's first call compiles it."""
+        """_forward through the compiled step; bucket 1's first call compiles it, and so does the first call
+        of any larger bucket (which then serves them all)."""
         # Only the table columns the longest context reaches: attention then reads no further than it.
         width = min(self.width, max(2, int(self.host[:bs, 1].max()) // self.block_size + 1))
         tables = rows[:, 2:2 + width]                                             # [bs, width]
         if self.width > 2:
             torch._dynamo.mark_dynamic(tables, 1, min=2, max=self.width)
+        head = rows[:, :2]                                                        # [bs, 2]
+        if bs > 1 and self.sizes[-1] > 2:
+            # One compile serves every bucket from 2 up (the batch-of-one step stays specialised): each compile
+            # takes 15-45 s with a cold cache, and a batch whose sequences finish at different times would
+            # otherwise compile each smaller bucket on its way down. As fast as per-bucket steps (A/B, 3 and 8).
+            torch._dynamo.mark_dynamic(head, 0, min=2, max=self.sizes[-1])
+            torch._dynamo.mark_dynamic(tables, 0, min=2, max=self.sizes[-1])
         # Not in inference mode (even if the caller is): the compiled step writes the caches in place.
         with torch.inference_mode(False), torch.no_grad():
-            return self.compiled(rows[:, :2], tables, self.cache_parts)
+            return self.compiled(head, tables, self.cache_parts)
 
     def _compile(self, bs: int) -> None:
-        """Compile bucket bs on a step of padding rows (as a capture does). Every engine of a process
+        """Compile bucket bs on a step of padding rows (as a capture does); a bucket above 2 after another
+        above 1 finds the step already built. Every engine of a process
         compiles the same function, and torch's limit of 8 compiles per function would stop a process's
         later engines, hence the raised limit."""
         self._fill([], [], [], bs)
