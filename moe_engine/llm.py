@@ -76,8 +76,9 @@ class LLM:
         """cuda_graphs: replay decode steps from CUDA graphs (None: on CUDA where Triton is installed; True
         off CUDA runs the same static-buffer step eagerly, which is how the CPU tests check it).
         compile: on the CPU, run decode steps as torch.compile'd static steps (moe_engine.cuda_graphs): the
-        batch-of-one bucket compiles here, larger ones on first use (seconds each), then steps take fewer,
-        fused kernels."""
+        batch-of-one step compiles here, the one step for every larger batch when a batch of two or more
+        first decodes (each tens of seconds with a cold compile cache, seconds warm), then steps take
+        fewer, fused kernels."""
         _check_engine_args(block_size=block_size, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                            gpu_memory_utilization=gpu_memory_utilization)
