@@ -9,9 +9,9 @@ tensor. Rows beyond the real batch are padding: position 0 of a scratch cache bl
 
 On the CPU, where each of a step's ~350-600 torch calls costs microseconds of Python and dispatch, the
 same static step can instead be compiled (compile=True): torch.compile fuses it into a few dozen C++
-kernels, twice: for a batch of one, and once for every larger bucket (the batch size left dynamic); the
-table width (how many blocks the longest context spans) is dynamic too, so those two compiles serve
-every batch size and context length. Otherwise, without CUDA (tests on the CPU), the same
+kernels, twice: for a batch of one, and once for every larger batch (the batch size left dynamic, so
+such a batch runs unpadded); the table width (how many blocks the longest context spans) is dynamic too,
+so those two compiles serve every batch size and context length. Otherwise, without CUDA (tests on the CPU), the same
 buffers and the same forward run eagerly, so everything but the capture itself is exercised there.
 """
 
@@ -59,7 +59,7 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor]] = {}
         self.pool = None
         self.copied = torch.cuda.Event() if self.capture else None   # the last copy out of staging is done
-        # The compiled step (CPU): traced for bucket 1 and once for all larger buckets; a mutated cache must
+        # The compiled step (CPU): traced for a batch of one and once for all larger ones; a mutated cache must
         # reach it as a whole tensor (a view of a larger one would be copied whole every step), hence the
         # model's cache_parts. Its wrapper, which calls the kernels and allocates their outputs, is C++
         # rather than Python: ~3 s more per compile, 0.1-0.6 ms less per step on the tiny models (medians of
@@ -69,7 +69,16 @@ class DecodeGraphs:
         self.cache_parts = model.cache_parts(kv_caches)
 
     def bucket(self, batch: int) -> int:
+        """The rows a step of `batch` sequences runs: its bucket, the rows past the batch padding. A compiled
+        step for more than one sequence takes the batch as it is (its batch size is dynamic): padding would
+        cost it compute, ~15-20% a step at a batch of 5 in bucket 8 on the tiny models."""
+        if self.compiled is not None and self._dynamic_batch(batch):
+            return batch
         return next(b for b in self.sizes if b >= batch)
+
+    def _dynamic_batch(self, bs: int) -> bool:
+        """Whether the compiled step for bs rows is the one with the batch size dynamic (2..max_num_seqs)."""
+        return bs > 1 and self.sizes[-1] > 2
 
     def _forward(self, bs: int) -> torch.Tensor:
         """The step that is captured (or compiled): static buffers in, logits [bs, V] out."""
@@ -80,16 +89,16 @@ class DecodeGraphs:
             return self._step(rows[:, :2], rows[:, 2:], self.kv_caches)
 
     def _compiled_forward(self, bs: int, rows: torch.Tensor) -> torch.Tensor:
-        """_forward through the compiled step; bucket 1's first call compiles it, and so does the first call
-        of any larger bucket (which then serves them all)."""
+        """_forward through the compiled step; bs 1's first call compiles it, and so does the first call with
+        more rows (that step then serves every bs above 1)."""
         # Only the table columns the longest context reaches: attention then reads no further than it.
         width = min(self.width, max(2, int(self.host[:bs, 1].max()) // self.block_size + 1))
         tables = rows[:, 2:2 + width]                                             # [bs, width]
         if self.width > 2:
             torch._dynamo.mark_dynamic(tables, 1, min=2, max=self.width)
         head = rows[:, :2]                                                        # [bs, 2]
-        if bs > 1 and self.sizes[-1] > 2:
-            # One compile serves every bucket from 2 up (the batch-of-one step stays specialised): each compile
+        if self._dynamic_batch(bs):
+            # One compile serves every batch from 2 up (the batch-of-one step stays specialised): each compile
             # takes 15-45 s with a cold cache, and a batch whose sequences finish at different times would
             # otherwise compile each smaller bucket on its way down. As fast as per-bucket steps (A/B, 3 and 8).
             torch._dynamo.mark_dynamic(head, 0, min=2, max=self.sizes[-1])
@@ -99,8 +108,8 @@ class DecodeGraphs:
             return self.compiled(head, tables, self.cache_parts)
 
     def _compile(self, bs: int) -> None:
-        """Compile bucket bs on a step of padding rows (as a capture does); a bucket above 2 after another
-        above 1 finds the step already built. Every engine of a process
+        """Compile the step for bs rows on a step of padding rows (as a capture does); after the first bs
+        above 1, any other finds its step already built. Every engine of a process
         compiles the same function, and torch's limit of 8 compiles per function would stop a process's
         later engines, hence the raised limit."""
         self._fill([], [], [], bs)
