@@ -158,11 +158,13 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
-def _values_in_keys(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """v_cache is the first channels of k_cache (MLA's latent). Not asked while torch.compile traces, which
-    cannot compare data pointers: the values are then gathered on their own, to the same result."""
+def value_inside_key(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """True when v_cache is the leading columns of k_cache itself (MLA: the latent is both key and value).
+    Never while torch.compile traces, which cannot compare data pointers: the values are then read on their
+    own, to the same result."""
     return (not torch.compiler.is_compiling() and v_cache.data_ptr() == k_cache.data_ptr()
-            and v_cache.stride() == k_cache.stride())
+            and v_cache.shape[:2] == k_cache.shape[:2] and v_cache.stride() == k_cache.stride()
+            and v_cache.shape[2] <= k_cache.shape[2])
 
 
 def _decode_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -171,7 +173,7 @@ def _decode_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
     B, L = slots.shape
     flat = slots.reshape(-1)                                   # index_select: 2-3x cheaper than k_cache[slots]
     k = k_cache.index_select(0, flat).view(B, L, *k_cache.shape[1:]).transpose(1, 2)   # [B, Hkv, L, Dk]
-    if _values_in_keys(k_cache, v_cache):
+    if value_inside_key(k_cache, v_cache):
         v = k[..., :v_cache.shape[-1]]                         # MLA: the values are the keys' first channels
     else:
         v = v_cache.index_select(0, flat).view(B, L, *v_cache.shape[1:]).transpose(1, 2)   # [B, Hkv, L, Dv]

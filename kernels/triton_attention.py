@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention import value_inside_key
 from kernels.tuning import DecodeTuning, decode_splits, decode_tuning
 
 
@@ -104,12 +105,6 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, num_heads, num_splits, dim_v,
     out = tl.sum(parts * w[:, None], axis=0)                                            # [BV]
     tl.store(out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + dv * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=dv < dim_v)
-
-
-def value_inside_key(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """True when v_cache is the leading columns of k_cache itself (MLA: the latent is both key and value)."""
-    return (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.shape[:2] == k_cache.shape[:2]
-            and v_cache.stride() == k_cache.stride() and v_cache.shape[2] <= k_cache.shape[2])
 
 
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

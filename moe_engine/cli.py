@@ -47,7 +47,7 @@ def build_parser() -> Parser:
                         help="on CUDA, run every decode step eagerly instead of replaying CUDA graphs")
     common.add_argument("--compile", action="store_true",
                         help="on the CPU, compile decode steps with torch.compile: faster steps after a compile "
-                             "of some seconds per batch size (cached on disk for later runs)")
+                             "of tens of seconds (cached on disk: seconds in later runs)")
     common.add_argument("--quiet", action="store_true", help="no loading bar (shown on a terminal) and no stats line")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
@@ -97,10 +97,10 @@ def sampling_params(args):
 def device_and_dtype(args):
     """Checked before anything is loaded, so a bad flag fails at once."""
     from moe_engine.device import pick_device, pick_dtype
+    from moe_engine.llm import check_compile
     device = pick_device(args.device)
-    if getattr(args, "compile", False) and device.type != "cpu":
-        raise MoeEngineError(f"--compile compiles CPU decode steps; on {device.type} leave it off "
-                             "(CUDA decode steps are replayed from CUDA graphs already)")
+    if getattr(args, "compile", False):
+        check_compile(device)
     return device, pick_dtype(args.dtype, device)
 
 

@@ -11,8 +11,9 @@ On the CPU, where each of a step's ~350-600 torch calls costs microseconds of Py
 same static step can instead be compiled (compile=True): torch.compile fuses it into a few dozen C++
 kernels, twice: for a batch of one, and once for every larger batch (the batch size left dynamic, so
 such a batch runs unpadded); the table width (how many blocks the longest context spans) is dynamic too,
-so those two compiles serve every batch size and context length. Otherwise, without CUDA (tests on the CPU), the same
-buffers and the same forward run eagerly, so everything but the capture itself is exercised there.
+so those two compiles serve every batch size and context length. Otherwise, without CUDA (tests on the
+CPU), the same buffers and the same forward run eagerly, so everything but the capture itself is
+exercised there.
 """
 
 import torch
@@ -69,9 +70,9 @@ class DecodeGraphs:
         self.cache_parts = model.cache_parts(kv_caches)
 
     def bucket(self, batch: int) -> int:
-        """The rows a step of `batch` sequences runs: its bucket, the rows past the batch padding. A compiled
-        step for more than one sequence takes the batch as it is (its batch size is dynamic): padding would
-        cost it compute, ~15-20% a step at a batch of 5 in bucket 8 on the tiny models."""
+        """The rows a step of `batch` sequences runs: its bucket, the rows past the batch being padding. A
+        compiled step for more than one sequence takes the batch as it is (its batch size is dynamic):
+        padding would cost it compute, ~15-20% a step at a batch of 5 in bucket 8 on the tiny models."""
         if self.compiled is not None and self._dynamic_batch(batch):
             return batch
         return next(b for b in self.sizes if b >= batch)
@@ -109,9 +110,9 @@ class DecodeGraphs:
 
     def _compile(self, bs: int) -> None:
         """Compile the step for bs rows on a step of padding rows (as a capture does); after the first bs
-        above 1, any other finds its step already built. Every engine of a process
-        compiles the same function, and torch's limit of 8 compiles per function would stop a process's
-        later engines, hence the raised limit."""
+        above 1, any other finds its step already built. Every engine of a process compiles the same
+        function, and torch's limit of 8 compiles per function would stop a process's later engines, hence
+        the raised limit."""
         self._fill([], [], [], bs)
         with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: 256}):
             try:
