@@ -1,29 +1,36 @@
 #!/usr/bin/env bash
-# Every GPU check in one prepared run: the GPU tests, kernel tile tuning, the decode benchmark (with the
-# tiles just measured) and the kernel benchmark. Each stage has its own time limit and log, so one that
-# fails or overruns does not cost the others.  usage: .ci/gpu_check.sh [OUT_DIR] [PYTHON]
+# Every GPU check in one prepared run: the GPU tests, kernel tuning, an A/B profile of DeepSeek-V2-Lite's
+# batch-1 step (the tuned decode kernels against the library path), the decode benchmark (with the tiles
+# just measured) and the kernel benchmark. Each stage has its own time limit and log, so one that fails
+# or overruns does not cost the others.  usage: .ci/gpu_check.sh [OUT_DIR] [PYTHON]
+# STAGES picks stages (default: all, in this order); TUNE_ARGS and DECODE_ARGS add arguments to those.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-bench_results}
 py=${2:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+stages=" ${STAGES:-gpu_tests tune profile decode kernels} "
 
 stage() {   # stage NAME SECONDS COMMAND...
     local name=$1 limit=$2 start=$SECONDS
     shift 2
+    case "$stages" in *" $name "*) ;; *) return ;; esac
     echo "=== $name (limit ${limit}s)"
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     local rc=$?
-    tail -n 40 "$out/$name.log"
+    tail -n "${TAIL_LINES:-40}" "$out/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-stage gpu_tests "${GPU_TESTS_S:-140}" $py -m pytest -q -m gpu tests -p no:cacheprovider
-stage tune "${TUNE_S:-90}" $py -m moe_engine bench tune --out "$out/moe_tuning.json"
+stage gpu_tests "${GPU_TESTS_S:-170}" $py -m pytest -q --maxfail=8 -m gpu tests -p no:cacheprovider
+stage tune "${TUNE_S:-150}" $py -m moe_engine bench tune --out "$out/moe_tuning.json" ${TUNE_ARGS:-}
 if [ -s "$out/moe_tuning.json" ]; then export MOE_ENGINE_TUNING="$out/moe_tuning.json"; fi
-stage decode "${DECODE_S:-270}" $py -m moe_engine bench decode --repeats 2 --hf-repeats 1 --compare-eager \
-    --out "$out/decode.json"
+library=$(mktemp -d)/library_path.json     # a tuning file that turns the decode-sized kernels off
+echo '{"moe": [], "disable": ["gemv", "linear", "route"]}' > "$library"
+stage profile "${PROFILE_S:-90}" $py examples/profile_decode.py deepseek-v2-lite "$library"
+stage decode "${DECODE_S:-270}" $py -m moe_engine bench decode --repeats 2 --hf-repeats 1 \
+    --out "$out/decode.json" ${DECODE_ARGS:-}
 stage kernels "${KERNELS_S:-80}" $py -m moe_engine bench kernels --min-time 0.1 --out "$out/kernels.json"

@@ -1,10 +1,14 @@
 """Where a batch-1 decode step's GPU time goes: kernels by total time, from torch.profiler over eager
 decode steps of a random-weight model with a real shape, beside the graph-replayed step's wall time.
 
-    python examples/profile_decode.py deepseek-v2-lite
+    python examples/profile_decode.py deepseek-v2-lite [TUNING_FILE]
+
+With a TUNING_FILE (as MOE_ENGINE_TUNING takes), the graph step is also timed with the kernels chosen
+under it, taking turns with the plain one: an A/B of two tunings on the same weights in one process.
 """
 
 import contextlib
+import os
 import sys
 import time
 
@@ -33,7 +37,23 @@ def decode_steps(llm: LLM, steps: int, around=contextlib.nullcontext) -> float:
     return elapsed
 
 
-def main(name: str = "deepseek-v2-lite", steps: int = 20) -> None:
+@contextlib.contextmanager
+def tuning_file(path: str | None):
+    """MOE_ENGINE_TUNING=path inside (nothing changes for None); kernels choose their tiles when a graph
+    is captured, so a graph captured inside keeps them."""
+    before = os.environ.get("MOE_ENGINE_TUNING")
+    if path:
+        os.environ["MOE_ENGINE_TUNING"] = path
+    try:
+        yield
+    finally:
+        if path and before is None:
+            del os.environ["MOE_ENGINE_TUNING"]
+        elif path:
+            os.environ["MOE_ENGINE_TUNING"] = before
+
+
+def main(name: str = "deepseek-v2-lite", other_tuning: str | None = None, steps: int = 20) -> None:
     model = build_random(name, "cuda", torch.bfloat16)
     kw = dict(max_num_seqs=1, max_model_len=600, num_kv_blocks=40, enable_prefix_caching=False)
     graphed, eager = LLM.from_model(model, cuda_graphs=True, **kw), LLM.from_model(model, cuda_graphs=False, **kw)
@@ -41,6 +61,17 @@ def main(name: str = "deepseek-v2-lite", steps: int = 20) -> None:
     decode_steps(eager, 4)
     print(f"{name}: graph step {decode_steps(graphed, steps) * 1e3:.2f} ms, "
           f"eager step {decode_steps(eager, steps) * 1e3:.2f} ms")
+    if other_tuning:
+        other = LLM.from_model(model, cuda_graphs=True, **kw)
+        with tuning_file(other_tuning):
+            decode_steps(other, 4)                   # captures its graph under the other tuning
+        times = {"this": [], "other": []}
+        for _ in range(5):
+            times["this"].append(decode_steps(graphed, steps))
+            times["other"].append(decode_steps(other, steps))
+        print(f"{name}: graph step, best of 5 taking turns: {min(times['this']) * 1e3:.3f} ms as set, "
+              f"{min(times['other']) * 1e3:.3f} ms under {other_tuning}")
+        del other
     prof = profile(activities=[ProfilerActivity.CUDA])
     decode_steps(eager, steps, lambda: prof)
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
@@ -52,4 +83,4 @@ def main(name: str = "deepseek-v2-lite", steps: int = 20) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    main(*sys.argv[1:3])

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import use_triton
-from kernels.linear import row_block_matmul
+from kernels.linear import row_block_matmul, swiglu
 
 
 def _check_moe_args(x, w13, w2, topk_weights, topk_ids):
@@ -144,18 +144,32 @@ def _cpu_path(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: to
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Mixture of SwiGLU experts: x [T, D], w13 [E, 2I, D], w2 [E, D, I], topk_* [T, k] -> [T, D].
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, backend: str = "auto",
+              shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mixture of SwiGLU experts: x [T, D], w13 [E, 2I, D], w2 [E, D, I], topk_* [T, k] -> [T, D], plus
+    the shared experts' SwiGLU (w13s [2*I_s, D], w2s [D, I_s]) when `shared` is given.
 
-    backend 'auto' runs the Triton kernel on CUDA tensors; on the CPU a compiled decode step takes the chosen
+    backend 'auto' runs Triton on CUDA tensors: a batch of a token or few goes through the few-token
+    kernels (kernels/triton_moe_gemv.py), which also take shared experts whose width is a multiple of the
+    routed one; larger batches through the tiled ones. On the CPU a compiled decode step takes the chosen
     experts in place (fused_moe_gathered); run eagerly, a decode-sized batch with large experts runs them
     densely, a larger batch goes through torch's grouped matmul where it fits; everything else, and backend
-    'torch', runs the reference (see kernels.backend)."""
+    'torch', runs the reference (see kernels.backend). Shared experts not taken by a kernel are added after."""
     if not use_triton(backend, x, w13, w2):
         path = _cpu_path(x, w13, w2, topk_ids) if backend == "auto" and x.device.type == "cpu" else fused_moe_ref
-        return path(x, w13, w2, topk_weights, topk_ids)
+        return _add_shared(path(x, w13, w2, topk_weights, topk_ids), x, shared)
     _check_moe_args(x, w13, w2, topk_weights, topk_ids)
     if not (x.dtype == w13.dtype == w2.dtype):
         raise ValueError(f"fused_moe: x, w13, w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
-    from kernels.triton_moe import fused_moe_triton   # lazily: the package works without triton
-    return fused_moe_triton(x, w13, w2, topk_weights, topk_ids)
+    from kernels.tuning import gemv_tuning   # lazily, with the kernels: the package works without triton
+    if x.shape[0] <= gemv_tuning(x.device, x.shape[1], w2.shape[2], w13.dtype).max_tokens:
+        from kernels.triton_moe_gemv import fused_moe_gemv, shared_slices
+        if shared_slices(w13, shared) >= 0:
+            return fused_moe_gemv(x, w13, w2, topk_weights, topk_ids, shared)
+        return _add_shared(fused_moe_gemv(x, w13, w2, topk_weights, topk_ids), x, shared)
+    from kernels.triton_moe import fused_moe_triton
+    return _add_shared(fused_moe_triton(x, w13, w2, topk_weights, topk_ids), x, shared)
+
+
+def _add_shared(out: torch.Tensor, x: torch.Tensor, shared) -> torch.Tensor:
+    return out if shared is None else out + swiglu(x, *shared)

@@ -82,3 +82,21 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bo
         from kernels.triton_pointwise import rotary_triton
         return rotary_triton(x, cos, sin, interleave)
     return rotary_ref(x, cos, sin, interleave)
+
+
+def write_latent_cache(cache: torch.Tensor, kv: torch.Tensor, weight: torch.Tensor, eps: float,
+                       cos: torch.Tensor, sin: torch.Tensor, interleave: bool, slot_mapping: torch.Tensor,
+                       backend: str = "auto") -> None:
+    """MLA's cache write: kv [T, L + R] = [latent, k_pe] -> cache rows slot_mapping [T] get
+    [rms_norm(latent) * weight [L], rotary(k_pe) by cos/sin [T, 1, R/2]]. On CUDA one kernel instead of
+    four (norm, rotary, concatenation, scatter)."""
+    L = weight.shape[0]
+    if (use_triton(backend, kv, cache, cos, sin) and kv.dim() == 2 and kv.stride(-1) == 1 and cache.stride(-1) == 1
+            and cos.is_contiguous() and sin.is_contiguous() and kv.dtype == weight.dtype
+            and cos.shape == (kv.shape[0], 1, (kv.shape[1] - L) // 2)):
+        from kernels.triton_pointwise import latent_cache_triton
+        latent_cache_triton(cache, kv, weight, eps, cos, sin, interleave, slot_mapping)
+        return
+    latent, k_pe = kv.split([L, kv.shape[1] - L], -1)
+    rows = torch.cat([rms_norm_ref(latent, weight, eps), rotary_ref(k_pe[:, None, :], cos, sin, interleave)[:, 0]], -1)
+    cache.index_copy_(0, slot_mapping, rows.to(cache.dtype))

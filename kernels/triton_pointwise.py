@@ -73,3 +73,48 @@ def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interle
                                                      BLOCK_H=block_h, BLOCK_R=max(2, triton.next_power_of_2(R // 2)),
                                                      num_warps=1 if block_h * R <= 512 else 4)
     return out
+
+
+@triton.jit
+def _latent_cache_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slots_ptr, lora, half, eps,
+                         stride_kv, stride_c, INTERLEAVE: tl.constexpr, BLOCK_L: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
+    """One token of MLA: cache[slot] = [rms_norm(latent) * w, rotary(k_pe)] from kv = [latent, k_pe],
+    each part rounded to kv's dtype as the separate norm and rotary kernels round it."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    src = kv_ptr + t * stride_kv
+    dst = cache_ptr + slot * stride_c
+    cols = tl.arange(0, BLOCK_L)
+    ok = cols < lora
+    x = tl.load(src + cols, mask=ok, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / lora + eps)
+    y = (xf * rstd).to(x.dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dst + cols, (w * y).to(x.dtype).to(cache_ptr.dtype.element_ty), mask=ok)
+    i = tl.arange(0, BLOCK_R)                                                          # pair index
+    pair_ok = i < half
+    if INTERLEAVE:
+        a, b = 2 * i, 2 * i + 1
+    else:
+        a, b = i, i + half
+    x1 = tl.load(src + lora + a, mask=pair_ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src + lora + b, mask=pair_ok, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + t * half + i, mask=pair_ok, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + t * half + i, mask=pair_ok, other=0.0).to(tl.float32)
+    tl.store(dst + lora + a, (x1 * c - x2 * s).to(x.dtype).to(cache_ptr.dtype.element_ty), mask=pair_ok)
+    tl.store(dst + lora + b, (x2 * c + x1 * s).to(x.dtype).to(cache_ptr.dtype.element_ty), mask=pair_ok)
+
+
+def latent_cache_triton(cache: torch.Tensor, kv: torch.Tensor, weight: torch.Tensor, eps: float,
+                        cos: torch.Tensor, sin: torch.Tensor, interleave: bool, slot_mapping: torch.Tensor) -> None:
+    """cache [S, L + R], kv [T, L + R] (unit stride along it), weight [L], cos/sin [T, 1, R/2] contiguous."""
+    T, width = kv.shape
+    lora = weight.shape[0]
+    half = (width - lora) // 2
+    if T:
+        _latent_cache_kernel[(T,)](kv, weight, cos, sin, cache, slot_mapping, lora, half, eps,
+                                   kv.stride(0), cache.stride(0), INTERLEAVE=interleave,
+                                   BLOCK_L=triton.next_power_of_2(lora), BLOCK_R=max(2, triton.next_power_of_2(half)),
+                                   num_warps=4 if lora >= 256 else 1)

@@ -30,6 +30,23 @@ class MoETuning:
 
 
 @dataclass(frozen=True)
+class GemvTuning:
+    """The few-token MoE (kernels/triton_moe_gemv.py): one program per (row, block_n columns); a tile's
+    block_k is how much of each weight row it reads per step. group_m is unused."""
+    gate_up: GemmTile
+    down: GemmTile
+    max_tokens: int = 1       # batches up to this many tokens take it instead of the tiled kernels
+
+
+@dataclass(frozen=True)
+class LinearTuning:
+    """A weight [n, k] that the Triton GEMV (kernels/triton_gemv.py) multiplies faster than the vendor
+    library for batches up to max_tokens rows; group_m of the tile is unused."""
+    tile: GemmTile
+    max_tokens: int = 1
+
+
+@dataclass(frozen=True)
 class DecodeTuning:
     block_n: int              # context tokens per inner step
     block_h: int              # query heads of one KV head per program (>= 16 for tl.dot)
@@ -111,18 +128,76 @@ MOE_SHAPE_TABLE: dict[tuple[str, str, int, int, int], MoETuning] = {
 }
 
 
+# Few-token MoE tiles. Each step of a program reads block_n x block_k weights (x2 for gate+up); with bf16
+# weights 8-16 KiB a step and a few programs per SM keep enough bytes in flight to stream near the copy
+# rate. Untuned starting points; `moe-engine bench tune` measures candidates per expert shape.
+GEMV_TABLE: dict[str, GemvTuning] = {
+    "sm90": GemvTuning(GemmTile(16, 256, 1, 4, 2), GemmTile(8, 512, 1, 4, 2)),
+    "interpreter": GemvTuning(GemmTile(16, 32, 1, 1, 1), GemmTile(8, 32, 1, 1, 1)),
+}
+_DEFAULT_GEMV = GemvTuning(GemmTile(16, 256, 1, 4, 2), GemmTile(8, 256, 1, 4, 2))
+GEMV_SHAPE_TABLE: dict[tuple[str, int, int], GemvTuning] = {}
+
+
+# Weights [n, k] of a dtype for which the Triton GEMV won on a device: (device, n, k, dtype) -> tuning.
+# Filled from `moe-engine bench tune`; a weight not listed goes to the vendor library.
+LINEAR_TABLE: dict[tuple[str, int, int, str], LinearTuning] = {}
+
+
+def linear_tuning(device: torch.device, n: int, k: int, dtype: torch.dtype) -> LinearTuning | None:
+    key = (device_key(device), n, k, str(dtype).removeprefix("torch."))
+    path = os.environ.get("MOE_ENGINE_TUNING")
+    if path and ("linear",) + key in tuning_file(path):
+        return tuning_file(path)[("linear",) + key]
+    return None if path and disabled("linear") else LINEAR_TABLE.get(key)
+
+
+def disabled(kernel: str) -> bool:
+    """Whether the tuning file (MOE_ENGINE_TUNING) turns a kernel kind off ("disable": ["gemv", "linear",
+    "route"]): for A/B runs against the library path on the same weights."""
+    path = os.environ.get("MOE_ENGINE_TUNING")
+    return bool(path) and kernel in tuning_file(path).get(("disable",), ())
+
+
+def gemv_tuning_from_json(entry: dict) -> GemvTuning:
+    """{"gate_up": [block_n, block_k, group_m, warps, stages], "down": [...], "max_tokens": 1} -> GemvTuning."""
+    return GemvTuning(GemmTile(*entry["gate_up"]), GemmTile(*entry["down"]), entry.get("max_tokens", 1))
+
+
+def gemv_tuning(device: torch.device, dim: int, inter: int, dtype=torch.bfloat16) -> GemvTuning:
+    """Measured tiles for this expert shape (tuning file, then GEMV_SHAPE_TABLE), else the device's;
+    4-byte weights get half the block_k."""
+    key = device_key(device)
+    override = (tuning_file(os.environ["MOE_ENGINE_TUNING"]).get(("gemv", key, dim, inter))
+                if os.environ.get("MOE_ENGINE_TUNING") else None)
+    tuning = override or GEMV_SHAPE_TABLE.get((key, dim, inter)) or GEMV_TABLE.get(key) or _DEFAULT_GEMV
+    if disabled("gemv"):
+        tuning = replace(tuning, max_tokens=0)
+    if dtype.itemsize > 2:
+        tuning = replace(tuning, gate_up=replace(tuning.gate_up, block_k=max(16, tuning.gate_up.block_k // 2)),
+                         down=replace(tuning.down, block_k=max(16, tuning.down.block_k // 2)))
+    return tuning
+
+
 def moe_tuning_from_json(entry: dict) -> MoETuning:
     """{"block_m": 16, "gate_up": [block_n, block_k, group_m, warps, stages], "down": [...]} -> MoETuning."""
     return MoETuning(entry["block_m"], GemmTile(*entry["gate_up"]), GemmTile(*entry["down"]))
 
 
 @functools.cache
-def tuning_file(path: str) -> dict[tuple[str, str, int, int, int], MoETuning]:
-    """The MoE entries of a tuning file written by `moe-engine bench tune` (read once per path)."""
+def tuning_file(path: str) -> dict[tuple, MoETuning | GemvTuning]:
+    """The entries of a tuning file written by `moe-engine bench tune` (read once per path): tiled MoE
+    keyed (device, shape class, experts, dim, inter), few-token MoE keyed ("gemv", device, dim, inter)."""
     try:
-        entries = json.loads(open(path).read())["moe"]
-        return {(e["device"], e["shape"], e["experts"], e["dim"], e["inter"]): moe_tuning_from_json(e)
-                for e in entries}
+        data = json.loads(open(path).read())
+        out = {(e["device"], e["shape"], e["experts"], e["dim"], e["inter"]): moe_tuning_from_json(e)
+               for e in data["moe"]}
+        out.update({("gemv", e["device"], e["dim"], e["inter"]): gemv_tuning_from_json(e)
+                    for e in data.get("gemv", [])})
+        out.update({("linear", e["device"], e["n"], e["k"], e["dtype"]):
+                    LinearTuning(GemmTile(*e["tile"]), e["max_tokens"]) for e in data.get("linear", [])})
+        out[("disable",)] = tuple(data.get("disable", ()))
+        return out
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"MOE_ENGINE_TUNING={path}: not a tuning file from `moe-engine bench tune` ({e})") from None
 

@@ -114,21 +114,25 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, angles, cache: torch.Tensor, meta: AttentionMetadata):
         a, T, H = self.a, x.shape[0], self.a.num_attention_heads
         if a.q_lora_rank:
-            q = F.linear(self.q_a_norm(F.linear(x, self.q_a, self._bias("q_a_bias"))), self.q_b)
+            q = kernels.linear(self.q_a_norm(kernels.linear(x, self.q_a, self._bias("q_a_bias"))), self.q_b)
         else:
-            q = F.linear(x, self.q_proj)
+            q = kernels.linear(x, self.q_proj)
         q_nope, q_pe = q.view(T, H, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)  # [T, H, *]
-        latent, k_pe = F.linear(x, self.kv_a, self._bias("kv_a_bias")).split(
-            [a.kv_lora_rank, a.qk_rope_head_dim], -1)                            # [T, L], [T, R]
+        kv = kernels.linear(x, self.kv_a, self._bias("kv_a_bias"))            # [T, L + R]
         q_pe = self.rotary(q_pe, angles)                                       # [T, H, R]
-        k_pe = self.rotary(k_pe[:, None, :], angles)[:, 0]                     # [T, R]
-        kernels.write_cache(cache, torch.cat([self.kv_a_norm(latent), k_pe], -1), meta.slot_mapping)
+        if angles.spread is None:   # the rotary kernel's device: norm, rotary and the write in one kernel
+            kernels.write_latent_cache(cache, kv, self.kv_a_norm.weight, self.kv_a_norm.eps, angles.cos,
+                                       angles.sin, self.rotary.interleave, meta.slot_mapping)
+        else:
+            latent, k_pe = kv.split([a.kv_lora_rank, a.qk_rope_head_dim], -1)  # [T, L], [T, R]
+            k_pe = self.rotary(k_pe[:, None, :], angles)[:, 0]                 # [T, R]
+            kernels.write_cache(cache, torch.cat([self.kv_a_norm(latent), k_pe], -1), meta.slot_mapping)
         # A static (graph) decode step knows its contexts only on the device: only the absorbed form serves it.
         if self.absorb == "always" or meta.context_slots is None or (self.absorb == "auto" and meta.is_decode):
             out = self._absorbed(q_nope, q_pe, cache, meta)
         else:
             out = self._per_sequence(q_nope, q_pe, cache, meta)
-        return F.linear(out.reshape(T, H * a.v_head_dim), self.wo, self._bias("wo_bias"))
+        return kernels.linear(out.reshape(T, H * a.v_head_dim), self.wo, self._bias("wo_bias"))
 
     def _absorbed(self, q_nope, q_pe, cache, meta):
         """Attend over the latent itself: fold kv_b's key half into q and its value half into the output."""

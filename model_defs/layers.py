@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels.linear import skinny_linear
+from kernels.linear import swiglu
 
 
 def weight(*shape: int, dtype=None) -> nn.Parameter:
@@ -122,8 +122,7 @@ class SwiGLU(nn.Module):
         self.w2 = weight(dim, intermediate, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = skinny_linear(x, self.w13).chunk(2, dim=-1)  # [T, I] each
-        return skinny_linear(F.silu(gate) * up, self.w2)         # [T, D]
+        return swiglu(x, self.w13, self.w2)                     # [T, D]
 
     @staticmethod
     def checkpoint_names(prefix: str, names=("gate_proj", "up_proj", "down_proj")) -> dict:

@@ -5,7 +5,6 @@ from typing import Protocol
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
 from model_defs.layers import SwiGLU, weight
@@ -66,6 +65,13 @@ def route(router_logits: torch.Tensor, cfg: RoutingConfig, bias: torch.Tensor | 
     the ranking is a sort kernel per layer.
     """
     logits = router_logits.float()
+    if cfg.method == "greedy" and allowed is None:
+        # On CUDA one Triton program per token does all of it (best first, so `ranked` holds either way).
+        normalize = cfg.norm_topk_prob and (cfg.top_k > 1 or cfg.scale_normalized)
+        scaling = cfg.routed_scaling_factor if cfg.scale_normalized or not normalize else 1.0
+        fused = kernels.greedy_route(logits, cfg.top_k, cfg.scoring == "sigmoid", bias, normalize, scaling)
+        if fused is not None:
+            return fused
     if (cfg.scoring == "softmax" and cfg.method == "greedy" and cfg.norm_topk_prob and cfg.scale_normalized
             and bias is None and allowed is None):
         # Mixtral's case in two ops: a softmax renormalised over the top k is the softmax of the top-k logits.
@@ -124,14 +130,12 @@ class MoEBlock(nn.Module):
         self.shared = SwiGLU(dim, shared_intermediate, dtype=dtype) if shared_intermediate else None
 
     def forward(self, x: torch.Tensor, hook: RoutingHook | None = None) -> torch.Tensor:
-        router_logits = F.linear(x if x.dtype == torch.float32 else x.float(), self.gate)   # [T, E] float32
+        router_logits = kernels.router_logits(x, self.gate)                  # [T, E] float32
         if hook is None:
             # Unranked on CUDA saves a sort kernel per layer; elsewhere the ranking is free and keeps the
             # hooked and plain paths summing experts in the same order (bit-identical results).
             topk_weights, topk_ids = route(router_logits, self.routing, self.bias, ranked=not x.is_cuda)
         else:
             topk_weights, topk_ids = hook.route(self.moe_index, router_logits, self.routing, self.bias)
-        out = kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)   # [T, D]
-        if self.shared is not None:
-            out = out + self.shared(x)
-        return out
+        shared = None if self.shared is None else (self.shared.w13, self.shared.w2)
+        return kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, shared=shared)   # [T, D]

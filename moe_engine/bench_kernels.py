@@ -21,6 +21,7 @@ class MoESpec:
     dim: int
     inter: int
     top_k: int
+    shared: int = 0    # shared experts, in routed widths (DeepSeek: n_shared_experts)
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class DecodeSpec:
     value_dim: int
 
 
-MOE_SPECS = [MoESpec("mixtral-8x7b", 8, 4096, 14336, 2), MoESpec("deepseek-v2-lite", 64, 2048, 1408, 6)]
+MOE_SPECS = [MoESpec("mixtral-8x7b", 8, 4096, 14336, 2), MoESpec("deepseek-v2-lite", 64, 2048, 1408, 6, 2)]
 TOKEN_COUNTS = [1, 16, 256, 4096]
 DECODE_SPECS = [DecodeSpec("mla-16h", 16, 0, 576, 512), DecodeSpec("mla-128h", 128, 0, 576, 512),
                 DecodeSpec("gqa-32x8x128", 32, 8, 128, 128)]

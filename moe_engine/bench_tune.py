@@ -7,6 +7,9 @@ best gate+up; a tile's score is its time summed over the token counts, each rela
 there. Every candidate is checked against the torch reference. The winners are written as a tuning
 file: MOE_ENGINE_TUNING=<file> makes the engine use them; kernels/tuning.py's MOE_SHAPE_TABLE keeps
 the ones measured on the project's machines.
+
+The few-token kernels are tuned in moe_engine/bench_tune_gemv.py: the MoE one against the tiled
+kernels, the GEMV against the vendor library for every weight of the benchmark shapes.
 """
 
 import argparse
@@ -90,15 +93,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="moe-engine bench tune", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("bench_results/moe_tuning.json"))
     p.add_argument("--min-time", type=float, default=0.05, help="seconds of timed calls per measurement")
+    p.add_argument("--only", choices=("tiled", "gemv"), default=None,
+                   help="tune only the tiled MoE kernels, or only the few-token ones (MoE and GEMV)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench tune: a CUDA GPU is needed to tune the kernels, and none is visible; nothing was run")
         return 1
     device = torch.device("cuda")
     torch.manual_seed(0)
-    entries = [tune_shape(spec, device, torch.bfloat16, a.min_time) for spec in MOE_SPECS]
+    entries = [] if a.only == "gemv" else [tune_shape(spec, device, torch.bfloat16, a.min_time) for spec in MOE_SPECS]
+    gemv, linear = [], []
+    if a.only != "tiled":
+        from moe_engine.bench_tune_gemv import tune_gemv, tune_linear
+        gemv = [tune_gemv(spec, device, torch.bfloat16, a.min_time) for spec in MOE_SPECS]
+        linear = tune_linear(["mixtral-8x7b", "deepseek-v2-lite"], device, torch.bfloat16, a.min_time)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "moe": entries}, indent=1))
+    a.out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "moe": entries, "gemv": gemv,
+                                 "linear": linear}, indent=1))
     print(f"wrote {a.out}; use it with MOE_ENGINE_TUNING={a.out}")
     return 0
 
