@@ -12,24 +12,31 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 stages=" ${STAGES:-gpu_tests tune profile decode kernels} "
 
-stage() {   # stage NAME SECONDS COMMAND...
+rc=0
+stage() {   # stage NAME SECONDS COMMAND...; leaves the exit status in rc (0 for a stage not picked)
     local name=$1 limit=$2 start=$SECONDS
     shift 2
+    rc=0
     case "$stages" in *" $name "*) ;; *) return ;; esac
     echo "=== $name (limit ${limit}s)"
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
-    local rc=$?
+    rc=$?
     tail -n "${TAIL_LINES:-40}" "$out/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+library=$(mktemp -d)/library_path.json     # a tuning file that turns the decode-sized kernels off
+echo '{"moe": [], "disable": ["gemv", "linear", "route", "latent_cache", "absorb_query"]}' > "$library"
 stage gpu_tests "${GPU_TESTS_S:-170}" $py -m pytest -q --maxfail=8 -m gpu tests -p no:cacheprovider
+tests_rc=$rc
 stage tune "${TUNE_S:-150}" $py -m moe_engine bench tune --out "$out/moe_tuning.json" ${TUNE_ARGS:-}
 if [ -s "$out/moe_tuning.json" ]; then export MOE_ENGINE_TUNING="$out/moe_tuning.json"; fi
-library=$(mktemp -d)/library_path.json     # a tuning file that turns the decode-sized kernels off
-echo '{"moe": [], "disable": ["gemv", "linear", "route"]}' > "$library"
+if [ "$tests_rc" != 0 ] && grep -qE "failed|[0-9] error|^[.sx]*[FE]" "$out/gpu_tests.log"; then
+    echo "!!! GPU tests failed: the benchmarks below run with the decode-sized kernels off ($library)"
+    export MOE_ENGINE_TUNING="$library"
+fi
 stage profile "${PROFILE_S:-90}" $py examples/profile_decode.py deepseek-v2-lite "$library"
 stage decode "${DECODE_S:-270}" $py -m moe_engine bench decode --repeats 2 --hf-repeats 1 \
     --out "$out/decode.json" ${DECODE_ARGS:-}

@@ -85,6 +85,43 @@ def _gemv_down_kernel(act_ptr, w_ptr, ws_ptr, ids_ptr, weights_ptr, out_ptr,
     tl.store(out_ptr + token.to(tl.int64) * stride_ot + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
+@triton.jit
+def _gemv_down_stacked_kernel(act_ptr, w_ptr, ws_ptr, ids_ptr, weights_ptr, out_ptr,
+                              num_pairs, top_k, num_shared, inter, dim,
+                              stride_ar, stride_we, stride_wn, stride_wsn, stride_ot,
+                              SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_gemv_down_kernel's result with the token's routed and shared experts read together: a
+    [SLOTS, BN, BK] tile a step, so every expert's weights are in flight at once. (One expert at a time,
+    a program keeps too few bytes in flight: with one token there are only dim / block_n programs.)"""
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)                          # [BN]
+    col_ok = cols < dim
+    slots = tl.arange(0, SLOTS)                                                        # [S]
+    routed = slots < top_k
+    used = slots < top_k + num_shared
+    pair = token * top_k + slots                                                       # routed slots' pairs
+    shared_slice = slots - top_k                                                       # shared slots' slices
+    act_rows = tl.where(routed, pair, num_pairs + token * num_shared + shared_slice).to(tl.int64)
+    expert = tl.load(ids_ptr + pair, mask=routed, other=0).to(tl.int64)
+    weight = tl.load(weights_ptr + pair, mask=routed, other=0.0).to(tl.float32)
+    weight = tl.where(routed, weight, tl.where(used, 1.0, 0.0))                        # shared: 1, padding: 0
+    bases = tl.where(routed, w_ptr + expert * stride_we, ws_ptr + shared_slice.to(tl.int64) * inter)   # [S]
+    row_stride = tl.where(routed, stride_wn, stride_wsn).to(tl.int64)                  # [S]
+    w_ptrs = bases[:, None, None] + cols.to(tl.int64)[None, :, None] * row_stride[:, None, None]   # [S, BN, 1]
+    a_ptrs = act_ptr + act_rows[:, None] * stride_ar                                   # [S, 1]
+    w_ok = used[:, None, None] & col_ok[None, :, None]
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([SLOTS, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < inter
+        a = tl.load(a_ptrs + k[None, :], mask=used[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [S, BK]
+        w = tl.load(w_ptrs + k[None, None, :], mask=w_ok & k_ok[None, None, :], other=0.0).to(tl.float32)
+        acc += w * a[:, None, :]
+    out = tl.sum(tl.sum(acc, axis=2) * weight[:, None], axis=0)                        # [BN]
+    tl.store(out_ptr + token.to(tl.int64) * stride_ot + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
 def shared_slices(w13: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None) -> int:
     """How many routed-width slices the shared SwiGLU (w13s [2*I_s, D], w2s [D, I_s]) splits into: 0 when
     there is none, -1 when it cannot ride along (width not a multiple of I, another dtype or layout)."""
@@ -124,8 +161,12 @@ def fused_moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
         BLOCK_N=up.block_n, BLOCK_K=up.block_k, num_warps=up.num_warps, num_stages=up.num_stages)
     out = x.new_empty(T, D)
     down = tuning.down
-    _gemv_down_kernel[(T, triton.cdiv(D, down.block_n))](
-        act, w2, w2s, ids, topk_weights.reshape(-1).contiguous(), out, T * k, k, num_shared, I, D,
-        act.stride(0), w2.stride(0), w2.stride(1), w2s.stride(0), out.stride(0),
-        BLOCK_N=down.block_n, BLOCK_K=down.block_k, num_warps=down.num_warps, num_stages=down.num_stages)
+    args = (act, w2, w2s, ids, topk_weights.reshape(-1).contiguous(), out, T * k, k, num_shared, I, D,
+            act.stride(0), w2.stride(0), w2.stride(1), w2s.stride(0), out.stride(0))
+    tiles = dict(BLOCK_N=down.block_n, BLOCK_K=down.block_k, num_warps=down.num_warps, num_stages=down.num_stages)
+    if tuning.stacked_down:
+        _gemv_down_stacked_kernel[(T, triton.cdiv(D, down.block_n))](
+            *args, SLOTS=triton.next_power_of_2(k + num_shared), **tiles)
+    else:
+        _gemv_down_kernel[(T, triton.cdiv(D, down.block_n))](*args, **tiles)
     return out

@@ -36,6 +36,7 @@ class GemvTuning:
     gate_up: GemmTile
     down: GemmTile
     max_tokens: int = 1       # batches up to this many tokens take it instead of the tiled kernels
+    stacked_down: bool = False   # down reads all of a token's experts a step (block_k each), not one by one
 
 
 @dataclass(frozen=True)
@@ -153,15 +154,17 @@ def linear_tuning(device: torch.device, n: int, k: int, dtype: torch.dtype) -> L
 
 
 def disabled(kernel: str) -> bool:
-    """Whether the tuning file (MOE_ENGINE_TUNING) turns a kernel kind off ("disable": ["gemv", "linear",
-    "route"]): for A/B runs against the library path on the same weights."""
+    """Whether the tuning file (MOE_ENGINE_TUNING) turns a kind of decode kernel off ("disable": any of
+    "gemv", "linear", "route", "latent_cache", "absorb_query"): for A/B runs against the path without it."""
     path = os.environ.get("MOE_ENGINE_TUNING")
     return bool(path) and kernel in tuning_file(path).get(("disable",), ())
 
 
 def gemv_tuning_from_json(entry: dict) -> GemvTuning:
-    """{"gate_up": [block_n, block_k, group_m, warps, stages], "down": [...], "max_tokens": 1} -> GemvTuning."""
-    return GemvTuning(GemmTile(*entry["gate_up"]), GemmTile(*entry["down"]), entry.get("max_tokens", 1))
+    """{"gate_up": [block_n, block_k, group_m, warps, stages], "down": [...], "max_tokens": 1,
+    "stacked_down": false} -> GemvTuning."""
+    return GemvTuning(GemmTile(*entry["gate_up"]), GemmTile(*entry["down"]), entry.get("max_tokens", 1),
+                      entry.get("stacked_down", False))
 
 
 def gemv_tuning(device: torch.device, dim: int, inter: int, dtype=torch.bfloat16) -> GemvTuning:

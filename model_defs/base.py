@@ -29,7 +29,9 @@ def mlp_targets(hf_prefix: str, our_prefix: str, intermediate: int, names=("gate
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h))."""
+    """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h)). Each residual add is left to the
+    norm after it (fused with it on CUDA): a layer takes the previous MLP's output and the residual stream
+    before it, and hands on its own pair."""
 
     def __init__(self, attn: nn.Module, mlp: nn.Module, dim: int, eps: float, dtype):
         super().__init__()
@@ -38,9 +40,11 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(dim, eps, dtype)
         self.mlp = mlp
 
-    def forward(self, x, angles, kv_cache, meta, routing_hook=None):
-        h, x = self.post_attn_norm.add_and_norm(self.attn(self.input_norm(x), angles, kv_cache, meta), x)
-        return x + (self.mlp(h, routing_hook) if isinstance(self.mlp, MoEBlock) else self.mlp(h))
+    def forward(self, x, residual, angles, kv_cache, meta, routing_hook=None):
+        """x [T, D] (the first layer: the embeddings, residual None) -> (mlp output, residual) [T, D] each."""
+        normed, residual = self.input_norm.add_and_norm(x, residual)
+        h, residual = self.post_attn_norm.add_and_norm(self.attn(normed, angles, kv_cache, meta), residual)
+        return (self.mlp(h, routing_hook) if isinstance(self.mlp, MoEBlock) else self.mlp(h)), residual
 
 
 class CausalLM(nn.Module):
@@ -76,9 +80,10 @@ class CausalLM(nn.Module):
                 meta: AttentionMetadata, routing_hook=None) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)                 # [T, D]
         angles = self.rotary.angles(positions, x.dtype)         # RotaryAngles
+        residual = None
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, angles, cache, meta, routing_hook)
-        return self.norm(x)
+            x, residual = layer(x, residual, angles, cache, meta, routing_hook)
+        return self.norm.add_and_norm(x, residual)[0]
 
     def cache_parts(self, kv_caches: list[torch.Tensor]) -> list:
         """The caches as the layers may be handed them, split outside any compiled step: a compiled step

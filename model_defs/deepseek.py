@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.attention import AttentionMetadata, causal_attention
+from kernels.linear import linear
+from kernels.mla import absorb_query
 from model_defs.base import CausalLM, DecoderLayer, Target, mlp_targets, moe_targets
 from model_defs.hf_config import args_from_hf_config
 from model_defs.layers import RMSNorm, Rotary, SwiGLU, weight, yarn_mscale
@@ -114,13 +116,14 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, angles, cache: torch.Tensor, meta: AttentionMetadata):
         a, T, H = self.a, x.shape[0], self.a.num_attention_heads
         if a.q_lora_rank:
-            q = kernels.linear(self.q_a_norm(kernels.linear(x, self.q_a, self._bias("q_a_bias"))), self.q_b)
+            q = linear(self.q_a_norm(linear(x, self.q_a, self._bias("q_a_bias"))), self.q_b)
         else:
-            q = kernels.linear(x, self.q_proj)
-        q_nope, q_pe = q.view(T, H, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)  # [T, H, *]
-        kv = kernels.linear(x, self.kv_a, self._bias("kv_a_bias"))            # [T, L + R]
-        q_pe = self.rotary(q_pe, angles)                                       # [T, H, R]
-        if angles.spread is None:   # the rotary kernel's device: norm, rotary and the write in one kernel
+            q = linear(x, self.q_proj)
+        q = q.view(T, H, a.qk_head_dim)                                        # [T, H, nope + R]
+        q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)   # [T, H, *]
+        kv = linear(x, self.kv_a, self._bias("kv_a_bias"))                     # [T, L + R]
+        kernel_rope = angles.spread is None   # the rotary kernel's device: fused kernels around it too
+        if kernel_rope:                       # norm, rotary and the cache write in one kernel
             kernels.write_latent_cache(cache, kv, self.kv_a_norm.weight, self.kv_a_norm.eps, angles.cos,
                                        angles.sin, self.rotary.interleave, meta.slot_mapping)
         else:
@@ -128,18 +131,26 @@ class MLAttention(nn.Module):
             k_pe = self.rotary(k_pe[:, None, :], angles)[:, 0]                 # [T, R]
             kernels.write_cache(cache, torch.cat([self.kv_a_norm(latent), k_pe], -1), meta.slot_mapping)
         # A static (graph) decode step knows its contexts only on the device: only the absorbed form serves it.
-        if self.absorb == "always" or meta.context_slots is None or (self.absorb == "auto" and meta.is_decode):
-            out = self._absorbed(q_nope, q_pe, cache, meta)
+        absorbed = self.absorb == "always" or meta.context_slots is None or (self.absorb == "auto" and meta.is_decode)
+        if absorbed and kernel_rope:          # the absorbed query, q_pe's rotation included, in one kernel
+            q_full = absorb_query(q, a.qk_nope_head_dim, self.w_uk, angles.cos, angles.sin, self.rotary.interleave)
+            out = self._attend_latent(q_full, cache, meta)
+        elif absorbed:
+            out = self._absorbed(q_nope, self.rotary(q_pe, angles), cache, meta)
         else:
-            out = self._per_sequence(q_nope, q_pe, cache, meta)
-        return kernels.linear(out.reshape(T, H * a.v_head_dim), self.wo, self._bias("wo_bias"))
+            out = self._per_sequence(q_nope, self.rotary(q_pe, angles), cache, meta)
+        return linear(out.reshape(T, H * a.v_head_dim), self.wo, self._bias("wo_bias"))
 
     def _absorbed(self, q_nope, q_pe, cache, meta):
         """Attend over the latent itself: fold kv_b's key half into q and its value half into the output."""
-        L = self.a.kv_lora_rank
         # bmm rather than einsum: the same products with a third of the per-call overhead.
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk)                 # [H, T, L]
         q_full = torch.cat([q_latent.transpose(0, 1), q_pe], -1)                 # [T, H, L + R]
+        return self._attend_latent(q_full, cache, meta)
+
+    def _attend_latent(self, q_full, cache, meta):
+        """q_full [T, H, L + R] against the cached latents; the value half of kv_b applied after: [T, H, v]."""
+        L = self.a.kv_lora_rank
         entries = cache[:, None, :]                                              # [S, 1, L + R]
         out_latent = kernels.paged_attention(q_full, entries, entries[..., :L], meta, self.scale)  # [T, H, L]
         return torch.bmm(out_latent.transpose(0, 1), self.w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import kernels
 from kernels.attention import AttentionMetadata
+from kernels.linear import linear
 from model_defs.base import CausalLM, DecoderLayer, Target, moe_targets
 from model_defs.hf_config import args_from_hf_config
 from model_defs.layers import Rotary, weight
@@ -59,13 +60,13 @@ class GQAttention(nn.Module):
     def forward(self, x: torch.Tensor, angles, kv_cache, meta: AttentionMetadata):
         """kv_cache: keys at [0], values at [1] (the [2, S, Hkv, Dh] tensor, or its halves from cache_parts)."""
         T, H = x.shape[0], self.n_heads
-        qkv = kernels.linear(x, self.wqkv).view(T, H + 2 * self.n_kv, self.head_dim)   # [T, H + 2 Hkv, Dh]
+        qkv = linear(x, self.wqkv).view(T, H + 2 * self.n_kv, self.head_dim)   # [T, H + 2 Hkv, Dh]
         qk = self.rotary(qkv[:, :H + self.n_kv], angles)                      # q and k heads at once
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + self.n_kv:]
         kernels.write_cache(kv_cache[0], k, meta.slot_mapping)
         kernels.write_cache(kv_cache[1], v, meta.slot_mapping)
         out = kernels.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)   # [T, H, Dh]
-        return kernels.linear(out.reshape(T, -1), self.wo)
+        return linear(out.reshape(T, -1), self.wo)
 
     def targets(self, hf: str, ours: str) -> dict[str, Target]:
         sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]

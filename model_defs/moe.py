@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+from kernels.linear import router_logits as compute_router_logits
 from model_defs.layers import SwiGLU, weight
 
 
@@ -130,7 +131,7 @@ class MoEBlock(nn.Module):
         self.shared = SwiGLU(dim, shared_intermediate, dtype=dtype) if shared_intermediate else None
 
     def forward(self, x: torch.Tensor, hook: RoutingHook | None = None) -> torch.Tensor:
-        router_logits = kernels.router_logits(x, self.gate)                  # [T, E] float32
+        router_logits = compute_router_logits(x, self.gate)          # [T, E] float32
         if hook is None:
             # Unranked on CUDA saves a sort kernel per layer; elsewhere the ranking is free and keeps the
             # hooked and plain paths summing experts in the same order (bit-identical results).

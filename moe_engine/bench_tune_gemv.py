@@ -2,7 +2,7 @@
 decode runs them, with a cold L2 each time.
 
 The MoE one (kernels/triton_moe_gemv.py, with the shape's shared experts riding along) is tuned at one
-token, gate+up tile first, then down; token count by token count it then serves batches for as long as it
+token, gate+up tile first, then down (each tile one expert at a time and all experts stacked); token count by token count it then serves batches for as long as it
 beats the tiled kernels (max_tokens). The GEMV (kernels/triton_gemv.py) is tried on every distinct 2-D
 weight of the benchmark shapes against the vendor library (F.linear; the routers' float32 weights as the
 router multiplies them); a weight gets an entry with the rows up to which the GEMV won, 0 where it never did.
@@ -20,7 +20,12 @@ from moe_engine.bench_tune import inputs
 
 # (block_n, block_k, -, num_warps, num_stages) for the few-token kernels: 4-32 KiB of weights a step.
 GEMV_CANDIDATES = [GemmTile(16, 256, 1, 4, 2), GemmTile(8, 512, 1, 4, 2), GemmTile(32, 128, 1, 4, 2),
-                   GemmTile(16, 512, 1, 8, 2), GemmTile(4, 1024, 1, 4, 2), GemmTile(32, 256, 1, 8, 3)]
+                   GemmTile(16, 512, 1, 8, 2), GemmTile(4, 1024, 1, 4, 2), GemmTile(32, 256, 1, 8, 3),
+                   GemmTile(2, 2048, 1, 8, 1), GemmTile(4, 2048, 1, 8, 2), GemmTile(1, 2048, 1, 4, 1),
+                   GemmTile(1, 4096, 1, 8, 1)]
+# The stacked down kernel's tile is [experts, block_n, block_k]: smaller bands, as up to 8 experts share it.
+STACKED_DOWN_CANDIDATES = [GemmTile(4, 256, 1, 4, 2), GemmTile(2, 512, 1, 4, 2), GemmTile(4, 512, 1, 8, 2),
+                           GemmTile(8, 128, 1, 4, 2), GemmTile(2, 1024, 1, 8, 2), GemmTile(2, 256, 1, 4, 2)]
 GEMV_TOKENS = [1, 2, 4, 8]
 
 
@@ -39,7 +44,7 @@ def time_graphed(fn, device, min_time: float) -> float:
 
 
 def tune_gemv(spec: MoESpec, device, dtype, min_time: float, candidates=GEMV_CANDIDATES,
-              tokens=GEMV_TOKENS, timer=time_graphed) -> dict:
+              tokens=GEMV_TOKENS, timer=time_graphed, stacked_candidates=STACKED_DOWN_CANDIDATES) -> dict:
     """Few-token tiles for one expert shape (with its shared experts) at one token, then the largest
     batch up to which they beat the tiled kernels. An entry with max_tokens 0 when none works."""
     from kernels.triton_moe import fused_moe_triton
@@ -76,7 +81,9 @@ def tune_gemv(spec: MoESpec, device, dtype, min_time: float, candidates=GEMV_CAN
 
     entry = {"device": device_key(device), "dim": D, "inter": I, "shared": spec.shared, "trials": trials}
     up, _ = pick([replace(base, gate_up=c) for c in candidates])
-    best, best_time = pick([replace(up, down=c) for c in candidates]) if up else (None, None)
+    downs = ([replace(up, down=c, stacked_down=False) for c in candidates]
+             + [replace(up, down=c, stacked_down=True) for c in stacked_candidates])
+    best, best_time = pick(downs) if up else (None, None)
     if best is None:
         print(f"{spec.name}: no few-token tile compiled and matched the reference; the tiled kernels stay")
         return {**entry, "gate_up": list(asdict(base.gate_up).values()), "down": list(asdict(base.down).values()),
@@ -94,7 +101,8 @@ def tune_gemv(spec: MoESpec, device, dtype, min_time: float, candidates=GEMV_CAN
           + ", ".join(f"T={v['T']} {fmt_us(v['gemv_s'])} vs {fmt_us(v['tiled_s'])}" for v in versus)
           + f"; max_tokens {max_tokens}")
     return {**entry, "gate_up": list(asdict(best.gate_up).values()), "down": list(asdict(best.down).values()),
-            "max_tokens": max_tokens, "best_time_s": best_time, "versus_tiled": versus}
+            "stacked_down": best.stacked_down, "max_tokens": max_tokens, "best_time_s": best_time,
+            "versus_tiled": versus}
 
 
 def _add(out, x, shared):

@@ -78,7 +78,7 @@ def test_gpu_gemv_projections_and_fused_routing_match_cpu(model, tmp_path, monke
     on, off = tmp_path / "on.json", tmp_path / "off.json"
     _, _, llm = run(model, graphs=False, device="cuda", dtype=torch.float32, max_num_seqs=1)
     tuning_for_every_weight(llm, on)
-    off.write_text(json.dumps({"moe": [], "disable": ["gemv", "linear", "route"]}))
+    off.write_text(json.dumps({"moe": [], "disable": ["gemv", "linear", "route", "latent_cache", "absorb_query"]}))
     import kernels.triton_gemv as tg
     import kernels.triton_moe_gemv as tmg
     used = {}
@@ -91,7 +91,9 @@ def test_gpu_gemv_projections_and_fused_routing_match_cpu(model, tmp_path, monke
         monkeypatch.setenv("MOE_ENGINE_TUNING", str(path))
         graphed, calls, _ = run(model, graphs=True, device="cuda", dtype=torch.float32)
         assert graphed == cpu and calls, path.name
-        assert sorted(used) == ([] if path == off else ["fused_moe_gemv", "gemv_triton", "greedy_route_triton"])
+        greedy = llm.model.layers[-1].mlp.routing.method == "greedy"     # the routing kernel's case
+        expected = ["fused_moe_gemv", "gemv_triton"] + (["greedy_route_triton"] if greedy else [])
+        assert sorted(used) == ([] if path == off else expected), path.name
 
 
 def test_linear_tuner_covers_every_weight_and_checks_its_tiles():
@@ -113,3 +115,26 @@ def test_linear_tuner_covers_every_weight_and_checks_its_tiles():
                 break
             expected = v["T"]
         assert e["max_tokens"] == expected
+
+
+def test_a_tuning_file_turns_decode_kernels_off(tmp_path, monkeypatch):
+    """"disable" in MOE_ENGINE_TUNING sends each kind of decode kernel back to its torch path (the A/B
+    switch of examples/profile_decode.py); other kinds stay on."""
+    import importlib
+    from kernels import tuning
+    from kernels.mla import absorb_query
+    from kernels.pointwise import write_latent_cache
+    path = tmp_path / "off.json"
+    path.write_text(json.dumps({"moe": [], "disable": ["absorb_query", "latent_cache", "gemv"]}))
+    monkeypatch.setenv("MOE_ENGINE_TUNING", str(path))
+    for module, name in [("kernels.triton_mla", "absorb_query_triton"), ("kernels.triton_pointwise", "latent_cache_triton")]:
+        monkeypatch.setattr(importlib.import_module(module), name, lambda *a, _n=name: pytest.fail(f"{_n} ran"))
+    q, w_uk = torch.randn(1, 2, 12), torch.randn(2, 8, 16)
+    angles = torch.rand(1, 1, 2)
+    assert absorb_query(q, 8, w_uk, angles.cos(), angles.sin(), True, backend="triton").shape == (1, 2, 20)
+    cache = torch.zeros(4, 20)
+    write_latent_cache(cache, torch.randn(1, 20), torch.ones(16), 1e-6, angles.cos(), angles.sin(), True,
+                       torch.tensor([2]), backend="triton")
+    assert cache[2].abs().sum() > 0
+    assert tuning.disabled("gemv") and not tuning.disabled("route")
+    assert tuning.gemv_tuning(torch.device("cpu"), 16, 8).max_tokens == 0

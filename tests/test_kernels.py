@@ -33,10 +33,12 @@ def ragged_routing(T: int, E: int, k: int, gen: torch.Generator):
 
 
 def moe_inputs(T, D, I, E, k, dtype, device="cpu", seed=0):
+    """Weights drawn on the device itself (a CPU generator takes ~10 s for Mixtral's), routing on the CPU."""
     gen = torch.Generator().manual_seed(seed)
+    on_device = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(T, D, generator=gen)
-    w13 = torch.randn(E, 2 * I, D, generator=gen) / D ** 0.5
-    w2 = torch.randn(E, D, I, generator=gen) / I ** 0.5
+    w13 = torch.randn(E, 2 * I, D, generator=on_device, device=device) / D ** 0.5
+    w2 = torch.randn(E, D, I, generator=on_device, device=device) / I ** 0.5
     weights, ids = ragged_routing(T, E, k, gen)
     cast = dict(dtype=dtype, device=device)
     return x.to(**cast), w13.to(**cast), w2.to(**cast), weights.to(device), ids.to(device)
@@ -89,15 +91,20 @@ GEMV_SHAPES = [(1, 40, 24, 4, 2, 0), (1, 72, 40, 6, 3, 2), (3, 48, 20, 5, 2, 1),
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", GEMV_SHAPES, ids=lambda s: "T{}-D{}-I{}-E{}-k{}-S{}".format(*s))
-def test_fused_moe_gemv_matches_reference(shape, dtype):
+@pytest.mark.parametrize("stacked", [False, True], ids=["down-by-expert", "down-stacked"])
+def test_fused_moe_gemv_matches_reference(shape, dtype, stacked):
+    from dataclasses import replace
     from kernels.triton_moe_gemv import fused_moe_gemv
+    from kernels.tuning import gemv_tuning
     T, D, I, E, k, S = shape
+    tuning = replace(gemv_tuning(torch.device("cpu"), D, I, dtype), stacked_down=stacked)
     args = moe_inputs(T, D, I, E, k, dtype)
     if S == 0:
-        assert_close(fused_moe_gemv(*args), moe_expected(*args), TOL[dtype])
+        assert_close(fused_moe_gemv(*args, tuning=tuning), moe_expected(*args), TOL[dtype])
         return
     shared = shared_inputs(D, S * I, dtype)
-    assert_close(fused_moe_gemv(*args, shared=shared), moe_with_shared_expected(*args, shared), TOL[dtype])
+    assert_close(fused_moe_gemv(*args, shared=shared, tuning=tuning), moe_with_shared_expected(*args, shared),
+                 TOL[dtype])
 
 
 def test_fused_moe_takes_shared_experts_on_every_path():
@@ -249,16 +256,29 @@ def test_fused_moe_gpu_full_size(E, D, I, k, T):
 @gpu
 @pytest.mark.parametrize("E,D,I,k,S", [(8, 4096, 14336, 2, 0), (64, 2048, 1408, 6, 2)],
                          ids=["mixtral", "deepseek-v2-lite"])
-@pytest.mark.parametrize("T", [1, 2, 4])
-def test_fused_moe_gemv_gpu_full_size(E, D, I, k, S, T):
+def test_fused_moe_gemv_gpu_full_size(E, D, I, k, S):
+    """The few-token kernels at 1, 2 and 4 tokens, with the shared experts where the shape has them;
+    weights made on the GPU (a CPU generator takes ~10 s for Mixtral's)."""
+    from dataclasses import replace
     from kernels.triton_moe_gemv import fused_moe_gemv
-    args = moe_inputs(T, D, I, E, k, torch.bfloat16, device="cuda")
-    if S == 0:
-        assert_close(fused_moe_gemv(*args), moe_expected(*args), TOL[torch.bfloat16])
-    else:
-        shared = shared_inputs(D, S * I, torch.bfloat16, device="cuda")
-        assert_close(kernels.fused_moe(*args, shared=shared) if T == 1 else fused_moe_gemv(*args, shared=shared),
-                     moe_with_shared_expected(*args, shared), TOL[torch.bfloat16])
+    from kernels.tuning import gemv_tuning
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dt = dict(dtype=torch.bfloat16, device="cuda")
+    w13 = torch.randn(E, 2 * I, D, generator=gen, **dt) / D ** 0.5
+    w2 = torch.randn(E, D, I, generator=gen, **dt) / I ** 0.5
+    shared = (torch.randn(2 * S * I, D, generator=gen, **dt) / D ** 0.5,
+              torch.randn(D, S * I, generator=gen, **dt) / (S * I) ** 0.5) if S else None
+    for T in (1, 2, 4):
+        x = torch.randn(T, D, generator=gen, **dt)
+        weights, ids = torch.randn(T, E, generator=gen, device="cuda").softmax(-1).topk(k, dim=-1)
+        args = (x, w13, w2, weights, ids)
+        want = moe_expected(*args) if S == 0 else moe_with_shared_expected(*args, shared)
+        assert_close(fused_moe_gemv(*args, shared=shared), want, TOL[torch.bfloat16])
+        for stacked in (False, True):
+            tuning = replace(gemv_tuning(x.device, D, I, x.dtype), stacked_down=stacked)
+            assert_close(fused_moe_gemv(*args, shared=shared, tuning=tuning), want, TOL[torch.bfloat16])
+        if T == 1:   # the entry point sends one token here, with the shared experts
+            assert_close(kernels.fused_moe(*args, shared=shared), want, TOL[torch.bfloat16])
 
 
 @pytest.mark.gpu
@@ -348,9 +368,10 @@ def test_gemv_tuner_checks_tiles_sets_max_tokens_and_its_file_is_used(tmp_path, 
     spec = bench_kernels.MoESpec("tiny", 4, 40, 24, 2, shared=2)
     candidates = [tuning.GemmTile(16, 32, 1, 1, 1), tuning.GemmTile(8, 16, 1, 1, 1)]
     entry = bench_tune_gemv.tune_gemv(spec, torch.device("cpu"), torch.float32, 0.0, candidates, tokens=[1, 2],
-                                 timer=bench_kernels.time_call)
+                                      timer=bench_kernels.time_call, stacked_candidates=candidates[1:])
     assert entry["trials"] and all(t["ok"] and t["rel_error"] < 1e-5 for t in entry["trials"])
     assert tuple(entry["gate_up"]) in [tuple(vars(c).values()) for c in candidates]
+    assert {t["tuning"]["stacked_down"] for t in entry["trials"]} == {False, True}   # both down kernels tried
     expected = 0
     for v in entry["versus_tiled"]:          # measured in order, up to the first count the tiled kernels win
         if v["gemv_s"] >= v["tiled_s"]:
@@ -428,6 +449,43 @@ def test_latent_cache_kernel_matches_norm_rotary_and_scatter(dtype, interleave, 
     assert torch.equal(torch_path, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("T,H,nope,L,R", [(1, 3, 24, 40, 8), (2, 2, 128, 200, 16)])
+def test_absorb_query_kernel_matches_bmm_rotary_and_cat(dtype, interleave, T, H, nope, L, R):
+    """MLA's absorbed query in one kernel (several latent bands, ragged nope) against torch; w_uk a
+    strided view of kv_b, as the model holds it."""
+    from kernels.mla import absorb_query
+    q = torch.randn(T, H, nope + R, dtype=dtype)
+    kv_b = torch.randn(H, nope + 16, L, dtype=dtype) / nope ** 0.5
+    w_uk = kv_b[:, :nope]                                                        # [H, nope, L], strided
+    angles = torch.rand(T, 1, R // 2) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    out = absorb_query(q, nope, w_uk, cos, sin, interleave, backend="triton")
+    ref = absorb_query(q, nope, w_uk, cos, sin, interleave, backend="torch")
+    assert out.shape == (T, H, L + R)
+    assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
+def test_mla_decode_with_its_fused_kernels_gives_the_same_tokens(monkeypatch):
+    """tiny-deepseek decoding with the latent cache write and the absorbed query as Triton kernels (the
+    CUDA path, here under the interpreter): the same greedy tokens as the torch path."""
+    import sys
+    from kernels import pointwise
+    from moe_engine.llm import LLM
+    from moe_engine.sampling import SamplingParams
+    from tests.conftest import WEIGHTS
+    llm = LLM(WEIGHTS / "tiny-deepseek", num_kv_blocks=16, block_size=8)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompts = [list(range(7, 20)), list(range(30, 35))]
+    expected = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+    calls = []
+    monkeypatch.setattr(pointwise, "use_triton", lambda backend, *t: True)
+    monkeypatch.setattr(sys.modules["kernels.mla"], "use_triton", lambda backend, *t: calls.append(1) or True)
+    assert [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)] == expected
+    assert calls
+
+
 @pytest.mark.parametrize("T,D", [(1, 256), (5, 96), (33, 64)])
 def test_rms_norm_cpu_matches_reference(T, D):
     """The CPU float32 norm in fewer torch calls: F.rms_norm's result, with and without the residual add
@@ -497,6 +555,11 @@ def test_norm_and_rotary_gpu_bfloat16(interleave):
     assert rel_err(*caches) < 1e-2
     untouched = torch.ones(50, dtype=torch.bool, device="cuda").index_fill_(0, slots, False)
     assert not caches[0][untouched].any()
+    from kernels.mla import absorb_query   # DeepSeek-V2-Lite's MLA: 16 heads, nope 128, latent 512, rope 64
+    q, w_uk = torch.randn(7, 16, 192, **dt), torch.randn(16, 128, 512, **dt) / 128 ** 0.5
+    half_angles = (angles.cos().bfloat16()[:, :, :32], angles.sin().bfloat16()[:, :, :32])
+    assert rel_err(absorb_query(q, 128, w_uk, *half_angles, interleave, backend="triton"),
+                   absorb_query(q, 128, w_uk, *half_angles, interleave, backend="torch")) < 1e-2
 
 
 @pytest.mark.parametrize("mla", [False, True])

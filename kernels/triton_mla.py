@@ -1,0 +1,64 @@
+"""MLA's absorbed query in one Triton kernel: q_full = [q_nope . w_uk per head, rotary(q_pe)]."""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _absorb_query_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, nope, half, lora,
+                         stride_qt, stride_qh, stride_wh, stride_wk, stride_ot, stride_oh,
+                         INTERLEAVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
+    """Program (token, head, band of the latent): out[t, h, band] = q_nope[t, h] . w_uk[h, :, band]; the
+    band-0 program also writes out[t, h, lora:] = q_pe rotated by the token's angles. Rounded to out's
+    dtype as the separate product, rotary and concatenation round."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    band = tl.program_id(2)
+    cols = band * BLOCK_N + tl.arange(0, BLOCK_N)                                      # [BN]
+    col_ok = cols < lora
+    q_row = q_ptr + t * stride_qt + h * stride_qh                                      # q_nope, then q_pe
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, nope, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < nope
+        q = tl.load(q_row + k, mask=k_ok, other=0.0).to(tl.float32)                   # [BK]
+        w = tl.load(w_ptr + h * stride_wh + k[:, None] * stride_wk + cols[None, :],
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)    # [BK, BN]
+        acc += w * q[:, None]
+    out_row = out_ptr + t * stride_ot + h * stride_oh
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_row + cols, tl.sum(acc, axis=0).to(dtype), mask=col_ok)
+    if band == 0:
+        i = tl.arange(0, BLOCK_R)
+        pair_ok = i < half
+        if INTERLEAVE:
+            a, b = 2 * i, 2 * i + 1
+        else:
+            a, b = i, i + half
+        x1 = tl.load(q_row + nope + a, mask=pair_ok, other=0.0).to(tl.float32)
+        x2 = tl.load(q_row + nope + b, mask=pair_ok, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + t * half + i, mask=pair_ok, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + t * half + i, mask=pair_ok, other=0.0).to(tl.float32)
+        tl.store(out_row + lora + a, (x1 * c - x2 * s).to(dtype), mask=pair_ok)
+        tl.store(out_row + lora + b, (x2 * c + x1 * s).to(dtype), mask=pair_ok)
+
+
+def absorb_query_triton(q: torch.Tensor, nope: int, w_uk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        interleave: bool) -> torch.Tensor:
+    """q [T, H, nope + R] (unit stride along the last dim), w_uk [H, nope, L] (unit stride along L),
+    cos/sin [T, 1, R/2] contiguous -> q_full [T, H, L + R]."""
+    T, H, width = q.shape
+    L = w_uk.shape[2]
+    R = width - nope
+    out = torch.empty(T, H, L + R, dtype=q.dtype, device=q.device)
+    block_n = min(128, triton.next_power_of_2(L))
+    if T:
+        _absorb_query_kernel[(T, H, triton.cdiv(L, block_n))](
+            q, w_uk, cos, sin, out, nope, R // 2, L, q.stride(0), q.stride(1), w_uk.stride(0), w_uk.stride(1),
+            out.stride(0), out.stride(1), INTERLEAVE=interleave, BLOCK_N=block_n,
+            BLOCK_K=min(128, triton.next_power_of_2(nope)), BLOCK_R=max(2, triton.next_power_of_2(R // 2)),
+            num_warps=4)
+    return out
