@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_pointwise import rotate_pairs
+
 
 @triton.jit
 def _absorb_query_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, nope, half, lora,
@@ -29,21 +31,9 @@ def _absorb_query_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, nope, half, lo
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)    # [BK, BN]
         acc += w * q[:, None]
     out_row = out_ptr + t * stride_ot + h * stride_oh
-    dtype = out_ptr.dtype.element_ty
-    tl.store(out_row + cols, tl.sum(acc, axis=0).to(dtype), mask=col_ok)
+    tl.store(out_row + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_ok)
     if band == 0:
-        i = tl.arange(0, BLOCK_R)
-        pair_ok = i < half
-        if INTERLEAVE:
-            a, b = 2 * i, 2 * i + 1
-        else:
-            a, b = i, i + half
-        x1 = tl.load(q_row + nope + a, mask=pair_ok, other=0.0).to(tl.float32)
-        x2 = tl.load(q_row + nope + b, mask=pair_ok, other=0.0).to(tl.float32)
-        c = tl.load(cos_ptr + t * half + i, mask=pair_ok, other=0.0).to(tl.float32)
-        s = tl.load(sin_ptr + t * half + i, mask=pair_ok, other=0.0).to(tl.float32)
-        tl.store(out_row + lora + a, (x1 * c - x2 * s).to(dtype), mask=pair_ok)
-        tl.store(out_row + lora + b, (x2 * c + x1 * s).to(dtype), mask=pair_ok)
+        rotate_pairs(q_row + nope, out_row + lora, cos_ptr + t * half, sin_ptr + t * half, half, INTERLEAVE, BLOCK_R)
 
 
 def absorb_query_triton(q: torch.Tensor, nope: int, w_uk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -76,6 +76,24 @@ def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interle
 
 
 @triton.jit
+def rotate_pairs(src, dst, cos_row, sin_row, half, INTERLEAVE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One rope vector: src's channel pairs rotated by the angles cos_row/sin_row [half] in float32,
+    rounded to src's dtype (as the rotary kernel rounds), stored at dst in dst's dtype."""
+    i = tl.arange(0, BLOCK_R)                                                          # pair index
+    ok = i < half
+    if INTERLEAVE:
+        a, b = 2 * i, 2 * i + 1
+    else:
+        a, b = i, i + half
+    x1 = tl.load(src + a, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src + b, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(cos_row + i, mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(sin_row + i, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dst + a, (x1 * c - x2 * s).to(src.dtype.element_ty).to(dst.dtype.element_ty), mask=ok)
+    tl.store(dst + b, (x2 * c + x1 * s).to(src.dtype.element_ty).to(dst.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _latent_cache_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slots_ptr, lora, half, eps,
                          stride_kv, stride_c, INTERLEAVE: tl.constexpr, BLOCK_L: tl.constexpr,
                          BLOCK_R: tl.constexpr):
@@ -93,18 +111,7 @@ def _latent_cache_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slots_ptr, 
     y = (xf * rstd).to(x.dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(dst + cols, (w * y).to(x.dtype).to(cache_ptr.dtype.element_ty), mask=ok)
-    i = tl.arange(0, BLOCK_R)                                                          # pair index
-    pair_ok = i < half
-    if INTERLEAVE:
-        a, b = 2 * i, 2 * i + 1
-    else:
-        a, b = i, i + half
-    x1 = tl.load(src + lora + a, mask=pair_ok, other=0.0).to(tl.float32)
-    x2 = tl.load(src + lora + b, mask=pair_ok, other=0.0).to(tl.float32)
-    c = tl.load(cos_ptr + t * half + i, mask=pair_ok, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + t * half + i, mask=pair_ok, other=0.0).to(tl.float32)
-    tl.store(dst + lora + a, (x1 * c - x2 * s).to(x.dtype).to(cache_ptr.dtype.element_ty), mask=pair_ok)
-    tl.store(dst + lora + b, (x2 * c + x1 * s).to(x.dtype).to(cache_ptr.dtype.element_ty), mask=pair_ok)
+    rotate_pairs(src + lora, dst + lora, cos_ptr + t * half, sin_ptr + t * half, half, INTERLEAVE, BLOCK_R)
 
 
 def latent_cache_triton(cache: torch.Tensor, kv: torch.Tensor, weight: torch.Tensor, eps: float,
