@@ -32,8 +32,8 @@ def band_dot(a_ptr, w_ptrs, length, col_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.c
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_xt, stride_wn, stride_ot,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[t, band] = x[t] . w[band] (+ bias[band]), accumulated in float32."""
-    t = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)                          # [BN]
+    t = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)   # bands on axis 0: more than 65,535 allowed
     col_ok = cols < N
     acc = band_dot(x_ptr + t * stride_xt, w_ptr + cols.to(tl.int64)[:, None] * stride_wn, K, col_ok,
                    BLOCK_N, BLOCK_K)
@@ -52,7 +52,7 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, tile: GemmTile, bias: torch.Te
         w = w.contiguous()
     x = x.contiguous()
     out = torch.empty(T, N, dtype=out_dtype or x.dtype, device=x.device)
-    _gemv_kernel[(T, triton.cdiv(N, tile.block_n))](
+    _gemv_kernel[(triton.cdiv(N, tile.block_n), T)](
         x, w, w if bias is None else bias, out, N, K, x.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)

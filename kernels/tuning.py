@@ -133,16 +133,43 @@ MOE_SHAPE_TABLE: dict[tuple[str, str, int, int, int], MoETuning] = {
 # weights 8-16 KiB a step and a few programs per SM keep enough bytes in flight to stream near the copy
 # rate. Untuned starting points; `moe-engine bench tune` measures candidates per expert shape.
 GEMV_TABLE: dict[str, GemvTuning] = {
-    "sm90": GemvTuning(GemmTile(16, 256, 1, 4, 2), GemmTile(8, 512, 1, 4, 2)),
+    "sm90": GemvTuning(GemmTile(8, 512, 1, 4, 2), GemmTile(2, 2048, 1, 8, 1)),
     "interpreter": GemvTuning(GemmTile(16, 32, 1, 1, 1), GemmTile(8, 32, 1, 1, 1)),
 }
 _DEFAULT_GEMV = GemvTuning(GemmTile(16, 256, 1, 4, 2), GemmTile(8, 256, 1, 4, 2))
-GEMV_SHAPE_TABLE: dict[tuple[str, int, int], GemvTuning] = {}
+# (device, dim, intermediate) -> tiles, from `moe-engine bench tune` on an H200 (2026-11-27, bf16, timed as
+# CUDA-graph replays with a cold L2, against the tiled kernels + a separate shared SwiGLU). Mixtral-8x7B:
+# 184.8 us at one token (tiled 186.8), two tokens lose (345.8 vs 337.2). DeepSeek-V2-Lite with its two
+# shared experts riding along: 54.8 us (tiled 76.6), two tokens 86.5 (101.9), four lose (139.8 vs 137.2).
+GEMV_SHAPE_TABLE: dict[tuple[str, int, int], GemvTuning] = {
+    ("sm90", 4096, 14336): GemvTuning(GemmTile(8, 512, 1, 4, 2), GemmTile(2, 2048, 1, 8, 1), 1, False),
+    ("sm90", 2048, 1408): GemvTuning(GemmTile(8, 512, 1, 4, 2), GemmTile(2, 512, 1, 4, 2), 2, True),
+}
 
 
 # Weights [n, k] of a dtype for which the Triton GEMV won on a device: (device, n, k, dtype) -> tuning.
-# Filled from `moe-engine bench tune`; a weight not listed goes to the vendor library.
-LINEAR_TABLE: dict[tuple[str, int, int, str], LinearTuning] = {}
+# From `moe-engine bench tune` on an H200 (2026-11-27; every distinct 2-D weight of the Mixtral-8x7B and
+# DeepSeek-V2-Lite shapes, graph replays with a cold L2, against F.linear): the GEMV won each at one row,
+# most by 1-2 us (e.g. q_proj 3072x2048: 9.5 vs 10.6 us), the float32 routers by 5 us (6.5-7.0 vs
+# 11.6-11.8 us) up to 8 rows; max_tokens is the last row count it still won. A weight not listed goes to
+# the vendor library.
+_GEMV_2x2048 = GemmTile(2, 2048, 1, 8, 1)
+LINEAR_TABLE: dict[tuple[str, int, int, str], LinearTuning] = {
+    ("sm90", 8, 4096, "float32"): LinearTuning(GemmTile(1, 4096, 1, 8, 1), 8),      # Mixtral router
+    ("sm90", 64, 2048, "float32"): LinearTuning(_GEMV_2x2048, 8),                   # DeepSeek-V2-Lite router
+    ("sm90", 576, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 4),                 # kv_a
+    ("sm90", 4096, 512, "bfloat16"): LinearTuning(GemmTile(4, 1024, 1, 4, 2), 1),
+    ("sm90", 2048, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 2),                # DeepSeek o_proj
+    ("sm90", 2048, 2816, "bfloat16"): LinearTuning(_GEMV_2x2048, 2),                # shared down
+    ("sm90", 3072, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # q_proj
+    ("sm90", 5632, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # shared gate+up
+    ("sm90", 4096, 4096, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # Mixtral o_proj
+    ("sm90", 2048, 10944, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),               # dense layer down
+    ("sm90", 6144, 4096, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # Mixtral qkv
+    ("sm90", 21888, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),               # dense layer gate+up
+    ("sm90", 32000, 4096, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),               # Mixtral lm_head
+    ("sm90", 102400, 2048, "bfloat16"): LinearTuning(GemmTile(4, 1024, 1, 4, 2), 1),  # DeepSeek lm_head
+}
 
 
 def linear_tuning(device: torch.device, n: int, k: int, dtype: torch.dtype) -> LinearTuning | None:
