@@ -99,5 +99,6 @@ def write_latent_cache(cache: torch.Tensor, kv: torch.Tensor, weight: torch.Tens
         latent_cache_triton(cache, kv, weight, eps, cos, sin, interleave, slot_mapping)
         return
     latent, k_pe = kv.split([L, kv.shape[1] - L], -1)
-    rows = torch.cat([rms_norm_ref(latent, weight, eps), rotary_ref(k_pe[:, None, :], cos, sin, interleave)[:, 0]], -1)
+    rows = torch.cat([rms_norm(latent, weight, eps, backend=backend)[0],
+                      rotary(k_pe[:, None, :], cos, sin, interleave, backend)[:, 0]], -1)   # [T, L + R]
     cache.index_copy_(0, slot_mapping, rows.to(cache.dtype))

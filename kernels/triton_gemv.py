@@ -52,6 +52,8 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, tile: GemmTile, bias: torch.Te
         w = w.contiguous()
     x = x.contiguous()
     out = torch.empty(T, N, dtype=out_dtype or x.dtype, device=x.device)
+    if T == 0:
+        return out
     _gemv_kernel[(triton.cdiv(N, tile.block_n), T)](
         x, w, w if bias is None else bias, out, N, K, x.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,

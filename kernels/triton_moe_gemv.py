@@ -146,6 +146,8 @@ def fused_moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     num_shared = shared_slices(w13, shared)
     if num_shared < 0:
         raise ValueError("fused_moe_gemv: the shared experts do not split into routed-width slices")
+    if T == 0:
+        return torch.zeros_like(x)
     if w13.stride(2) != 1 or w2.stride(2) != 1:
         w13, w2 = w13.contiguous(), w2.contiguous()
     w13s, w2s = shared if num_shared else (w13, w2)      # any valid pointer when there is nothing shared

@@ -131,12 +131,13 @@ MOE_SHAPE_TABLE: dict[tuple[str, str, int, int, int], MoETuning] = {
 
 # Few-token MoE tiles. Each step of a program reads block_n x block_k weights (x2 for gate+up); with bf16
 # weights 8-16 KiB a step and a few programs per SM keep enough bytes in flight to stream near the copy
-# rate. Untuned starting points; `moe-engine bench tune` measures candidates per expert shape.
+# rate. Hopper's entry is what won for both benchmark shapes (below) and serves other expert shapes at one
+# token; other GPUs keep the tiled kernels (max_tokens 0) until `moe-engine bench tune` measures them.
 GEMV_TABLE: dict[str, GemvTuning] = {
     "sm90": GemvTuning(GemmTile(8, 512, 1, 4, 2), GemmTile(2, 2048, 1, 8, 1)),
     "interpreter": GemvTuning(GemmTile(16, 32, 1, 1, 1), GemmTile(8, 32, 1, 1, 1)),
 }
-_DEFAULT_GEMV = GemvTuning(GemmTile(16, 256, 1, 4, 2), GemmTile(8, 256, 1, 4, 2))
+_DEFAULT_GEMV = GemvTuning(GemmTile(16, 256, 1, 4, 2), GemmTile(8, 256, 1, 4, 2), max_tokens=0)  # unmeasured
 # (device, dim, intermediate) -> tiles, from `moe-engine bench tune` on an H200 (2026-11-27, bf16, timed as
 # CUDA-graph replays with a cold L2, against the tiled kernels + a separate shared SwiGLU). Mixtral-8x7B:
 # 184.8 us at one token (tiled 186.8), two tokens lose (345.8 vs 337.2). DeepSeek-V2-Lite with its two
@@ -173,16 +174,23 @@ LINEAR_TABLE: dict[tuple[str, int, int, str], LinearTuning] = {
 
 
 def linear_tuning(device: torch.device, n: int, k: int, dtype: torch.dtype) -> LinearTuning | None:
+    """The GEMV's tuning for a weight [n, k]: the tuning file's entry, else LINEAR_TABLE's; None (the
+    vendor library) when neither lists it or the file disables "linear"."""
     key = (device_key(device), n, k, str(dtype).removeprefix("torch."))
     path = os.environ.get("MOE_ENGINE_TUNING")
+    if path and disabled("linear"):
+        return None
     if path and ("linear",) + key in tuning_file(path):
         return tuning_file(path)[("linear",) + key]
-    return None if path and disabled("linear") else LINEAR_TABLE.get(key)
+    return LINEAR_TABLE.get(key)
+
+
+DECODE_KERNELS = ("gemv", "linear", "route", "latent_cache", "absorb_query")
 
 
 def disabled(kernel: str) -> bool:
     """Whether the tuning file (MOE_ENGINE_TUNING) turns a kind of decode kernel off ("disable": any of
-    "gemv", "linear", "route", "latent_cache", "absorb_query"): for A/B runs against the path without it."""
+    DECODE_KERNELS): for A/B runs against the path without it."""
     path = os.environ.get("MOE_ENGINE_TUNING")
     return bool(path) and kernel in tuning_file(path).get(("disable",), ())
 
@@ -214,19 +222,52 @@ def moe_tuning_from_json(entry: dict) -> MoETuning:
     return MoETuning(entry["block_m"], GemmTile(*entry["gate_up"]), GemmTile(*entry["down"]))
 
 
+MAX_GEMV_TOKENS = 64     # the few-token kernels put the token on a grid axis limited to 65,535 programs
+
+
+def _check_tile(tile: GemmTile) -> GemmTile:
+    powers = (tile.block_n, tile.block_k, tile.num_warps)
+    if not all(isinstance(v, int) and v > 0 and v & (v - 1) == 0 for v in powers):
+        raise ValueError(f"block_n, block_k and num_warps must be powers of two, got {tile}")
+    if not all(isinstance(v, int) and v >= 0 for v in (tile.group_m, tile.num_stages)):
+        raise ValueError(f"group_m and num_stages must be whole numbers, got {tile}")
+    return tile
+
+
+def _check_max_tokens(value) -> int:
+    if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_GEMV_TOKENS):
+        raise ValueError(f"max_tokens must be a whole number from 0 to {MAX_GEMV_TOKENS}, got {value!r}")
+    return value
+
+
+def _check_gemv(t: GemvTuning) -> GemvTuning:
+    _check_tile(t.gate_up), _check_tile(t.down), _check_max_tokens(t.max_tokens)
+    if not isinstance(t.stacked_down, bool):
+        raise ValueError(f"stacked_down must be true or false, got {t.stacked_down!r}")
+    return t
+
+
 @functools.cache
-def tuning_file(path: str) -> dict[tuple, MoETuning | GemvTuning]:
-    """The entries of a tuning file written by `moe-engine bench tune` (read once per path): tiled MoE
-    keyed (device, shape class, experts, dim, inter), few-token MoE keyed ("gemv", device, dim, inter)."""
+def tuning_file(path: str) -> dict[tuple, MoETuning | GemvTuning | LinearTuning | tuple]:
+    """The entries of a tuning file written by `moe-engine bench tune` (read once per path, checked): tiled
+    MoE keyed (device, shape class, experts, dim, inter), few-token MoE ("gemv", device, dim, inter), GEMV
+    ("linear", device, n, k, dtype), and ("disable",): the kinds of decode kernel it turns off."""
     try:
         data = json.loads(open(path).read())
-        out = {(e["device"], e["shape"], e["experts"], e["dim"], e["inter"]): moe_tuning_from_json(e)
-               for e in data["moe"]}
-        out.update({("gemv", e["device"], e["dim"], e["inter"]): gemv_tuning_from_json(e)
-                    for e in data.get("gemv", [])})
-        out.update({("linear", e["device"], e["n"], e["k"], e["dtype"]):
-                    LinearTuning(GemmTile(*e["tile"]), e["max_tokens"]) for e in data.get("linear", [])})
-        out[("disable",)] = tuple(data.get("disable", ()))
+        out = {}
+        for e in data["moe"]:
+            t = moe_tuning_from_json(e)
+            _check_tile(t.gate_up), _check_tile(t.down)
+            out[(e["device"], e["shape"], e["experts"], e["dim"], e["inter"])] = t
+        for e in data.get("gemv", []):
+            out[("gemv", e["device"], e["dim"], e["inter"])] = _check_gemv(gemv_tuning_from_json(e))
+        for e in data.get("linear", []):
+            t = LinearTuning(_check_tile(GemmTile(*e["tile"])), _check_max_tokens(e["max_tokens"]))
+            out[("linear", e["device"], e["n"], e["k"], e["dtype"])] = t
+        off = data.get("disable", [])
+        if not (isinstance(off, list) and set(off) <= set(DECODE_KERNELS)):
+            raise ValueError(f'"disable" must be a list of {", ".join(DECODE_KERNELS)}; got {off!r}')
+        out[("disable",)] = tuple(off)
         return out
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"MOE_ENGINE_TUNING={path}: not a tuning file from `moe-engine bench tune` ({e})") from None

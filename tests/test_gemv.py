@@ -138,3 +138,37 @@ def test_a_tuning_file_turns_decode_kernels_off(tmp_path, monkeypatch):
     assert cache[2].abs().sum() > 0
     assert tuning.disabled("gemv") and not tuning.disabled("route")
     assert tuning.gemv_tuning(torch.device("cpu"), 16, 8).max_tokens == 0
+
+
+@pytest.mark.parametrize("bad", [{"disable": "gemv"}, {"disable": ["gmv"]},
+                                 {"gemv": [{"device": "sm90", "dim": 8, "inter": 8, "gate_up": [3, 64, 1, 4, 2],
+                                            "down": [8, 64, 1, 4, 2]}]},
+                                 {"gemv": [{"device": "sm90", "dim": 8, "inter": 8, "gate_up": [8, 64, 1, 4, 2],
+                                            "down": [8, 64, 1, 4, 2], "stacked_down": "false"}]},
+                                 {"linear": [{"device": "sm90", "n": 8, "k": 8, "dtype": "bfloat16",
+                                              "tile": [8, 64, 1, 4, 2], "max_tokens": "2"}]},
+                                 {"linear": [{"device": "sm90", "n": 8, "k": 8, "dtype": "bfloat16",
+                                              "tile": [8, 64, 1, 4, 2], "max_tokens": 100000}]}],
+                         ids=["disable-string", "disable-unknown", "block-not-power-of-2", "stacked-string",
+                              "max-tokens-string", "max-tokens-huge"])
+def test_a_bad_tuning_file_is_one_clear_error(bad, tmp_path, monkeypatch):
+    from kernels import tuning
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"moe": [], **bad}))
+    monkeypatch.setenv("MOE_ENGINE_TUNING", str(path))
+    with pytest.raises(ValueError, match="MOE_ENGINE_TUNING=.*not a tuning file") as err:
+        tuning.disabled("gemv")
+    assert "\n" not in str(err.value)
+
+
+def test_disable_linear_beats_the_files_own_entries(tmp_path, monkeypatch):
+    from kernels import tuning
+    entry = {"device": "interpreter", "n": 8, "k": 8, "dtype": "float32", "tile": [8, 64, 1, 4, 2], "max_tokens": 2}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"moe": [], "linear": [entry]}))
+    monkeypatch.setenv("MOE_ENGINE_TUNING", str(path))
+    assert tuning.linear_tuning(torch.device("cpu"), 8, 8, torch.float32).max_tokens == 2
+    off = tmp_path / "off.json"
+    off.write_text(json.dumps({"moe": [], "linear": [entry], "disable": ["linear"]}))
+    monkeypatch.setenv("MOE_ENGINE_TUNING", str(off))
+    assert tuning.linear_tuning(torch.device("cpu"), 8, 8, torch.float32) is None
