@@ -69,64 +69,6 @@ def test_fused_moe_larger_tiles_and_unaligned_strides():
     assert_close(fused_moe_triton(x, wide, w2, weights, ids, tuning), moe_expected(x, w13, w2, weights, ids), 1e-5)
 
 
-def shared_inputs(D, I_s, dtype, device="cpu", seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    w13s = torch.randn(2 * I_s, D, generator=gen) / D ** 0.5
-    w2s = torch.randn(D, I_s, generator=gen) / I_s ** 0.5
-    return w13s.to(dtype=dtype, device=device), w2s.to(dtype=dtype, device=device)
-
-
-def moe_with_shared_expected(x, w13, w2, weights, ids, shared):
-    """Routed experts plus the shared SwiGLU, both from the float32 references."""
-    w13s, w2s = (w.float() for w in shared)
-    gate, up = (x.float() @ w13s.t()).chunk(2, dim=-1)
-    routed = kernels.fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids)
-    return (routed + (torch.nn.functional.silu(gate) * up) @ w2s.t()).to(x.dtype)
-
-
-# (T, D, I, E, k, shared slices): ragged D and I against the interpreter tiles (16/8 x 32), one token
-# and a few, k = 1, shared experts of 1 and 2 routed widths
-GEMV_SHAPES = [(1, 40, 24, 4, 2, 0), (1, 72, 40, 6, 3, 2), (3, 48, 20, 5, 2, 1), (2, 24, 56, 8, 1, 2)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", GEMV_SHAPES, ids=lambda s: "T{}-D{}-I{}-E{}-k{}-S{}".format(*s))
-@pytest.mark.parametrize("stacked", [False, True], ids=["down-by-expert", "down-stacked"])
-def test_fused_moe_gemv_matches_reference(shape, dtype, stacked):
-    from dataclasses import replace
-    from kernels.triton_moe_gemv import fused_moe_gemv
-    from kernels.tuning import gemv_tuning
-    T, D, I, E, k, S = shape
-    tuning = replace(gemv_tuning(torch.device("cpu"), D, I, dtype), stacked_down=stacked)
-    args = moe_inputs(T, D, I, E, k, dtype)
-    if S == 0:
-        assert_close(fused_moe_gemv(*args, tuning=tuning), moe_expected(*args), TOL[dtype])
-        return
-    shared = shared_inputs(D, S * I, dtype)
-    assert_close(fused_moe_gemv(*args, shared=shared, tuning=tuning), moe_with_shared_expected(*args, shared),
-                 TOL[dtype])
-
-
-def test_fused_moe_takes_shared_experts_on_every_path():
-    """fused_moe(shared=...) adds the shared SwiGLU: fused into the few-token kernels when its width is a
-    multiple of the routed one, added after otherwise (a width of 1.5 routed ones, the tiled kernels, torch)."""
-    from kernels.triton_moe_gemv import shared_slices
-    for T, I_s in [(1, 48), (1, 36), (5, 48)]:
-        args = moe_inputs(T, 40, 24, 4, 2, torch.float32)
-        shared = shared_inputs(40, I_s, torch.float32)
-        want = moe_with_shared_expected(*args, shared)
-        assert shared_slices(args[1], shared) == (2 if I_s == 48 else -1)
-        for backend in ("triton", "torch"):
-            assert_close(kernels.fused_moe(*args, backend=backend, shared=shared), want, 1e-5)
-
-
-def test_fused_moe_tiled_kernels_at_one_token():
-    """The tiled kernels still serve one token where the tuning says so (batch 1 goes to the GEMV)."""
-    from kernels.triton_moe import fused_moe_triton
-    args = moe_inputs(1, 40, 24, 4, 2, torch.float32)
-    assert_close(fused_moe_triton(*args), moe_expected(*args), 1e-5)
-
-
 @pytest.mark.parametrize("n,E,bm", [(1, 4, 16), (7, 3, 16), (60, 8, 16), (200, 64, 32), (45, 5, 64)])
 def test_align_kernel_matches_torch_align(n, E, bm):
     from kernels.triton_moe import align_by_expert, align_by_expert_torch
@@ -254,35 +196,6 @@ def test_fused_moe_gpu_full_size(E, D, I, k, T):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("E,D,I,k,S", [(8, 4096, 14336, 2, 0), (64, 2048, 1408, 6, 2)],
-                         ids=["mixtral", "deepseek-v2-lite"])
-def test_fused_moe_gemv_gpu_full_size(E, D, I, k, S):
-    """The few-token kernels at 1, 2 and 4 tokens, with the shared experts where the shape has them;
-    weights made on the GPU (a CPU generator takes ~10 s for Mixtral's)."""
-    from dataclasses import replace
-    from kernels.triton_moe_gemv import fused_moe_gemv
-    from kernels.tuning import gemv_tuning
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    dt = dict(dtype=torch.bfloat16, device="cuda")
-    w13 = torch.randn(E, 2 * I, D, generator=gen, **dt) / D ** 0.5
-    w2 = torch.randn(E, D, I, generator=gen, **dt) / I ** 0.5
-    shared = (torch.randn(2 * S * I, D, generator=gen, **dt) / D ** 0.5,
-              torch.randn(D, S * I, generator=gen, **dt) / (S * I) ** 0.5) if S else None
-    for T in (1, 2, 4):
-        x = torch.randn(T, D, generator=gen, **dt)
-        weights, ids = torch.randn(T, E, generator=gen, device="cuda").softmax(-1).topk(k, dim=-1)
-        args = (x, w13, w2, weights, ids)
-        want = moe_expected(*args) if S == 0 else moe_with_shared_expected(*args, shared)
-        assert_close(fused_moe_gemv(*args, shared=shared), want, TOL[torch.bfloat16])
-        for stacked in (False, True):
-            tuning = replace(gemv_tuning(x.device, D, I, x.dtype), stacked_down=stacked)
-            assert_close(fused_moe_gemv(*args, shared=shared, tuning=tuning), want, TOL[torch.bfloat16])
-        if T == 1:   # the entry point sends one token here, with the shared experts
-            assert_close(kernels.fused_moe(*args, shared=shared), want, TOL[torch.bfloat16])
-
-
-@pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("case", GQA_CASES, ids=lambda c: "H{}-Hkv{}-Dk{}-Dv{}-page{}".format(*c[:5]))
 def test_paged_decode_gpu_small_float32(case):
     H, Hkv, Dk, Dv, page, ctx, _ = case
@@ -358,34 +271,6 @@ def test_tuner_picks_checked_tiles_and_its_file_is_used(tmp_path, monkeypatch):
         tuning.moe_tuning(torch.device("cpu"), 2, 4, torch.float16, 32, 48)
 
 
-def test_gemv_tuner_checks_tiles_sets_max_tokens_and_its_file_is_used(tmp_path, monkeypatch):
-    """The few-token search under the interpreter (plain timing: no CUDA graphs here): candidates are
-    checked against the reference with the shared experts, the winner is one of them, max_tokens is a
-    prefix of the token counts where it beat the tiled kernels, and the file entry reaches the engine."""
-    import json
-    from kernels import tuning
-    from moe_engine import bench_kernels, bench_tune_gemv
-    spec = bench_kernels.MoESpec("tiny", 4, 40, 24, 2, shared=2)
-    candidates = [tuning.GemmTile(16, 32, 1, 1, 1), tuning.GemmTile(8, 16, 1, 1, 1)]
-    entry = bench_tune_gemv.tune_gemv(spec, torch.device("cpu"), torch.float32, 0.0, candidates, tokens=[1, 2],
-                                      timer=bench_kernels.time_call, stacked_candidates=candidates[1:])
-    assert entry["trials"] and all(t["ok"] and t["rel_error"] < 1e-5 for t in entry["trials"])
-    assert tuple(entry["gate_up"]) in [tuple(vars(c).values()) for c in candidates]
-    assert {t["tuning"]["stacked_down"] for t in entry["trials"]} == {False, True}   # both down kernels tried
-    expected = 0
-    for v in entry["versus_tiled"]:          # measured in order, up to the first count the tiled kernels win
-        if v["gemv_s"] >= v["tiled_s"]:
-            break
-        expected = v["T"]
-    assert entry["max_tokens"] == expected
-    path = tmp_path / "tuning.json"
-    path.write_text(json.dumps({"moe": [], "gemv": [{**entry, "max_tokens": 3}]}))
-    monkeypatch.setenv("MOE_ENGINE_TUNING", str(path))
-    chosen = tuning.gemv_tuning(torch.device("cpu"), 40, 24, torch.float16)
-    assert chosen == tuning.gemv_tuning_from_json({**entry, "max_tokens": 3}) and chosen.max_tokens == 3
-    assert tuning.gemv_tuning(torch.device("cpu"), 40, 32, torch.float16) == tuning.GEMV_TABLE["interpreter"]
-
-
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
 
@@ -421,69 +306,6 @@ def test_rotary_triton_matches_reference(dtype, interleave, H, R):
     ref = rotary(x, cos, sin, interleave, backend="torch")
     assert out.shape == (T, H, R) and out.is_contiguous()
     assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("interleave", [False, True])
-@pytest.mark.parametrize("L,R", [(40, 8), (512, 64)])
-def test_latent_cache_kernel_matches_norm_rotary_and_scatter(dtype, interleave, L, R):
-    """MLA's one-kernel cache write against the norm, rotary and index_copy it replaces, on shuffled slots,
-    and rows it was not given untouched."""
-    from kernels.pointwise import rms_norm, rotary, write_latent_cache
-    T, S = 3, 10
-    kv = torch.randn(T, L + R + 6, dtype=dtype)[:, : L + R]                # a strided view, as linear's output
-    weight = torch.rand(L, dtype=dtype) + 0.5
-    angles = torch.rand(T, 1, R // 2) * 6
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    slots = torch.randperm(S)[:T]
-    cache = torch.full((S, L + R), 7.0, dtype=dtype)
-    write_latent_cache(cache, kv, weight, 1e-6, cos, sin, interleave, slots, backend="triton")
-    want = torch.full((S, L + R), 7.0, dtype=dtype)
-    latent, k_pe = kv.split([L, R], -1)
-    rows = torch.cat([rms_norm(latent, weight, 1e-6, backend="torch")[0],
-                      rotary(k_pe[:, None, :], cos, sin, interleave, backend="torch")[:, 0]], -1)
-    want.index_copy_(0, slots, rows)
-    assert rel_err(cache, want) < (1e-6 if dtype == torch.float32 else 2e-3)
-    torch_path = torch.full((S, L + R), 7.0, dtype=dtype)
-    write_latent_cache(torch_path, kv, weight, 1e-6, cos, sin, interleave, slots, backend="torch")
-    assert torch.equal(torch_path, want)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("interleave", [False, True])
-@pytest.mark.parametrize("T,H,nope,L,R", [(1, 3, 24, 40, 8), (2, 2, 128, 200, 16)])
-def test_absorb_query_kernel_matches_bmm_rotary_and_cat(dtype, interleave, T, H, nope, L, R):
-    """MLA's absorbed query in one kernel (several latent bands, ragged nope) against torch; w_uk a
-    strided view of kv_b, as the model holds it."""
-    from kernels.mla import absorb_query
-    q = torch.randn(T, H, nope + R, dtype=dtype)
-    kv_b = torch.randn(H, nope + 16, L, dtype=dtype) / nope ** 0.5
-    w_uk = kv_b[:, :nope]                                                        # [H, nope, L], strided
-    angles = torch.rand(T, 1, R // 2) * 6
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    out = absorb_query(q, nope, w_uk, cos, sin, interleave, backend="triton")
-    ref = absorb_query(q, nope, w_uk, cos, sin, interleave, backend="torch")
-    assert out.shape == (T, H, L + R)
-    assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
-
-
-def test_mla_decode_with_its_fused_kernels_gives_the_same_tokens(monkeypatch):
-    """tiny-deepseek decoding with the latent cache write and the absorbed query as Triton kernels (the
-    CUDA path, here under the interpreter): the same greedy tokens as the torch path."""
-    import sys
-    from kernels import pointwise
-    from moe_engine.llm import LLM
-    from moe_engine.sampling import SamplingParams
-    from tests.conftest import WEIGHTS
-    llm = LLM(WEIGHTS / "tiny-deepseek", num_kv_blocks=16, block_size=8)
-    params = SamplingParams(max_tokens=6, ignore_eos=True)
-    prompts = [list(range(7, 20)), list(range(30, 35))]
-    expected = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
-    calls = []
-    monkeypatch.setattr(pointwise, "use_triton", lambda backend, *t: True)
-    monkeypatch.setattr(sys.modules["kernels.mla"], "use_triton", lambda backend, *t: calls.append(1) or True)
-    assert [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)] == expected
-    assert calls
 
 
 @pytest.mark.parametrize("T,D", [(1, 256), (5, 96), (33, 64)])
