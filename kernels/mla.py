@@ -4,25 +4,22 @@ import torch
 
 from kernels.backend import use_triton
 from kernels.pointwise import rotary
-from kernels.tuning import disabled
-
-
-# The kernel reads each head's w_uk once per token (a batched matmul reads it once per batch): on an H200 it
-# wins at one token (DeepSeek-V2-Lite) and loses at 64 (decode 4,740 against 5,430 tok/s).
-ABSORB_KERNEL_MAX_TOKENS = 4
+from kernels.tuning import absorb_tuning, disabled
 
 
 def absorb_query(q: torch.Tensor, nope: int, w_uk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  interleave: bool, backend: str = "auto") -> torch.Tensor:
     """q [T, H, nope + R] = [q_nope, q_pe (not yet rotated)], w_uk [H, nope, L], angles cos/sin
     [T, 1, R/2] -> q_full [T, H, L + R] = [q_nope @ w_uk per head, rotary(q_pe)]. One kernel on CUDA in
-    place of a rotary, a batched matmul and a concatenation."""
-    if (use_triton(backend, q, w_uk, cos, sin) and q.dim() == 3 and q.shape[0] <= ABSORB_KERNEL_MAX_TOKENS
-            and q.stride(-1) == 1 and w_uk.stride(-1) == 1
+    place of a rotary, a batched matmul and a concatenation, for up to the tuning's max_tokens tokens
+    (kernels.tuning.absorb_tuning: the kernel reads w_uk once per token)."""
+    if (use_triton(backend, q, w_uk, cos, sin) and q.dim() == 3 and q.stride(-1) == 1 and w_uk.stride(-1) == 1
             and cos.is_contiguous() and sin.is_contiguous() and q.dtype == w_uk.dtype
             and cos.shape == (q.shape[0], 1, (q.shape[2] - nope) // 2) and not disabled("absorb_query")):
-        from kernels.triton_mla import absorb_query_triton
-        return absorb_query_triton(q, nope, w_uk, cos, sin, interleave)
+        tuning = absorb_tuning(q.device, q.shape[1], nope, w_uk.shape[2])
+        if q.shape[0] <= tuning.max_tokens:
+            from kernels.triton_mla import absorb_query_triton
+            return absorb_query_triton(q, nope, w_uk, cos, sin, interleave, tuning.tile)
     q_nope, q_pe = q.split([nope, q.shape[2] - nope], -1)
     q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)                     # [H, T, L]
     return torch.cat([q_latent.transpose(0, 1), rotary(q_pe, cos, sin, interleave, backend)], -1)

@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_pointwise import rotate_pairs
+from kernels.tuning import GemmTile
 
 
 @triton.jit
@@ -37,18 +38,16 @@ def _absorb_query_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, nope, half, lo
 
 
 def absorb_query_triton(q: torch.Tensor, nope: int, w_uk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        interleave: bool) -> torch.Tensor:
+                        interleave: bool, tile: GemmTile) -> torch.Tensor:
     """q [T, H, nope + R] (unit stride along the last dim), w_uk [H, nope, L] (unit stride along L),
-    cos/sin [T, 1, R/2] contiguous -> q_full [T, H, L + R]."""
+    cos/sin [T, 1, R/2] contiguous -> q_full [T, H, L + R]; tile: block_n of L, block_k of nope."""
     T, H, width = q.shape
     L = w_uk.shape[2]
     R = width - nope
     out = torch.empty(T, H, L + R, dtype=q.dtype, device=q.device)
-    block_n = min(128, triton.next_power_of_2(L))
     if T:
-        _absorb_query_kernel[(T, H, triton.cdiv(L, block_n))](
+        _absorb_query_kernel[(T, H, triton.cdiv(L, tile.block_n))](
             q, w_uk, cos, sin, out, nope, R // 2, L, q.stride(0), q.stride(1), w_uk.stride(0), w_uk.stride(1),
-            out.stride(0), out.stride(1), INTERLEAVE=interleave, BLOCK_N=block_n,
-            BLOCK_K=min(128, triton.next_power_of_2(nope)), BLOCK_R=max(2, triton.next_power_of_2(R // 2)),
-            num_warps=4)
+            out.stride(0), out.stride(1), INTERLEAVE=interleave, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+            BLOCK_R=max(2, triton.next_power_of_2(R // 2)), num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out

@@ -173,6 +173,23 @@ LINEAR_TABLE: dict[tuple[str, int, int, str], LinearTuning] = {
 }
 
 
+# MLA's absorbed-query kernel (kernels/triton_mla.py) per (device, heads, nope, latent): the tile is
+# [block_k of nope, block_n of the latent] per (token, head) program. It reads each head's w_uk once per
+# token where the batched matmul reads it once per batch: on an H200 it wins at one token
+# (DeepSeek-V2-Lite) and loses at 64 (decode 4,740 against 5,430 tok/s), hence max_tokens 4 by default
+# (untuned; `moe-engine bench tune` measures tiles and the crossover).
+ABSORB_TABLE: dict[tuple[str, int, int, int], LinearTuning] = {}
+
+
+def absorb_tuning(device: torch.device, heads: int, nope: int, lora: int) -> LinearTuning:
+    key = (device_key(device), heads, nope, lora)
+    path = os.environ.get("MOE_ENGINE_TUNING")
+    if path and ("absorb",) + key in tuning_file(path):
+        return tuning_file(path)[("absorb",) + key]
+    pow2 = lambda n: 1 << max(0, n - 1).bit_length()   # noqa: E731
+    return ABSORB_TABLE.get(key) or LinearTuning(GemmTile(min(128, pow2(lora)), min(128, pow2(nope)), 1, 4, 3), 4)
+
+
 def linear_tuning(device: torch.device, n: int, k: int, dtype: torch.dtype) -> LinearTuning | None:
     """The GEMV's tuning for a weight [n, k]: the tuning file's entry, else LINEAR_TABLE's; None (the
     vendor library) when neither lists it or the file disables "linear"."""
@@ -251,7 +268,8 @@ def _check_gemv(t: GemvTuning) -> GemvTuning:
 def tuning_file(path: str) -> dict[tuple, MoETuning | GemvTuning | LinearTuning | tuple]:
     """The entries of a tuning file written by `moe-engine bench tune` (read once per path, checked): tiled
     MoE keyed (device, shape class, experts, dim, inter), few-token MoE ("gemv", device, dim, inter), GEMV
-    ("linear", device, n, k, dtype), and ("disable",): the kinds of decode kernel it turns off."""
+    ("linear", device, n, k, dtype), absorbed query ("absorb", device, heads, nope, lora), and
+    ("disable",): the kinds of decode kernel it turns off."""
     try:
         data = json.loads(open(path).read())
         out = {}
@@ -264,6 +282,9 @@ def tuning_file(path: str) -> dict[tuple, MoETuning | GemvTuning | LinearTuning 
         for e in data.get("linear", []):
             t = LinearTuning(_check_tile(GemmTile(*e["tile"])), _check_max_tokens(e["max_tokens"]))
             out[("linear", e["device"], e["n"], e["k"], e["dtype"])] = t
+        for e in data.get("absorb", []):
+            t = LinearTuning(_check_tile(GemmTile(*e["tile"])), _check_max_tokens(e["max_tokens"]))
+            out[("absorb", e["device"], e["heads"], e["nope"], e["lora"])] = t
         off = data.get("disable", [])
         if not (isinstance(off, list) and set(off) <= set(DECODE_KERNELS)):
             raise ValueError(f'"disable" must be a list of {", ".join(DECODE_KERNELS)}; got {off!r}')

@@ -102,14 +102,15 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     torch.manual_seed(0)
     entries = [] if a.only == "gemv" else [tune_shape(spec, device, torch.bfloat16, a.min_time) for spec in MOE_SPECS]
-    gemv, linear = [], []
+    gemv, linear, absorb = [], [], []
     if a.only != "tiled":
-        from moe_engine.bench_tune_gemv import tune_gemv, tune_linear
+        from moe_engine.bench_tune_gemv import tune_absorb, tune_gemv, tune_linear
         gemv = [tune_gemv(spec, device, torch.bfloat16, a.min_time) for spec in MOE_SPECS]
         linear = tune_linear(["mixtral-8x7b", "deepseek-v2-lite"], device, torch.bfloat16, a.min_time)
+        absorb = [tune_absorb("deepseek-v2-lite", device, torch.bfloat16, a.min_time)]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "moe": entries, "gemv": gemv,
-                                 "linear": linear}, indent=1))
+                                 "linear": linear, "absorb": absorb}, indent=1))
     print(f"wrote {a.out}; use it with MOE_ENGINE_TUNING={a.out}")
     return 0
 

@@ -1,6 +1,9 @@
 """`moe-engine bench tune`, the few-token kernels: measured as CUDA-graph replays, since that is how
 decode runs them, with a cold L2 each time.
 
+MLA's absorbed-query kernel (kernels/triton_mla.py) is tuned the same way on the DeepSeek shape, against
+the batched matmul, rotary and concatenation that serve larger batches.
+
 The MoE one (kernels/triton_moe_gemv.py, with the shape's shared experts riding along) is tuned at one
 token, gate+up tile first, then down (each tile one expert at a time and all experts stacked); token count by token count it then serves batches for as long as it
 beats the tiled kernels (max_tokens). The GEMV (kernels/triton_gemv.py) is tried on every distinct 2-D
@@ -88,21 +91,16 @@ def tune_gemv(spec: MoESpec, device, dtype, min_time: float, candidates=GEMV_CAN
         print(f"{spec.name}: no few-token tile compiled and matched the reference; the tiled kernels stay")
         return {**entry, "gate_up": list(asdict(base.gate_up).values()), "down": list(asdict(base.down).values()),
                 "max_tokens": 0}
-    versus, max_tokens = [], 0
-    for T in tokens:
-        args, _ = cases[T]
-        gemv_t = trial(best, T)
-        tiled_t = timer(lambda: _add(fused_moe_triton(*args), args[0], shared), device, min_time)
-        versus.append({"T": T, "gemv_s": gemv_t, "tiled_s": tiled_t})
-        if gemv_t is None or gemv_t >= tiled_t:
-            break
-        max_tokens = T
-    print(f"{spec.name} gemv: best {best} at T=1: {best_time * 1e6:.1f} us; against the tiled kernels (us): "
-          + ", ".join(f"T={v['T']} {fmt_us(v['gemv_s'])} vs {fmt_us(v['tiled_s'])}" for v in versus)
-          + f"; max_tokens {max_tokens}")
+    def tiled(T):
+        args = cases[T][0]
+        return timer(lambda: _add(fused_moe_triton(*args), args[0], shared), device, min_time)
+
+    versus, max_tokens = crossover(tokens, lambda T: trial(best, T), tiled)
+    print(f"{spec.name} gemv: best {best} at T=1: {best_time * 1e6:.1f} us; against the tiled kernels: "
+          f"{fmt_versus(versus)}; max_tokens {max_tokens}")
     return {**entry, "gate_up": list(asdict(best.gate_up).values()), "down": list(asdict(best.down).values()),
             "stacked_down": best.stacked_down, "max_tokens": max_tokens, "best_time_s": best_time,
-            "versus_tiled": versus}
+            "versus": versus}
 
 
 def _add(out, x, shared):
@@ -111,6 +109,23 @@ def _add(out, x, shared):
 
 def fmt_us(t: float | None) -> str:
     return "-" if t is None else f"{t * 1e6:.1f}"
+
+
+def crossover(tokens, ours, theirs) -> tuple[list[dict], int]:
+    """Seconds of ours(T) (None: it failed) and theirs(T) for each token count in order, up to the first
+    count where ours does not win; and the last count it won (0 if none): the entry's max_tokens."""
+    versus, won = [], 0
+    for T in tokens:
+        row = {"T": T, "ours_s": ours(T), "theirs_s": theirs(T)}
+        versus.append(row)
+        if row["ours_s"] is None or row["ours_s"] >= row["theirs_s"]:
+            break
+        won = T
+    return versus, won
+
+
+def fmt_versus(versus: list[dict]) -> str:
+    return ", ".join(f"T={v['T']} {fmt_us(v['ours_s'])} vs {fmt_us(v['theirs_s'])} us" for v in versus)
 
 
 
@@ -163,17 +178,68 @@ def tune_linear(shape_names, device, dtype, min_time: float, candidates=GEMV_CAN
             entries.append({**entry, "tile": list(asdict(candidates[0]).values())})
             continue
         best, _ = min(timed_ok, key=lambda r: r[1])
-        versus = []
-        for T in tokens:
-            ours = trial(best, T)
-            theirs = timer(lambda: library(xs[T]), device, min_time)
-            versus.append({"T": T, "gemv_s": ours, "library_s": theirs})
-            if ours is None or ours >= theirs:
-                break
-            entry["max_tokens"] = T
-        print(f"linear {n}x{k} {entry['dtype']}: {best}; us (GEMV vs library): "
-              + ", ".join(f"T={v['T']} {fmt_us(v['gemv_s'])} vs {fmt_us(v['library_s'])}" for v in versus)
-              + f"; max_tokens {entry['max_tokens']}")
-        entries.append({**entry, "tile": list(asdict(best).values()), "versus_library": versus})
+        versus, entry["max_tokens"] = crossover(
+            tokens, lambda T: trial(best, T), lambda T: timer(lambda: library(xs[T]), device, min_time))
+        print(f"linear {n}x{k} {entry['dtype']}: {best}; GEMV vs library: {fmt_versus(versus)}; "
+              f"max_tokens {entry['max_tokens']}")
+        entries.append({**entry, "tile": list(asdict(best).values()), "versus": versus})
         del w, xs
     return entries
+
+
+# [block_n of the latent, block_k of nope] per (token, head) program of MLA's absorbed-query kernel.
+ABSORB_CANDIDATES = [GemmTile(128, 128, 1, 4, 3), GemmTile(64, 128, 1, 4, 2), GemmTile(32, 128, 1, 4, 2),
+                     GemmTile(16, 128, 1, 2, 2), GemmTile(32, 64, 1, 2, 2), GemmTile(64, 64, 1, 4, 2)]
+ABSORB_TOKENS = [1, 2, 4, 8, 16]
+
+
+def tune_absorb(shape_name: str, device, dtype, min_time: float, candidates=ABSORB_CANDIDATES,
+                tokens=ABSORB_TOKENS, timer=time_graphed) -> dict:
+    """The absorbed-query kernel's tile for a DeepSeek shape at one token, then the token counts up to
+    which it beats what serves larger batches (batched matmul, Triton rotary, concatenation)."""
+    from kernels.mla import absorb_query
+    from kernels.triton_mla import absorb_query_triton
+    from moe_engine.bench_models import hf_config_dict
+    cfg = hf_config_dict(shape_name)
+    H, nope, R, L = (cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"],
+                     cfg["kv_lora_rank"])
+    kv_b = torch.randn(H, nope + cfg["v_head_dim"], L, device=device, dtype=dtype) / nope ** 0.5
+    w_uk = kv_b[:, :nope]                                                 # [H, nope, L], as the model holds it
+    cases = {}
+    for T in tokens:
+        angles = torch.rand(T, 1, R // 2, device=device) * 6
+        cases[T] = (torch.randn(T, H, nope + R, device=device, dtype=dtype), angles.cos().to(dtype),
+                    angles.sin().to(dtype))
+    entry = {"device": device_key(device), "heads": H, "nope": nope, "lora": L, "max_tokens": 0, "trials": []}
+
+    def run_kernel(tile, T):
+        q, c, s = cases[T]
+        return absorb_query_triton(q, nope, w_uk, c, s, True, tile)
+
+    def run_library(T):      # what absorb_query runs above max_tokens: bmm, the rotary kernel, cat
+        from kernels.pointwise import rotary
+        q, c, s = cases[T]
+        q_nope, q_pe = q.split([nope, R], -1)
+        return torch.cat([torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1), rotary(q_pe, c, s, True)], -1)
+
+    def trial(tile, T=1):
+        try:
+            q, c, s = cases[T]
+            err = rel_error(run_kernel(tile, T), absorb_query(q, nope, w_uk, c, s, True, backend="torch"))
+            t = timer(lambda: run_kernel(tile, T), device, min_time)
+        except Exception as e:    # a tile that does not compile or fit: skipped, said
+            print(f"  absorb {shape_name}: {tile} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            return None
+        entry["trials"].append({"tile": asdict(tile), "T": T, "time_s": t, "rel_error": err})
+        return t if err < 2e-2 else None
+
+    timed_ok = [(c, t) for c, t in ((c, trial(c)) for c in candidates) if t is not None]
+    if not timed_ok:
+        print(f"absorb {shape_name}: no tile compiled and matched; the batched matmul stays")
+        return {**entry, "tile": list(asdict(candidates[0]).values())}
+    best, _ = min(timed_ok, key=lambda r: r[1])
+    versus, entry["max_tokens"] = crossover(
+        tokens, lambda T: trial(best, T), lambda T: timer(lambda: run_library(T), device, min_time))
+    print(f"absorb {shape_name} ({H} heads, nope {nope}, latent {L}): {best}; kernel vs bmm+rotary+cat: "
+          f"{fmt_versus(versus)}; max_tokens {entry['max_tokens']}")
+    return {**entry, "tile": list(asdict(best).values()), "versus": versus}

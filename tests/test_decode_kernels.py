@@ -63,6 +63,17 @@ def test_greedy_route_kernel_matches_route(name):
     assert torch.allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
 
 
+def last_win(versus: list[dict]) -> int:
+    """The tuners' max_tokens, recomputed: the last token count, in the order measured, where the kernel
+    was faster, stopping at the first where it was not (0 if it never was)."""
+    won = 0
+    for row in versus:
+        if row["ours_s"] >= row["theirs_s"]:
+            break
+        won = row["T"]
+    return won
+
+
 def tuning_for_every_weight(llm, path, tile=GemmTile(16, 64, 1, 4, 2)):
     """A tuning file that sends each 2-D weight of the model (incl. the float32 routers) to the GEMV."""
     shapes = {(tuple(p.shape), str(p.dtype).removeprefix("torch.")) for p in llm.model.parameters() if p.dim() == 2}
@@ -113,12 +124,7 @@ def test_linear_tuner_covers_every_weight_and_checks_its_tiles():
     assert [(e["n"], e["k"]) for e in entries] == [(n, k) for n, k, _ in weights]
     for e in entries:
         assert e["trials"] and all(t["rel_error"] < 1e-5 for t in e["trials"])
-        expected = 0
-        for v in e["versus_library"]:
-            if v["gemv_s"] >= v["library_s"]:
-                break
-            expected = v["T"]
-        assert e["max_tokens"] == expected
+        assert e["max_tokens"] == last_win(e["versus"])
 
 
 def test_a_tuning_file_turns_decode_kernels_off(tmp_path, monkeypatch):
@@ -281,12 +287,7 @@ def test_gemv_tuner_checks_tiles_sets_max_tokens_and_its_file_is_used(tmp_path, 
     assert entry["trials"] and all(t["ok"] and t["rel_error"] < 1e-5 for t in entry["trials"])
     assert tuple(entry["gate_up"]) in [tuple(vars(c).values()) for c in candidates]
     assert {t["tuning"]["stacked_down"] for t in entry["trials"]} == {False, True}   # both down kernels tried
-    expected = 0
-    for v in entry["versus_tiled"]:          # measured in order, up to the first count the tiled kernels win
-        if v["gemv_s"] >= v["tiled_s"]:
-            break
-        expected = v["T"]
-    assert entry["max_tokens"] == expected
+    assert entry["max_tokens"] == last_win(entry["versus"])
     path = tmp_path / "tuning.json"
     path.write_text(json.dumps({"moe": [], "gemv": [{**entry, "max_tokens": 3}]}))
     monkeypatch.setenv("MOE_ENGINE_TUNING", str(path))
@@ -356,3 +357,40 @@ def test_mla_decode_with_its_fused_kernels_gives_the_same_tokens(monkeypatch):
     monkeypatch.setattr(sys.modules["kernels.mla"], "use_triton", lambda backend, *t: calls.append(1) or True)
     assert [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)] == expected
     assert calls
+
+
+def test_absorb_tuner_checks_its_tiles_and_its_file_entry_is_used(tmp_path, monkeypatch):
+    """The absorbed-query search on the tiny DeepSeek shape under the interpreter (plain timing): every
+    tile checked against torch, max_tokens where the kernel won in order, the entry reaching absorb_query."""
+    from kernels import tuning
+    from moe_engine.bench_kernels import time_call
+    from moe_engine.bench_tune_gemv import tune_absorb
+    tiles = [GemmTile(16, 16, 1, 1, 1), GemmTile(32, 8, 1, 1, 1)]
+    entry = tune_absorb("deepseek-tiny", torch.device("cpu"), torch.float32, 0.0, tiles, tokens=[1, 2],
+                        timer=time_call)
+    assert (entry["heads"], entry["nope"], entry["lora"]) == (4, 16, 32)
+    assert entry["trials"] and all(t["rel_error"] < 1e-5 for t in entry["trials"])
+    assert entry["max_tokens"] == last_win(entry["versus"])
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"moe": [], "absorb": [{**entry, "max_tokens": 3}]}))
+    monkeypatch.setenv("MOE_ENGINE_TUNING", str(path))
+    chosen = tuning.absorb_tuning(torch.device("cpu"), 4, 16, 32)
+    assert chosen.max_tokens == 3 and tuple(vars(chosen.tile).values()) == tuple(entry["tile"])
+    assert tuning.absorb_tuning(torch.device("cpu"), 4, 16, 64).max_tokens == 4       # another shape: default
+
+
+def test_absorbed_query_kernel_serves_only_up_to_max_tokens(monkeypatch):
+    """Above the tuning's max_tokens (default 4) the batched matmul serves: same result, no kernel."""
+    import importlib
+    from kernels.mla import absorb_query
+    from kernels.tuning import absorb_tuning
+    mla = importlib.import_module("kernels.triton_mla")
+    real, calls = mla.absorb_query_triton, []
+    monkeypatch.setattr(mla, "absorb_query_triton", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    limit = absorb_tuning(torch.device("cpu"), 2, 8, 16).max_tokens
+    for T in (limit, limit + 1):
+        q, w_uk, angles = torch.randn(T, 2, 12), torch.randn(2, 8, 16), torch.rand(T, 1, 2)
+        got = absorb_query(q, 8, w_uk, angles.cos(), angles.sin(), True, backend="triton")
+        want = absorb_query(q, 8, w_uk, angles.cos(), angles.sin(), True, backend="torch")
+        assert rel_err(got, want) < 1e-6
+    assert calls == [limit]
