@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from kernels.backend import use_triton
 from kernels.linear import row_block_matmul, swiglu
+from kernels.tuning import gemv_tuning
 
 
 def _check_moe_args(x, w13, w2, topk_weights, topk_ids):
@@ -161,7 +162,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     _check_moe_args(x, w13, w2, topk_weights, topk_ids)
     if not (x.dtype == w13.dtype == w2.dtype):
         raise ValueError(f"fused_moe: x, w13, w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
-    from kernels.tuning import gemv_tuning   # lazily, with the kernels: the package works without triton
     if x.shape[0] <= gemv_tuning(x.device, x.shape[1], w2.shape[2], w13.dtype).max_tokens:
         from kernels.triton_moe_gemv import fused_moe_gemv, shared_slices
         if shared_slices(w13, shared) >= 0:

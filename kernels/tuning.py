@@ -56,8 +56,10 @@ class DecodeTuning:
     min_split_tokens: int = 256    # a context split shorter than this costs more in the combine than it saves
 
 
+@functools.cache
 def device_key(device: torch.device) -> str:
-    """'sm90', 'sm80', ... for a CUDA device; 'interpreter' for anything else (TRITON_INTERPRET=1)."""
+    """'sm90', 'sm80', ... for a CUDA device; 'interpreter' for anything else (TRITON_INTERPRET=1). Asked
+    by every decode-sized projection, hence cached."""
     if device.type != "cuda":
         return "interpreter"
     major, minor = torch.cuda.get_device_capability(device)
@@ -183,33 +185,40 @@ ABSORB_TABLE: dict[tuple[str, int, int, int], LinearTuning] = {}
 
 def absorb_tuning(device: torch.device, heads: int, nope: int, lora: int) -> LinearTuning:
     key = (device_key(device), heads, nope, lora)
-    path = os.environ.get("MOE_ENGINE_TUNING")
-    if path and ("absorb",) + key in tuning_file(path):
-        return tuning_file(path)[("absorb",) + key]
     pow2 = lambda n: 1 << max(0, n - 1).bit_length()   # noqa: E731
-    return ABSORB_TABLE.get(key) or LinearTuning(GemmTile(min(128, pow2(lora)), min(128, pow2(nope)), 1, 4, 3), 4)
+    return (from_file(("absorb",) + key) or ABSORB_TABLE.get(key)
+            or LinearTuning(GemmTile(min(128, pow2(lora)), min(128, pow2(nope)), 1, 4, 3), 4))
 
 
 def linear_tuning(device: torch.device, n: int, k: int, dtype: torch.dtype) -> LinearTuning | None:
     """The GEMV's tuning for a weight [n, k]: the tuning file's entry, else LINEAR_TABLE's; None (the
     vendor library) when neither lists it or the file disables "linear"."""
-    key = (device_key(device), n, k, str(dtype).removeprefix("torch."))
-    path = os.environ.get("MOE_ENGINE_TUNING")
-    if path and disabled("linear"):
+    if disabled("linear"):
         return None
-    if path and ("linear",) + key in tuning_file(path):
-        return tuning_file(path)[("linear",) + key]
-    return LINEAR_TABLE.get(key)
+    key = (device_key(device), n, k, str(dtype).removeprefix("torch."))
+    return from_file(("linear",) + key) or LINEAR_TABLE.get(key)
 
 
 DECODE_KERNELS = ("gemv", "linear", "route", "latent_cache", "absorb_query")
 
 
+def from_file(key: tuple):
+    """The entry under key in the tuning file that MOE_ENGINE_TUNING names (see tuning_file); None without
+    one, or where it has none."""
+    path = os.environ.get("MOE_ENGINE_TUNING")
+    return tuning_file(path).get(key) if path else None
+
+
 def disabled(kernel: str) -> bool:
     """Whether the tuning file (MOE_ENGINE_TUNING) turns a kind of decode kernel off ("disable": any of
     DECODE_KERNELS): for A/B runs against the path without it."""
-    path = os.environ.get("MOE_ENGINE_TUNING")
-    return bool(path) and kernel in tuning_file(path).get(("disable",), ())
+    return kernel in (from_file(("disable",)) or ())
+
+
+def _half_block_k(tuning):
+    """A gate_up/down tuning for 4-byte weights: half the block_k, so the same bytes a step."""
+    return replace(tuning, gate_up=replace(tuning.gate_up, block_k=max(16, tuning.gate_up.block_k // 2)),
+                   down=replace(tuning.down, block_k=max(16, tuning.down.block_k // 2)))
 
 
 def gemv_tuning_from_json(entry: dict) -> GemvTuning:
@@ -223,15 +232,11 @@ def gemv_tuning(device: torch.device, dim: int, inter: int, dtype=torch.bfloat16
     """Measured tiles for this expert shape (tuning file, then GEMV_SHAPE_TABLE), else the device's;
     4-byte weights get half the block_k."""
     key = device_key(device)
-    override = (tuning_file(os.environ["MOE_ENGINE_TUNING"]).get(("gemv", key, dim, inter))
-                if os.environ.get("MOE_ENGINE_TUNING") else None)
-    tuning = override or GEMV_SHAPE_TABLE.get((key, dim, inter)) or GEMV_TABLE.get(key) or _DEFAULT_GEMV
+    tuning = (from_file(("gemv", key, dim, inter)) or GEMV_SHAPE_TABLE.get((key, dim, inter))
+              or GEMV_TABLE.get(key) or _DEFAULT_GEMV)
     if disabled("gemv"):
         tuning = replace(tuning, max_tokens=0)
-    if dtype.itemsize > 2:
-        tuning = replace(tuning, gate_up=replace(tuning.gate_up, block_k=max(16, tuning.gate_up.block_k // 2)),
-                         down=replace(tuning.down, block_k=max(16, tuning.down.block_k // 2)))
-    return tuning
+    return _half_block_k(tuning) if dtype.itemsize > 2 else tuning
 
 
 def moe_tuning_from_json(entry: dict) -> MoETuning:
@@ -300,13 +305,8 @@ def moe_tuning(device: torch.device, num_pairs: int, num_experts: int, dtype=tor
     shape = moe_shape_class(num_pairs, num_experts)
     key = device_key(device)
     exact = (key, shape, num_experts, dim, inter)
-    override = tuning_file(os.environ["MOE_ENGINE_TUNING"]) if os.environ.get("MOE_ENGINE_TUNING") else {}
-    tuning = (override.get(exact) or MOE_SHAPE_TABLE.get(exact) or MOE_TABLE.get((key, shape))
-              or _DEFAULT_MOE[shape])
-    if dtype.itemsize > 2:
-        tuning = replace(tuning, gate_up=replace(tuning.gate_up, block_k=max(16, tuning.gate_up.block_k // 2)),
-                         down=replace(tuning.down, block_k=max(16, tuning.down.block_k // 2)))
-    return tuning
+    tuning = from_file(exact) or MOE_SHAPE_TABLE.get(exact) or MOE_TABLE.get((key, shape)) or _DEFAULT_MOE[shape]
+    return _half_block_k(tuning) if dtype.itemsize > 2 else tuning
 
 
 def decode_tuning(device: torch.device, head_dim: int, group: int, dtype=torch.bfloat16) -> DecodeTuning:
