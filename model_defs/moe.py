@@ -47,6 +47,12 @@ class RoutingConfig:
             raise ValueError(f"topk_group={self.topk_group} of n_group={self.n_group} groups cannot hold "
                              f"num_experts_per_tok={self.top_k} experts")
 
+    def weight_rule(self, k: int) -> tuple[bool, float]:
+        """For k chosen experts: (normalise their weights to sum 1?, the factor they are scaled by after).
+        V3 scales after normalising; V2 scales only weights it did not normalise."""
+        normalize = self.norm_topk_prob and (k > 1 or self.scale_normalized)
+        return normalize, (self.routed_scaling_factor if self.scale_normalized or not normalize else 1.0)
+
 
 def _keep_groups(choice: torch.Tensor, group_scores: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:
     """choice [T, E] with every expert outside the best cfg.topk_group groups set to -inf."""
@@ -68,8 +74,7 @@ def route(router_logits: torch.Tensor, cfg: RoutingConfig, bias: torch.Tensor | 
     logits = router_logits.float()
     if cfg.method == "greedy" and allowed is None:
         # On CUDA one Triton program per token does all of it (best first, so `ranked` holds either way).
-        normalize = cfg.norm_topk_prob and (cfg.top_k > 1 or cfg.scale_normalized)
-        scaling = cfg.routed_scaling_factor if cfg.scale_normalized or not normalize else 1.0
+        normalize, scaling = cfg.weight_rule(cfg.top_k)
         fused = kernels.greedy_route(logits, cfg.top_k, cfg.scoring == "sigmoid", bias, normalize, scaling)
         if fused is not None:
             return fused
@@ -99,12 +104,10 @@ def expert_weights(scores: torch.Tensor, topk_ids: torch.Tensor, cfg: RoutingCon
     """The weights of the chosen experts topk_ids [T, k] from the scores [T, E]: normalised and scaled
     as the variant says (V3 scales after normalising; V2 scales only what it does not normalise)."""
     weights = scores.gather(1, topk_ids)                                             # [T, k]
-    normalize = cfg.norm_topk_prob and (topk_ids.shape[1] > 1 or cfg.scale_normalized)
+    normalize, scaling = cfg.weight_rule(topk_ids.shape[1])
     if normalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    if (cfg.scale_normalized or not normalize) and cfg.routed_scaling_factor != 1.0:
-        weights = weights * cfg.routed_scaling_factor
-    return weights
+    return weights * scaling if scaling != 1.0 else weights
 
 
 class RoutingHook(Protocol):

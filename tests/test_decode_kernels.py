@@ -56,8 +56,7 @@ def test_greedy_route_kernel_matches_route(name):
     logits = torch.randn(7, cfg.num_experts, generator=gen) * 3                     # [T, E]
     bias = torch.randn(cfg.num_experts, generator=gen) if cfg.has_bias else None
     want_w, want_ids = route(logits, cfg, bias)                                   # torch: ranked, best first
-    normalize = cfg.norm_topk_prob and (cfg.top_k > 1 or cfg.scale_normalized)
-    scaling = cfg.routed_scaling_factor if cfg.scale_normalized or not normalize else 1.0
+    normalize, scaling = cfg.weight_rule(cfg.top_k)
     got_w, got_ids = greedy_route_triton(logits, cfg.top_k, cfg.scoring == "sigmoid", bias, normalize, scaling)
     assert torch.equal(got_ids, want_ids)
     assert torch.allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
