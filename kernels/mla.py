@@ -20,6 +20,19 @@ def absorb_query(q: torch.Tensor, nope: int, w_uk: torch.Tensor, cos: torch.Tens
         if q.shape[0] <= tuning.max_tokens:
             from kernels.triton_mla import absorb_query_triton
             return absorb_query_triton(q, nope, w_uk, cos, sin, interleave, tuning.tile)
+    return absorb_query_bmm(q, nope, w_uk, cos, sin, interleave, backend)
+
+
+def absorb_query_bmm(q: torch.Tensor, nope: int, w_uk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     interleave: bool, backend: str = "auto") -> torch.Tensor:
+    """absorb_query's result as a batched matmul, the rotary and a concatenation: what serves batches
+    above the kernel's max_tokens, other devices, and (backend 'torch') the reference."""
     q_nope, q_pe = q.split([nope, q.shape[2] - nope], -1)
+    return latent_query(q_nope, rotary(q_pe, cos, sin, interleave, backend), w_uk)
+
+
+def latent_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+    """q_nope [T, H, nope] and the rotated q_pe [T, H, R] -> [q_nope @ w_uk per head, q_pe] [T, H, L + R]."""
+    # bmm rather than einsum: the same products with a third of the per-call overhead.
     q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)                     # [H, T, L]
-    return torch.cat([q_latent.transpose(0, 1), rotary(q_pe, cos, sin, interleave, backend)], -1)
+    return torch.cat([q_latent.transpose(0, 1), q_pe], -1)

@@ -158,7 +158,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     'torch', runs the reference (see kernels.backend). Shared experts not taken by a kernel are added after."""
     if not use_triton(backend, x, w13, w2):
         path = _cpu_path(x, w13, w2, topk_ids) if backend == "auto" and x.device.type == "cpu" else fused_moe_ref
-        return _add_shared(path(x, w13, w2, topk_weights, topk_ids), x, shared)
+        return add_shared(path(x, w13, w2, topk_weights, topk_ids), x, shared)
     _check_moe_args(x, w13, w2, topk_weights, topk_ids)
     if not (x.dtype == w13.dtype == w2.dtype):
         raise ValueError(f"fused_moe: x, w13, w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
@@ -166,10 +166,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         from kernels.triton_moe_gemv import fused_moe_gemv, shared_slices
         if shared_slices(w13, shared) >= 0:
             return fused_moe_gemv(x, w13, w2, topk_weights, topk_ids, shared)
-        return _add_shared(fused_moe_gemv(x, w13, w2, topk_weights, topk_ids), x, shared)
+        return add_shared(fused_moe_gemv(x, w13, w2, topk_weights, topk_ids), x, shared)
     from kernels.triton_moe import fused_moe_triton
-    return _add_shared(fused_moe_triton(x, w13, w2, topk_weights, topk_ids), x, shared)
+    return add_shared(fused_moe_triton(x, w13, w2, topk_weights, topk_ids), x, shared)
 
 
-def _add_shared(out: torch.Tensor, x: torch.Tensor, shared) -> torch.Tensor:
+def add_shared(out: torch.Tensor, x: torch.Tensor, shared) -> torch.Tensor:
+    """out [T, D] plus the shared experts' SwiGLU of x (shared = (w13s, w2s)), when there are any."""
     return out if shared is None else out + swiglu(x, *shared)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import kernels
 from kernels.attention import AttentionMetadata, causal_attention
 from kernels.linear import linear
-from kernels.mla import absorb_query
+from kernels.mla import absorb_query, latent_query
 from model_defs.base import CausalLM, DecoderLayer, Target, mlp_targets, moe_targets
 from model_defs.hf_config import args_from_hf_config
 from model_defs.layers import RMSNorm, Rotary, SwiGLU, weight, yarn_mscale
@@ -143,10 +143,7 @@ class MLAttention(nn.Module):
 
     def _absorbed(self, q_nope, q_pe, cache, meta):
         """Attend over the latent itself: fold kv_b's key half into q and its value half into the output."""
-        # bmm rather than einsum: the same products with a third of the per-call overhead.
-        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk)                 # [H, T, L]
-        q_full = torch.cat([q_latent.transpose(0, 1), q_pe], -1)                 # [T, H, L + R]
-        return self._attend_latent(q_full, cache, meta)
+        return self._attend_latent(latent_query(q_nope, q_pe, self.w_uk), cache, meta)
 
     def _attend_latent(self, q_full, cache, meta):
         """q_full [T, H, L + R] against the cached latents; the value half of kv_b applied after: [T, H, v]."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from dataclasses import asdict, replace
 
 import kernels
-from kernels.linear import swiglu
+from kernels.moe import add_shared
 from kernels.tuning import GemmTile, LinearTuning, device_key, gemv_tuning
 from moe_engine.bench_kernels import MoESpec, rel_error, time_call
 from moe_engine.bench_tune import inputs
@@ -62,38 +62,32 @@ def tune_gemv(spec: MoESpec, device, dtype, min_time: float, candidates=GEMV_CAN
     cases = {}
     for T in tokens:
         args = inputs(spec, T, device, dtype, w13, w2)
-        expected = kernels.fused_moe_ref(*args)
-        cases[T] = (args, expected if shared is None else expected + swiglu(args[0], *shared))
+        cases[T] = (args, add_shared(kernels.fused_moe_ref(*args), args[0], shared))
     base = gemv_tuning(device, D, I, dtype)
     trials = []
 
     def trial(tuning, T=1):
         args, expected = cases[T]
-        try:
-            err = rel_error(fused_moe_gemv(*args, shared=shared, tuning=tuning), expected)
-            t = timer(lambda: fused_moe_gemv(*args, shared=shared, tuning=tuning), device, min_time)
-        except Exception as e:       # a tile that does not compile or fit: skipped, said
-            print(f"  {spec.name} gemv: {tuning} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        run = lambda: fused_moe_gemv(*args, shared=shared, tuning=tuning)   # noqa: E731
+        timed = checked_time(f"{spec.name} gemv: {tuning}", run, expected, timer, device, min_time)
+        if timed is None:
             return None
-        trials.append({"tuning": asdict(tuning), "T": T, "time_s": t, "rel_error": err, "ok": err < 2e-2})
-        return t if err < 2e-2 else None
-
-    def pick(variants):
-        timed_ok = [(t, s) for t, s in ((t, trial(t)) for t in variants) if s is not None]
-        return min(timed_ok, key=lambda r: r[1]) if timed_ok else (None, None)
+        trials.append({"tuning": asdict(tuning), "T": T, "time_s": timed[0], "rel_error": timed[1],
+                       "ok": timed[1] < 2e-2})
+        return timed[0] if timed[1] < 2e-2 else None
 
     entry = {"device": device_key(device), "dim": D, "inter": I, "shared": spec.shared, "trials": trials}
-    up, _ = pick([replace(base, gate_up=c) for c in candidates])
+    up, _ = fastest([replace(base, gate_up=c) for c in candidates], trial)
     downs = ([replace(up, down=c, stacked_down=False) for c in candidates]
              + [replace(up, down=c, stacked_down=True) for c in stacked_candidates])
-    best, best_time = pick(downs) if up else (None, None)
+    best, best_time = fastest(downs, trial) if up else (None, None)
     if best is None:
         print(f"{spec.name}: no few-token tile compiled and matched the reference; the tiled kernels stay")
         return {**entry, "gate_up": list(asdict(base.gate_up).values()), "down": list(asdict(base.down).values()),
                 "max_tokens": 0}
     def tiled(T):
         args = cases[T][0]
-        return timer(lambda: _add(fused_moe_triton(*args), args[0], shared), device, min_time)
+        return timer(lambda: add_shared(fused_moe_triton(*args), args[0], shared), device, min_time)
 
     versus, max_tokens = crossover(tokens, lambda T: trial(best, T), tiled)
     print(f"{spec.name} gemv: best {best} at T=1: {best_time * 1e6:.1f} us; against the tiled kernels: "
@@ -103,8 +97,21 @@ def tune_gemv(spec: MoESpec, device, dtype, min_time: float, candidates=GEMV_CAN
             "versus": versus}
 
 
-def _add(out, x, shared):
-    return out if shared is None else out + swiglu(x, *shared)
+def checked_time(label: str, run, expected, timer, device, min_time: float) -> tuple[float, float] | None:
+    """(seconds, error relative to expected) of run(); None, said in one line, when it does not compile
+    or run (a tile too large for the device, say)."""
+    try:
+        err = rel_error(run(), expected)
+        return timer(run, device, min_time), err
+    except Exception as e:
+        print(f"  {label} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        return None
+
+
+def fastest(candidates, trial):
+    """(candidate, seconds) of the fastest candidate that trial() timed and accepted; (None, None) if none."""
+    timed = [(c, t) for c, t in ((c, trial(c)) for c in candidates) if t is not None]
+    return min(timed, key=lambda r: r[1]) if timed else (None, None)
 
 
 def fmt_us(t: float | None) -> str:
@@ -161,23 +168,20 @@ def tune_linear(shape_names, device, dtype, min_time: float, candidates=GEMV_CAN
         trials = []
 
         def trial(tile, T=1):
-            try:
-                err = rel_error(gemv_triton(xs[T], w, tile, out_dtype=out_dtype), expected[T])
-                t = timer(lambda: gemv_triton(xs[T], w, tile, out_dtype=out_dtype), device, min_time)
-            except Exception as e:    # a tile that does not compile or fit: skipped, said
-                print(f"  linear {n}x{k}: {tile} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            run = lambda: gemv_triton(xs[T], w, tile, out_dtype=out_dtype)   # noqa: E731
+            timed = checked_time(f"linear {n}x{k}: {tile}", run, expected[T], timer, device, min_time)
+            if timed is None:
                 return None
-            trials.append({"tile": asdict(tile), "T": T, "time_s": t, "rel_error": err})
-            return t if err < 2e-2 else None
+            trials.append({"tile": asdict(tile), "T": T, "time_s": timed[0], "rel_error": timed[1]})
+            return timed[0] if timed[1] < 2e-2 else None
 
-        timed_ok = [(c, t) for c, t in ((c, trial(c)) for c in candidates) if t is not None]
         entry = {"device": device_key(device), "n": n, "k": k, "dtype": str(w_dtype).removeprefix("torch."),
                  "max_tokens": 0, "trials": trials}
-        if not timed_ok:
+        best, _ = fastest(candidates, trial)
+        if best is None:
             print(f"linear {n}x{k} {entry['dtype']}: no GEMV tile compiled and matched; the library stays")
             entries.append({**entry, "tile": list(asdict(candidates[0]).values())})
             continue
-        best, _ = min(timed_ok, key=lambda r: r[1])
         versus, entry["max_tokens"] = crossover(
             tokens, lambda T: trial(best, T), lambda T: timer(lambda: library(xs[T]), device, min_time))
         print(f"linear {n}x{k} {entry['dtype']}: {best}; GEMV vs library: {fmt_versus(versus)}; "
@@ -197,7 +201,7 @@ def tune_absorb(shape_name: str, device, dtype, min_time: float, candidates=ABSO
                 tokens=ABSORB_TOKENS, timer=time_graphed) -> dict:
     """The absorbed-query kernel's tile for a DeepSeek shape at one token, then the token counts up to
     which it beats what serves larger batches (batched matmul, Triton rotary, concatenation)."""
-    from kernels.mla import absorb_query
+    from kernels.mla import absorb_query_bmm
     from kernels.triton_mla import absorb_query_triton
     from moe_engine.bench_models import hf_config_dict
     cfg = hf_config_dict(shape_name)
@@ -212,34 +216,25 @@ def tune_absorb(shape_name: str, device, dtype, min_time: float, candidates=ABSO
                     angles.sin().to(dtype))
     entry = {"device": device_key(device), "heads": H, "nope": nope, "lora": L, "max_tokens": 0, "trials": []}
 
-    def run_kernel(tile, T):
-        q, c, s = cases[T]
-        return absorb_query_triton(q, nope, w_uk, c, s, True, tile)
-
-    def run_library(T):      # what absorb_query runs above max_tokens: bmm, the rotary kernel, cat
-        from kernels.pointwise import rotary
-        q, c, s = cases[T]
-        q_nope, q_pe = q.split([nope, R], -1)
-        return torch.cat([torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1), rotary(q_pe, c, s, True)], -1)
-
     def trial(tile, T=1):
-        try:
-            q, c, s = cases[T]
-            err = rel_error(run_kernel(tile, T), absorb_query(q, nope, w_uk, c, s, True, backend="torch"))
-            t = timer(lambda: run_kernel(tile, T), device, min_time)
-        except Exception as e:    # a tile that does not compile or fit: skipped, said
-            print(f"  absorb {shape_name}: {tile} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        q, c, s = cases[T]
+        run = lambda: absorb_query_triton(q, nope, w_uk, c, s, True, tile)   # noqa: E731
+        expected = absorb_query_bmm(q, nope, w_uk, c, s, True, backend="torch")
+        timed = checked_time(f"absorb {shape_name}: {tile}", run, expected, timer, device, min_time)
+        if timed is None:
             return None
-        entry["trials"].append({"tile": asdict(tile), "T": T, "time_s": t, "rel_error": err})
-        return t if err < 2e-2 else None
+        entry["trials"].append({"tile": asdict(tile), "T": T, "time_s": timed[0], "rel_error": timed[1]})
+        return timed[0] if timed[1] < 2e-2 else None
 
-    timed_ok = [(c, t) for c, t in ((c, trial(c)) for c in candidates) if t is not None]
-    if not timed_ok:
+    def library(T):          # what absorb_query runs above max_tokens
+        q, c, s = cases[T]
+        return timer(lambda: absorb_query_bmm(q, nope, w_uk, c, s, True), device, min_time)
+
+    best, _ = fastest(candidates, trial)
+    if best is None:
         print(f"absorb {shape_name}: no tile compiled and matched; the batched matmul stays")
         return {**entry, "tile": list(asdict(candidates[0]).values())}
-    best, _ = min(timed_ok, key=lambda r: r[1])
-    versus, entry["max_tokens"] = crossover(
-        tokens, lambda T: trial(best, T), lambda T: timer(lambda: run_library(T), device, min_time))
+    versus, entry["max_tokens"] = crossover(tokens, lambda T: trial(best, T), library)
     print(f"absorb {shape_name} ({H} heads, nope {nope}, latent {L}): {best}; kernel vs bmm+rotary+cat: "
           f"{fmt_versus(versus)}; max_tokens {entry['max_tokens']}")
     return {**entry, "tile": list(asdict(best).values()), "versus": versus}
