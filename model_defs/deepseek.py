@@ -86,13 +86,13 @@ class MLAttention(nn.Module):
         super().__init__()
         self.a, self.rotary, self.absorb = a, rotary, absorb
         H = a.num_attention_heads
+        # The two projections of x (q, or q_a with a q LoRA; and kv_a) stacked in one weight: one read of x
+        # and one launch where decode pays for each.
+        self.q_width = a.q_lora_rank or H * a.qk_head_dim
+        self.wq_kv_a = weight(self.q_width + a.kv_lora_rank + a.qk_rope_head_dim, a.hidden_size, dtype=dtype)
         if a.q_lora_rank:
-            self.q_a = weight(a.q_lora_rank, a.hidden_size, dtype=dtype)
             self.q_a_norm = RMSNorm(a.q_lora_rank, a.rms_norm_eps, dtype)
             self.q_b = weight(H * a.qk_head_dim, a.q_lora_rank, dtype=dtype)
-        else:
-            self.q_proj = weight(H * a.qk_head_dim, a.hidden_size, dtype=dtype)
-        self.kv_a = weight(a.kv_lora_rank + a.qk_rope_head_dim, a.hidden_size, dtype=dtype)
         self.kv_a_norm = RMSNorm(a.kv_lora_rank, a.rms_norm_eps, dtype)
         self.kv_b = weight(H * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank, dtype=dtype)
         self.wo = weight(a.hidden_size, H * a.v_head_dim, dtype=dtype)
@@ -113,15 +113,21 @@ class MLAttention(nn.Module):
     def _bias(self, name):
         return getattr(self, name, None)
 
+    def _q_kv_a_bias(self) -> torch.Tensor | None:
+        """wq_kv_a's bias: q_a's and kv_a's (q_proj has none)."""
+        if not self.a.attention_bias:
+            return None
+        q_bias = self._bias("q_a_bias")
+        return torch.cat([self.kv_a_bias.new_zeros(self.q_width) if q_bias is None else q_bias, self.kv_a_bias])
+
     def forward(self, x: torch.Tensor, angles, cache: torch.Tensor, meta: AttentionMetadata):
         a, T, H = self.a, x.shape[0], self.a.num_attention_heads
+        q_kv = linear(x, self.wq_kv_a, self._q_kv_a_bias())                   # [T, q_width + L + R]
+        q, kv = q_kv.split([self.q_width, q_kv.shape[1] - self.q_width], -1)   # kv [T, L + R]
         if a.q_lora_rank:
-            q = linear(self.q_a_norm(linear(x, self.q_a, self._bias("q_a_bias"))), self.q_b)
-        else:
-            q = linear(x, self.q_proj)
+            q = linear(self.q_a_norm(q), self.q_b)
         q = q.view(T, H, a.qk_head_dim)                                        # [T, H, nope + R]
         q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)   # [T, H, *]
-        kv = linear(x, self.kv_a, self._bias("kv_a_bias"))                     # [T, L + R]
         kernel_rope = angles.spread is None   # the rotary kernel's device: fused kernels around it too
         if kernel_rope:                       # norm, rotary and the cache write in one kernel
             kernels.write_latent_cache(cache, kv, self.kv_a_norm.weight, self.kv_a_norm.eps, angles.cos,
@@ -146,11 +152,10 @@ class MLAttention(nn.Module):
         return self._attend_latent(latent_query(q_nope, q_pe, self.w_uk), cache, meta)
 
     def _attend_latent(self, q_full, cache, meta):
-        """q_full [T, H, L + R] against the cached latents; the value half of kv_b applied after: [T, H, v]."""
+        """q_full [T, H, L + R] against the cached latents, times the value half of kv_b per head: [T, H, v]."""
         L = self.a.kv_lora_rank
         entries = cache[:, None, :]                                              # [S, 1, L + R]
-        out_latent = kernels.paged_attention(q_full, entries, entries[..., :L], meta, self.scale)  # [T, H, L]
-        return torch.bmm(out_latent.transpose(0, 1), self.w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
+        return kernels.paged_attention(q_full, entries, entries[..., :L], meta, self.scale, project=self.w_uv)
 
     def _per_sequence(self, q_nope, q_pe, cache, meta):
         """A batch with prefill in it, one sequence at a time. Expanding the latent into per-head keys and
@@ -185,11 +190,13 @@ class MLAttention(nn.Module):
         return torch.bmm(o, self.w_uv.transpose(1, 2)).transpose(0, 1)          # [n, H, v]
 
     def targets(self, hf: str, ours: str) -> dict[str, Target]:
-        names = {"kv_a_proj_with_mqa": "kv_a", "kv_a_layernorm": "kv_a_norm.weight", "kv_b_proj": "kv_b",
-                 "o_proj": "wo"}
-        names.update({"q_a_proj": "q_a", "q_a_layernorm": "q_a_norm.weight", "q_b_proj": "q_b"}
-                     if self.a.q_lora_rank else {"q_proj": "q_proj"})
+        names = {"kv_a_layernorm": "kv_a_norm.weight", "kv_b_proj": "kv_b", "o_proj": "wo"}
+        if self.a.q_lora_rank:
+            names.update({"q_a_layernorm": "q_a_norm.weight", "q_b_proj": "q_b"})
         out = {f"{hf}.{n}.weight": (f"{ours}.{o}", None) for n, o in names.items()}
+        q_name = "q_a_proj" if self.a.q_lora_rank else "q_proj"
+        out[f"{hf}.{q_name}.weight"] = (f"{ours}.wq_kv_a", (slice(0, self.q_width),))
+        out[f"{hf}.kv_a_proj_with_mqa.weight"] = (f"{ours}.wq_kv_a", (slice(self.q_width, self.wq_kv_a.shape[0]),))
         if self.a.attention_bias:
             out[f"{hf}.kv_a_proj_with_mqa.bias"] = (f"{ours}.kv_a_bias", None)
             out[f"{hf}.o_proj.bias"] = (f"{ours}.wo_bias", None)

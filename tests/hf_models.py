@@ -9,13 +9,16 @@ import transformers
 
 def save_random(model_cls, config, path: Path, seed: int = 0, randomize_bias: bool = True) -> Path:
     """Random-weight HF model saved with save_pretrained; norms and the V3 correction bias get random
-    values too (transformers initialises them to ones / zeros, which would hide bugs)."""
+    values too, as do projection biases (transformers initialises them to ones / zeros, which would hide
+    bugs)."""
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias") and "proj" in name:   # projection biases (attention_bias): zeros
+                p.copy_(0.1 * torch.randn_like(p))
         for name, b in model.named_buffers():
             if randomize_bias and name.endswith("e_score_correction_bias"):
                 b.copy_(0.1 * torch.randn_like(b))

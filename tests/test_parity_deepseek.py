@@ -14,17 +14,18 @@ BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=64, moe_intermediat
             num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3,
             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, max_position_embeddings=256,
             rope_theta=10000.0, initializer_range=0.25)
-# Each case: (transformers class pair, overrides). Together they cover q_lora null/set, greedy,
-# group-limited and noaux_tc routing (random non-zero bias), YaRN on/off, first-k-dense 0/1 and
-# 0/1/2 shared experts. V2 cases keep norm_topk_prob=False, where transformers' V2 router (which
+# Each case: (transformers class pair, overrides). Together they cover q_lora null/set (each with and
+# without attention biases), greedy, group-limited and noaux_tc routing (random non-zero bias), YaRN
+# on/off, first-k-dense 0/1 and 0/1/2 shared experts. V2 cases keep norm_topk_prob=False, where transformers' V2 router (which
 # ignores norm_topk_prob) and the published V2 semantics agree.
 V2 = (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM)
 V3 = (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM)
 CASES = {
-    "v3-qlora-yarn-dense1-shared1": (V3, dict(q_lora_rank=24, rope_scaling=YARN, first_k_dense_replace=1,
-                                              n_shared_experts=1, n_group=4, topk_group=2)),
-    "v3-noqlora-rope-dense0-shared2": (V3, dict(q_lora_rank=None, first_k_dense_replace=0, n_shared_experts=2,
-                                                n_group=2, topk_group=1, routed_scaling_factor=1.7)),
+    "v3-qlora-yarn-dense1-shared1-bias": (V3, dict(q_lora_rank=24, rope_scaling=YARN, first_k_dense_replace=1,
+                                                   n_shared_experts=1, n_group=4, topk_group=2, attention_bias=True)),
+    "v3-noqlora-rope-dense0-shared2-bias": (V3, dict(q_lora_rank=None, first_k_dense_replace=0, n_shared_experts=2,
+                                                     n_group=2, topk_group=1, routed_scaling_factor=1.7,
+                                                     attention_bias=True)),
     "v3-noqlora-yarn-shared0-nonorm": (V3, dict(q_lora_rank=None, rope_scaling=YARN, first_k_dense_replace=1,
                                                 n_shared_experts=0, n_group=4, topk_group=3,
                                                 norm_topk_prob=False)),
