@@ -1,10 +1,11 @@
 """Where a batch-1 decode step's GPU time goes: kernels by total time, from torch.profiler over eager
 decode steps of a random-weight model with a real shape, beside the graph-replayed step's wall time.
 
-    python examples/profile_decode.py deepseek-v2-lite [TUNING_FILE]
+    python examples/profile_decode.py deepseek-v2-lite [TUNING_FILE ...]
 
-With a TUNING_FILE (as MOE_ENGINE_TUNING takes), the graph step is also timed with the kernels chosen
-under it, taking turns with the plain one: an A/B of two tunings on the same weights in one process.
+With TUNING_FILEs (as MOE_ENGINE_TUNING takes), the graph step is also timed with the kernels chosen
+under each, all taking turns with the plain one: an A/B(/C...) of tunings on the same weights in one
+process.
 """
 
 import contextlib
@@ -53,7 +54,7 @@ def tuning_file(path: str | None):
             os.environ["MOE_ENGINE_TUNING"] = before
 
 
-def main(name: str = "deepseek-v2-lite", other_tuning: str | None = None, steps: int = 20) -> None:
+def main(name: str = "deepseek-v2-lite", *other_tunings: str, steps: int = 20) -> None:
     model = build_random(name, "cuda", torch.bfloat16)
     kw = dict(max_num_seqs=1, max_model_len=600, num_kv_blocks=40, enable_prefix_caching=False)
     graphed, eager = LLM.from_model(model, cuda_graphs=True, **kw), LLM.from_model(model, cuda_graphs=False, **kw)
@@ -61,17 +62,20 @@ def main(name: str = "deepseek-v2-lite", other_tuning: str | None = None, steps:
     decode_steps(eager, 4)
     print(f"{name}: graph step {decode_steps(graphed, steps) * 1e3:.2f} ms, "
           f"eager step {decode_steps(eager, steps) * 1e3:.2f} ms")
-    if other_tuning:
-        other = LLM.from_model(model, cuda_graphs=True, **kw)
-        with tuning_file(other_tuning):
-            decode_steps(other, 4)                   # captures its graph under the other tuning
-        times = {"this": [], "other": []}
+    if other_tunings:
+        llms = {"as set": graphed}
+        for path in other_tunings:
+            llms[path] = LLM.from_model(model, cuda_graphs=True, **kw)
+            with tuning_file(path):
+                decode_steps(llms[path], 4)          # captures its graph under that tuning
+        times = {label: [] for label in llms}
         for _ in range(5):
-            times["this"].append(decode_steps(graphed, steps))
-            times["other"].append(decode_steps(other, steps))
-        print(f"{name}: graph step, best of 5 taking turns: {min(times['this']) * 1e3:.3f} ms as set, "
-              f"{min(times['other']) * 1e3:.3f} ms under {other_tuning}")
-        del other
+            for label, llm in llms.items():
+                times[label].append(decode_steps(llm, steps))
+        print(f"{name}: graph step, best of 5 taking turns: "
+              + ", ".join(f"{min(t) * 1e3:.3f} ms {'as set' if label == 'as set' else 'under ' + label}"
+                          for label, t in times.items()))
+        del llms
     prof = profile(activities=[ProfilerActivity.CUDA])
     decode_steps(eager, steps, lambda: prof)
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
@@ -83,4 +87,4 @@ def main(name: str = "deepseek-v2-lite", other_tuning: str | None = None, steps:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:])

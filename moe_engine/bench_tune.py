@@ -89,25 +89,32 @@ def tune_shape(spec: MoESpec, device, dtype, min_time: float, candidates=CANDIDA
             "best_times_s": best_times, "previous_times_s": base_times, "trials": trials}
 
 
+TUNED_KINDS = ("tiled", "gemv", "linear", "absorb")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="moe-engine bench tune", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("bench_results/moe_tuning.json"))
     p.add_argument("--min-time", type=float, default=0.05, help="seconds of timed calls per measurement")
-    p.add_argument("--only", choices=("tiled", "gemv"), default=None,
-                   help="tune only the tiled MoE kernels, or only the few-token ones (MoE and GEMV)")
+    p.add_argument("--only", default=",".join(TUNED_KINDS),
+                   help="comma-separated kinds to tune: tiled (the grouped MoE kernels), gemv (the few-token "
+                        "MoE), linear (the GEMV of projections and routers), absorb (MLA's absorbed query); "
+                        "default all")
     a = p.parse_args(argv)
+    kinds = set(a.only.split(","))
+    if not kinds <= set(TUNED_KINDS):
+        p.error(f"--only {a.only}: choose among {', '.join(TUNED_KINDS)}")
     if not torch.cuda.is_available():
         print("bench tune: a CUDA GPU is needed to tune the kernels, and none is visible; nothing was run")
         return 1
     device = torch.device("cuda")
     torch.manual_seed(0)
-    entries = [] if a.only == "gemv" else [tune_shape(spec, device, torch.bfloat16, a.min_time) for spec in MOE_SPECS]
-    gemv, linear, absorb = [], [], []
-    if a.only != "tiled":
-        from moe_engine.bench_tune_gemv import tune_absorb, tune_gemv, tune_linear
-        gemv = [tune_gemv(spec, device, torch.bfloat16, a.min_time) for spec in MOE_SPECS]
-        linear = tune_linear(["mixtral-8x7b", "deepseek-v2-lite"], device, torch.bfloat16, a.min_time)
-        absorb = [tune_absorb("deepseek-v2-lite", device, torch.bfloat16, a.min_time)]
+    from moe_engine.bench_tune_gemv import tune_absorb, tune_gemv, tune_linear
+    entries = [tune_shape(spec, device, torch.bfloat16, a.min_time) for spec in MOE_SPECS] if "tiled" in kinds else []
+    gemv = [tune_gemv(spec, device, torch.bfloat16, a.min_time) for spec in MOE_SPECS] if "gemv" in kinds else []
+    linear = (tune_linear(["mixtral-8x7b", "deepseek-v2-lite"], device, torch.bfloat16, a.min_time)
+              if "linear" in kinds else [])
+    absorb = [tune_absorb("deepseek-v2-lite", device, torch.bfloat16, a.min_time)] if "absorb" in kinds else []
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "moe": entries, "gemv": gemv,
                                  "linear": linear, "absorb": absorb}, indent=1))
