@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import use_triton
-from kernels.tuning import disabled
 
 
 @dataclass
@@ -116,11 +115,6 @@ def _valid_mask(context_lens: list[int], device) -> torch.Tensor | None:
     return torch.arange(longest, device=device)[None, :] < lens[:, None]
 
 
-# Decode batches up to this many tokens merge MLA's value projection into the attention's combine kernel,
-# which reads each head's projection once per token (the batched matmul above it reads it once a batch).
-PROJECT_MAX_TOKENS = 4
-
-
 def write_cache(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """cache [S, ...] gets values [T, ...] at rows slot_mapping [T]."""
     cache.index_copy_(0, slot_mapping, values if values.dtype == cache.dtype else values.to(cache.dtype))
@@ -199,32 +193,17 @@ def _decode_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, backend: str = "auto",
-                    project: torch.Tensor | None = None) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, backend: str = "auto") -> torch.Tensor:
     """Causal attention of new tokens over their sequences' paged context (see paged_attention_ref).
-    With project [H, Do, Dv]: each head's output times project[h] transposed, [T, H, Do] (MLA's value
-    half of kv_b), merged into the attention's last kernel for decode batches of up to
-    PROJECT_MAX_TOKENS tokens.
 
     A decode batch (one token per sequence) runs the Triton kernel on CUDA tensors (backend 'auto') or
     when forced ('triton'); prefill runs the reference either way."""
-    triton_decode = use_triton(backend, q, k_cache, v_cache) and meta.is_decode
-    if project is not None:
-        if (triton_decode and q.shape[0] <= PROJECT_MAX_TOKENS and project.stride(-1) == 1
-                and not disabled("attend_project")):
-            return _paged_decode(q, k_cache, v_cache, meta, scale, project)
-        out = paged_attention(q, k_cache, v_cache, meta, scale, backend)                  # [T, H, Dv]
-        return torch.bmm(out.transpose(0, 1), project.transpose(1, 2)).transpose(0, 1)    # [T, H, Do]
-    if not triton_decode:
+    if not (use_triton(backend, q, k_cache, v_cache) and meta.is_decode):
         return paged_attention_ref(q, k_cache, v_cache, meta, scale)
-    return _paged_decode(q, k_cache, v_cache, meta, scale)
-
-
-def _paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, project=None) -> torch.Tensor:
     H, Hkv = q.shape[1], k_cache.shape[1]
     if H % Hkv or k_cache.shape[:2] != v_cache.shape[:2] or q.shape[2] != k_cache.shape[2]:
         raise ValueError(f"paged_attention: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache "
                          f"{tuple(v_cache.shape)} want [T, H, Dk], [S, Hkv, Dk], [S, Hkv, Dv] with Hkv dividing H")
     from kernels.triton_attention import paged_decode_triton   # lazily: the package works without triton
     return paged_decode_triton(q, k_cache, v_cache, meta.block_tables, meta.device_context_lens(q.device),
-                               meta.block_size, scale, meta.max_context or max(meta.context_lens), project=project)
+                               meta.block_size, scale, meta.max_context or max(meta.context_lens))

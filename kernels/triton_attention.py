@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention import value_inside_key
-from kernels.tuning import DecodeTuning, decode_splits, decode_tuning, num_sms
+from kernels.tuning import DecodeTuning, decode_splits, decode_tuning
 
 
 @triton.jit
@@ -107,44 +107,12 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, num_heads, num_splits, dim_v,
              out.to(out_ptr.dtype.element_ty), mask=dv < dim_v)
 
 
-@triton.jit
-def _combine_project_kernel(part_ptr, lse_ptr, w_ptr, out_ptr, num_heads, num_splits, dim_v, dim_out,
-                            stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_wh, stride_wo,
-                            stride_ob, stride_oh, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr,
-                            BLOCK_O: tl.constexpr):
-    """Program (sequence * head, band of the output): out[b, h, band] = w[h, band] . merged[b, h], merged
-    the splits' partial outputs weighted as in _combine_kernel, in float32 throughout (never stored)."""
-    pid, band = tl.program_id(0), tl.program_id(1)
-    seq, head = pid // num_heads, pid % num_heads
-    s = tl.arange(0, BLOCK_S)
-    s_ok = s < num_splits
-    lse = tl.load(lse_ptr + seq * stride_lb + head * stride_lh + s, mask=s_ok, other=float("-inf"))  # [BS]
-    wts = tl.exp2(lse - tl.max(lse, axis=0))
-    wts = wts / tl.sum(wts, axis=0)
-    rows = band * BLOCK_O + tl.arange(0, BLOCK_O)                                       # [BO]
-    row_ok = rows < dim_out
-    part_row = part_ptr + seq.to(tl.int64) * stride_pb + head * stride_ph + s[:, None] * stride_ps  # [BS, 1]
-    w_row = w_ptr + head.to(tl.int64) * stride_wh + rows[:, None] * stride_wo                       # [BO, 1]
-    acc = tl.zeros([BLOCK_O], tl.float32)
-    for v0 in range(0, dim_v, BLOCK_V):
-        dv = v0 + tl.arange(0, BLOCK_V)
-        v_ok = dv < dim_v
-        parts = tl.load(part_row + dv[None, :], mask=s_ok[:, None] & v_ok[None, :], other=0.0)   # [BS, BV]
-        merged = tl.sum(parts * wts[:, None], axis=0)                                    # [BV]
-        w = tl.load(w_row + dv[None, :], mask=row_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(w * merged[None, :], axis=1)                                       # [BO]
-    tl.store(out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + rows,
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok)
-
-
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor, page_size: int,
                         scale: float, max_context: int, tuning: DecodeTuning | None = None,
-                        num_splits: int | None = None, project: torch.Tensor | None = None) -> torch.Tensor:
+                        num_splits: int | None = None) -> torch.Tensor:
     """q [B, H, Dk] (one token per sequence), k_cache [S, Hkv, Dk], v_cache [S, Hkv, Dv],
-    block_tables [B, max_blocks] int32, context_lens [B] int32 (>= 1) -> [B, H, Dv]; with project
-    [H, Do, Dv] (unit stride along Dv) -> [B, H, Do], each head's output times project[h] transposed,
-    applied where the splits are merged (MLA's value half of kv_b, for a few tokens)."""
+    block_tables [B, max_blocks] int32, context_lens [B] int32 (>= 1) -> [B, H, Dv]."""
     B, H, Dk = q.shape
     Hkv, Dv = k_cache.shape[1], v_cache.shape[2]
     group = H // Hkv
@@ -157,8 +125,8 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     head_blocks = Hkv * triton.cdiv(group, block_h)
     splits = num_splits or decode_splits(B * head_blocks, max_context, q.device, tuning)
 
-    out = q.new_empty(B, H, Dv if project is None else project.shape[1])
-    if splits == 1 and project is None:   # write the answer directly; no log-sum-exp needed
+    out = q.new_empty(B, H, Dv)
+    if splits == 1:   # write the answer directly; no log-sum-exp needed
         part, lse = out[:, :, None, :], out.new_empty(0, dtype=torch.float32)
         part_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
         lse_strides = (0, 0)
@@ -174,19 +142,9 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         BLOCK_H=block_h, BLOCK_N=tuning.block_n, BLOCK_A=block_a,
         BLOCK_B=max(16, triton.next_power_of_2(max(dim_b, 1))),
         BLOCK_V=block_a if v_is_k else max(16, triton.next_power_of_2(Dv)),
-        HAS_B=dim_b > 0, V_IS_K=v_is_k, STORE_LSE=splits > 1 or project is not None, PRECISION=precision,
+        HAS_B=dim_b > 0, V_IS_K=v_is_k, STORE_LSE=splits > 1, PRECISION=precision,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages)
-    if project is not None:
-        Do = project.shape[1]
-        block_o = 64   # fewer rows a program while that leaves SMs idle (a few tokens: one token's 16 heads)
-        while block_o > 16 and B * H * triton.cdiv(Do, block_o) < num_sms(q.device):
-            block_o //= 2
-        _combine_project_kernel[(B * H, triton.cdiv(Do, block_o))](
-            part, lse, project, out, H, splits, Dv, Do, *part.stride()[:3], *lse.stride()[:2],
-            project.stride(0), project.stride(1), out.stride(0), out.stride(1),
-            BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_V=min(128, triton.next_power_of_2(Dv)),
-            BLOCK_O=block_o, num_warps=4)
-    elif splits > 1:
+    if splits > 1:
         _combine_kernel[(B * H,)](part, lse, out, H, splits, Dv, *part.stride(), *lse.stride()[:2], *out.stride(),
                                   BLOCK_S=triton.next_power_of_2(splits),
                                   BLOCK_V=triton.next_power_of_2(Dv), num_warps=4)

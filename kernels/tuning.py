@@ -165,8 +165,6 @@ LINEAR_TABLE: dict[tuple[str, int, int, str], LinearTuning] = {
     ("sm90", 2048, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 2),                # DeepSeek o_proj
     ("sm90", 2048, 2816, "bfloat16"): LinearTuning(_GEMV_2x2048, 2),                # shared down
     ("sm90", 3072, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # q_proj
-    ("sm90", 3648, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # q_proj + kv_a (not measured:
-                                                                                    # as q_proj's)
     ("sm90", 5632, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # shared gate+up
     ("sm90", 4096, 4096, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # Mixtral o_proj
     ("sm90", 2048, 10944, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),               # dense layer down
@@ -201,7 +199,7 @@ def linear_tuning(device: torch.device, n: int, k: int, dtype: torch.dtype) -> L
     return from_file(("linear",) + key) or LINEAR_TABLE.get(key)
 
 
-DECODE_KERNELS = ("gemv", "linear", "route", "latent_cache", "absorb_query", "attend_project")
+DECODE_KERNELS = ("gemv", "linear", "route", "latent_cache", "absorb_query")
 
 
 def from_file(key: tuple):

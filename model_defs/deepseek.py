@@ -152,10 +152,11 @@ class MLAttention(nn.Module):
         return self._attend_latent(latent_query(q_nope, q_pe, self.w_uk), cache, meta)
 
     def _attend_latent(self, q_full, cache, meta):
-        """q_full [T, H, L + R] against the cached latents, times the value half of kv_b per head: [T, H, v]."""
+        """q_full [T, H, L + R] against the cached latents; the value half of kv_b applied after: [T, H, v]."""
         L = self.a.kv_lora_rank
         entries = cache[:, None, :]                                              # [S, 1, L + R]
-        return kernels.paged_attention(q_full, entries, entries[..., :L], meta, self.scale, project=self.w_uv)
+        out_latent = kernels.paged_attention(q_full, entries, entries[..., :L], meta, self.scale)  # [T, H, L]
+        return torch.bmm(out_latent.transpose(0, 1), self.w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
 
     def _per_sequence(self, q_nope, q_pe, cache, meta):
         """A batch with prefill in it, one sequence at a time. Expanding the latent into per-head keys and

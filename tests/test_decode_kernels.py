@@ -92,7 +92,7 @@ def test_gpu_gemv_projections_and_fused_routing_match_cpu(model, tmp_path, monke
     on, off = tmp_path / "on.json", tmp_path / "off.json"
     _, _, llm = run(model, graphs=False, device="cuda", dtype=torch.float32, max_num_seqs=1)
     tuning_for_every_weight(llm, on)
-    off.write_text(json.dumps({"moe": [], "disable": ["gemv", "linear", "route", "latent_cache", "absorb_query", "attend_project"]}))
+    off.write_text(json.dumps({"moe": [], "disable": ["gemv", "linear", "route", "latent_cache", "absorb_query"]}))
     import kernels.triton_gemv as tg
     import kernels.triton_moe_gemv as tmg
     used = {}

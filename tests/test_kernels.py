@@ -404,37 +404,3 @@ def test_paged_decode_on_static_metadata(mla):
     expected = kernels.paged_attention_ref(q, k_cache, v_cache, meta, 0.3)
     assert_close(kernels.paged_attention(q, k_cache, v_cache, static, 0.3, backend="triton"), expected, 1e-5)
     assert_close(kernels.paged_attention_ref(q, k_cache, v_cache, static, 0.3), expected, 1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("splits", [None, 1, 3])
-def test_mla_decode_with_value_projection_matches_reference(splits, dtype):
-    """The value half of kv_b applied where the context splits are merged (few-token decode) equals
-    attention over the latent followed by the per-head matmul; and past PROJECT_MAX_TOKENS the batched
-    matmul serves, to the same result."""
-    from kernels.attention import PROJECT_MAX_TOKENS
-    from kernels.triton_attention import paged_decode_triton
-    H, L, R, V, page, ctx = 4, 32, 8, 24, 4, [9, 1, 22]
-    num_pages = sum(-(-n // page) for n in ctx) + 2
-    meta = paged_batch(ctx, page, num_pages, seed=2)
-    cache = torch.randn(num_pages * page, L + R).to(dtype)
-    entries = cache[:, None, :]                                                          # [S, 1, L + R]
-    q = torch.randn(len(ctx), H, L + R).to(dtype)
-    w_uv = torch.randn(H, V + 8, L)[:, 8:].to(dtype)          # [H, V, L], a view as the model holds it
-    scale = 0.7 * (L + R) ** -0.5
-    latent = kernels.paged_attention_ref(q.float(), entries.float(), entries[..., :L].float(), meta, scale)
-    expected = torch.einsum("thl,hvl->thv", latent, w_uv.float()).to(dtype)            # [T, H, V]
-    out = paged_decode_triton(q, entries, entries[..., :L], meta.block_tables, meta.context_lens_tensor, page,
-                              scale, max(ctx), num_splits=splits, project=w_uv)
-    assert out.shape == (len(ctx), H, V)
-    assert_close(out, expected, TOL[dtype])
-    assert len(ctx) <= PROJECT_MAX_TOKENS
-    out = kernels.paged_attention(q, entries, entries[..., :L], meta, scale, backend="triton", project=w_uv)
-    assert_close(out, expected, TOL[dtype])
-    big = paged_batch([5] * (PROJECT_MAX_TOKENS + 1), page, 2 * (PROJECT_MAX_TOKENS + 1), seed=3)
-    qb = torch.randn(PROJECT_MAX_TOKENS + 1, H, L + R).to(dtype)
-    cache = torch.randn(2 * (PROJECT_MAX_TOKENS + 1) * page, 1, L + R).to(dtype)
-    batched = kernels.paged_attention(qb, cache, cache[..., :L], big, scale, backend="triton", project=w_uv)
-    fused = paged_decode_triton(qb, cache, cache[..., :L], big.block_tables, big.context_lens_tensor, page,
-                                scale, 5, project=w_uv)
-    assert_close(batched, fused, TOL[dtype])
