@@ -29,7 +29,7 @@ stage() {   # stage NAME SECONDS COMMAND...; leaves the exit status in rc (0 for
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 library=$(mktemp -d)/library_path.json     # a tuning file that turns the decode-sized kernels off
-echo '{"moe": [], "disable": ["gemv", "linear", "route", "latent_cache", "absorb_query", "attend_project"]}' > "$library"
+echo '{"moe": [], "disable": ["gemv", "linear", "route", "latent_cache", "absorb_query"]}' > "$library"
 stage gpu_tests "${GPU_TESTS_S:-170}" $py -m pytest -q --maxfail=8 -m gpu tests -p no:cacheprovider
 tests_rc=$rc
 stage tune "${TUNE_S:-150}" $py -m moe_engine bench tune --out "$out/moe_tuning.json" ${TUNE_ARGS:-}
@@ -41,7 +41,7 @@ fi
 # The profile's A/B also times the step with each of PROFILE_OFF's kernels turned off, one at a time, on
 # top of the tuning in use: which of them pays on this GPU.
 variants=()
-for kernel in ${PROFILE_OFF:-attend_project absorb_query}; do
+for kernel in ${PROFILE_OFF:-absorb_query}; do
     variant=$(dirname "$library")/no_$kernel.json
     $py -c 'import json, os, sys
 src = os.environ.get("MOE_ENGINE_TUNING")

@@ -165,6 +165,8 @@ LINEAR_TABLE: dict[tuple[str, int, int, str], LinearTuning] = {
     ("sm90", 2048, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 2),                # DeepSeek o_proj
     ("sm90", 2048, 2816, "bfloat16"): LinearTuning(_GEMV_2x2048, 2),                # shared down
     ("sm90", 3072, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # q_proj
+    ("sm90", 3648, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # q_proj + kv_a (10.4
+                                                                                    # vs 11.2 us, session 7)
     ("sm90", 5632, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # shared gate+up
     ("sm90", 4096, 4096, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # Mixtral o_proj
     ("sm90", 2048, 10944, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),               # dense layer down
@@ -177,10 +179,14 @@ LINEAR_TABLE: dict[tuple[str, int, int, str], LinearTuning] = {
 
 # MLA's absorbed-query kernel (kernels/triton_mla.py) per (device, heads, nope, latent): the tile is
 # [block_k of nope, block_n of the latent] per (token, head) program. It reads each head's w_uk once per
-# token where the batched matmul reads it once per batch: on an H200 it wins at one token
-# (DeepSeek-V2-Lite) and loses at 64 (decode 4,740 against 5,430 tok/s), hence max_tokens 4 by default
-# (untuned; `moe-engine bench tune` measures tiles and the crossover).
-ABSORB_TABLE: dict[tuple[str, int, int, int], LinearTuning] = {}
+# token where the batched matmul reads it once per batch, so it loses at large batches (decode at 64 on an
+# H200: 4,740 against 5,430 tok/s); max_tokens 4 by default. Measured by `bench tune` on an H200
+# (2026-11-27, seventh session): 64x128 tiles take 7.6 us at one token against 11.9 for the batched
+# matmul + rotary + concatenation, and win up to 8 tokens (15.8 vs 13.7 us at 16); the untuned 128x128
+# tile had taken 9.4 us in the step's profile, this one 3.2.
+ABSORB_TABLE: dict[tuple[str, int, int, int], LinearTuning] = {
+    ("sm90", 16, 128, 512): LinearTuning(GemmTile(64, 128, 1, 4, 2), 8),   # DeepSeek-V2-Lite
+}
 
 
 def absorb_tuning(device: torch.device, heads: int, nope: int, lora: int) -> LinearTuning:
