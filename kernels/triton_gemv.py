@@ -4,7 +4,7 @@ At batch 1 a projection reads its weight once for one row; what it costs is how 
 streams. The GEMV gives each program a band of output columns and reads block_k of each of its rows a
 step, so the GPU has enough bytes in flight; whether it beats the vendor library for a given shape is
 measured (moe-engine bench tune) and recorded in kernels/tuning.py. The routing kernel does a token's
-softmax or sigmoid, correction bias, top-k, normalisation and scaling in one program.
+softmax or sigmoid, correction bias, group limit, top-k, normalisation and scaling in one program.
 """
 
 import torch
@@ -62,11 +62,13 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, tile: GemmTile, bias: torch.Te
 
 
 @triton.jit
-def _greedy_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, top_k, scaling,
-                         stride_lt, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
-                         E_PAD: tl.constexpr, K_PAD: tl.constexpr):
-    """One token: scores = softmax or sigmoid of its logits; the k best of scores (+ bias), best first;
-    their unbiased scores, normalised to sum 1 if asked, times scaling."""
+def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, top_k, scaling, n_group, topk_group,
+                  stride_lt, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
+                  GROUP_RULE: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr):
+    """One token: scores = softmax or sigmoid of its logits; choice = scores (+ bias). GROUP_RULE 1 or 2
+    keeps only the topk_group best of n_group equal groups of experts, ranked by their best choice (1,
+    DeepSeek-V2's group_limited_greedy) or the sum of their best two (2, DeepSeek-V3's noaux_tc). Then
+    the k best of choice, best first; their unbiased scores, normalised to sum 1 if asked, times scaling."""
     t = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, E_PAD)
     valid = experts < num_experts
@@ -80,6 +82,25 @@ def _greedy_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts
     if HAS_BIAS:
         choice += tl.load(bias_ptr + experts, mask=valid, other=0.0).to(tl.float32)
     choice = tl.where(valid, choice, float("-inf"))                                    # [E_PAD]
+    if GROUP_RULE > 0:
+        per_group = num_experts // n_group
+        group_of = experts // per_group                                                # [E_PAD]
+        groups = tl.arange(0, G_PAD)
+        group_score = tl.full([G_PAD], float("-inf"), tl.float32)
+        for g in range(0, n_group):
+            in_group = tl.where(group_of == g, choice, float("-inf"))
+            g_score = tl.max(in_group, axis=0)
+            if GROUP_RULE == 2:       # plus the second best (the best again on a tie), in groups of two or more
+                first = tl.argmax(in_group, axis=0)
+                second = tl.max(tl.where(experts == first, float("-inf"), in_group), axis=0)
+                g_score = tl.where(per_group > 1, g_score + second, g_score)
+            group_score = tl.where(groups == g, g_score, group_score)
+        kept = experts < 0                                                             # all False
+        for _ in range(0, topk_group):
+            g_best = tl.argmax(group_score, axis=0)
+            kept = kept | (group_of == g_best)
+            group_score = tl.where(groups == g_best, float("-inf"), group_score)
+        choice = tl.where(kept, choice, float("-inf"))
     slots = tl.arange(0, K_PAD)
     ids = tl.zeros([K_PAD], dtype=tl.int64)
     weights = tl.zeros([K_PAD], dtype=tl.float32)
@@ -96,16 +117,22 @@ def _greedy_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts
     tl.store(ids_ptr + t * top_k + slots, ids, mask=keep)
 
 
-def greedy_route_triton(logits: torch.Tensor, top_k: int, sigmoid: bool, bias: torch.Tensor | None,
-                        normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (weights [T, k] float32, ids [T, k] int64), best first."""
+# How each routing method ranks groups of experts in _route_kernel (0: no groups).
+GROUP_RULES = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+
+
+def route_triton(logits: torch.Tensor, top_k: int, sigmoid: bool, bias: torch.Tensor | None,
+                 normalize: bool, scaling: float, method: str = "greedy", n_group: int = 1,
+                 topk_group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> (weights [T, k] float32, ids [T, k] int64), best first; method one of
+    GROUP_RULES, n_group dividing E."""
     T, E = logits.shape
     weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
     if T:
         logits = logits.contiguous()
-        _greedy_route_kernel[(T,)](logits, logits if bias is None else bias, weights, ids, E, top_k, scaling,
-                                   logits.stride(0), SIGMOID=sigmoid, HAS_BIAS=bias is not None,
-                                   NORMALIZE=normalize, E_PAD=triton.next_power_of_2(E),
-                                   K_PAD=triton.next_power_of_2(top_k), num_warps=1)
+        _route_kernel[(T,)](logits, logits if bias is None else bias, weights, ids, E, top_k, scaling, n_group,
+                            topk_group, logits.stride(0), SIGMOID=sigmoid, HAS_BIAS=bias is not None,
+                            NORMALIZE=normalize, GROUP_RULE=GROUP_RULES[method], E_PAD=triton.next_power_of_2(E),
+                            K_PAD=triton.next_power_of_2(top_k), G_PAD=triton.next_power_of_2(n_group), num_warps=1)
     return weights, ids

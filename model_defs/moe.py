@@ -72,10 +72,11 @@ def route(router_logits: torch.Tensor, cfg: RoutingConfig, bias: torch.Tensor | 
     the ranking is a sort kernel per layer.
     """
     logits = router_logits.float()
-    if cfg.method == "greedy" and allowed is None:
+    if allowed is None:
         # On CUDA one Triton program per token does all of it (best first, so `ranked` holds either way).
         normalize, scaling = cfg.weight_rule(cfg.top_k)
-        fused = kernels.greedy_route(logits, cfg.top_k, cfg.scoring == "sigmoid", bias, normalize, scaling)
+        fused = kernels.fused_route(logits, cfg.top_k, cfg.scoring == "sigmoid", bias, normalize, scaling,
+                                    cfg.method, cfg.n_group, cfg.topk_group)
         if fused is not None:
             return fused
     if (cfg.scoring == "softmax" and cfg.method == "greedy" and cfg.norm_topk_prob and cfg.scale_normalized

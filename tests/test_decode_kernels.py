@@ -45,21 +45,36 @@ ROUTINGS = {
     "v2-normalised": RoutingConfig(16, 3, norm_topk_prob=True, routed_scaling_factor=2.5, scale_normalized=False),
     "v3-sigmoid-bias": RoutingConfig(12, 4, scoring="sigmoid", routed_scaling_factor=2.5, has_bias=True),
     "top-1": RoutingConfig(5, 1, norm_topk_prob=True, routed_scaling_factor=3.0, scale_normalized=False),
+    "v2-group-limited": RoutingConfig(16, 3, method="group_limited_greedy", n_group=4, topk_group=2,
+                                      norm_topk_prob=False, routed_scaling_factor=1.5, scale_normalized=False),
+    "v3-noaux-tc": RoutingConfig(16, 4, scoring="sigmoid", method="noaux_tc", n_group=4, topk_group=2,
+                                 routed_scaling_factor=2.5, has_bias=True),
+    "v3-noaux-tc-ragged": RoutingConfig(24, 6, scoring="sigmoid", method="noaux_tc", n_group=3, topk_group=2,
+                                        routed_scaling_factor=2.5, has_bias=True),   # 8 per group, E not 2^n
+    "noaux-tc-groups-of-one": RoutingConfig(6, 2, scoring="sigmoid", method="noaux_tc", n_group=6,
+                                           topk_group=3, has_bias=True),
 }
 
 
 @pytest.mark.parametrize("name", list(ROUTINGS))
-def test_greedy_route_kernel_matches_route(name):
-    from kernels.triton_gemv import greedy_route_triton
+def test_route_kernel_matches_route(name):
+    """Every routing variant in one program per token against model_defs.moe.route: the same experts in
+    the same order, the same weights; the group-limited ones on logits where the group limit changes the
+    choice (else the test could not tell a kernel that ignores groups), and groups of one expert."""
+    from kernels.triton_gemv import route_triton
     cfg = ROUTINGS[name]
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(7, cfg.num_experts, generator=gen) * 3                     # [T, E]
     bias = torch.randn(cfg.num_experts, generator=gen) if cfg.has_bias else None
     want_w, want_ids = route(logits, cfg, bias)                                   # torch: ranked, best first
     normalize, scaling = cfg.weight_rule(cfg.top_k)
-    got_w, got_ids = greedy_route_triton(logits, cfg.top_k, cfg.scoring == "sigmoid", bias, normalize, scaling)
+    got_w, got_ids = route_triton(logits, cfg.top_k, cfg.scoring == "sigmoid", bias, normalize, scaling,
+                                  cfg.method, cfg.n_group, cfg.topk_group)
     assert torch.equal(got_ids, want_ids)
     assert torch.allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
+    if cfg.method != "greedy" and cfg.n_group < cfg.num_experts:     # (groups of one cannot limit anything)
+        ungrouped = RoutingConfig(cfg.num_experts, cfg.top_k, cfg.scoring, "greedy", has_bias=cfg.has_bias)
+        assert not torch.equal(route(logits, ungrouped, bias)[1], want_ids)
 
 
 def last_win(versus: list[dict]) -> int:
@@ -96,7 +111,7 @@ def test_gpu_gemv_projections_and_fused_routing_match_cpu(model, tmp_path, monke
     import kernels.triton_gemv as tg
     import kernels.triton_moe_gemv as tmg
     used = {}
-    for module, name in [(tg, "gemv_triton"), (tg, "greedy_route_triton"), (tmg, "fused_moe_gemv")]:
+    for module, name in [(tg, "gemv_triton"), (tg, "route_triton"), (tmg, "fused_moe_gemv")]:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **kw:
                             used.__setitem__(_name, used.get(_name, 0) + 1) or _real(*a, **kw))
@@ -105,9 +120,7 @@ def test_gpu_gemv_projections_and_fused_routing_match_cpu(model, tmp_path, monke
         monkeypatch.setenv("MOE_ENGINE_TUNING", str(path))
         graphed, calls, _ = run(model, graphs=True, device="cuda", dtype=torch.float32)
         assert graphed == cpu and calls, path.name
-        greedy = llm.model.layers[-1].mlp.routing.method == "greedy"     # the routing kernel's case
-        expected = ["fused_moe_gemv", "gemv_triton"] + (["greedy_route_triton"] if greedy else [])
-        assert sorted(used) == ([] if path == off else expected), path.name
+        assert sorted(used) == ([] if path == off else ["fused_moe_gemv", "gemv_triton", "route_triton"]), path.name
 
 
 def test_linear_tuner_covers_every_weight_and_checks_its_tiles():
