@@ -41,7 +41,7 @@ fi
 # The profile's A/B also times the step with each of PROFILE_OFF's kernels turned off, one at a time, on
 # top of the tuning in use: which of them pays on this GPU.
 variants=()
-for kernel in ${PROFILE_OFF:-absorb_query}; do
+for kernel in ${PROFILE_OFF-absorb_query}; do
     variant=$(dirname "$library")/no_$kernel.json
     $py -c 'import json, os, sys
 src = os.environ.get("MOE_ENGINE_TUNING")
@@ -49,7 +49,7 @@ data = json.load(open(src)) if src else {"moe": []}
 data["disable"] = sorted(set(data.get("disable", [])) | {sys.argv[1]})
 json.dump(data, open(sys.argv[2], "w"))' "$kernel" "$variant" && variants+=("$variant")
 done
-stage profile "${PROFILE_S:-120}" $py examples/profile_decode.py deepseek-v2-lite "$library" "${variants[@]}"
+stage profile "${PROFILE_S:-120}" $py examples/profile_decode.py deepseek-v2-lite "$library" ${variants[@]+"${variants[@]}"}
 stage decode "${DECODE_S:-270}" $py -m moe_engine bench decode --repeats 2 --hf-repeats 1 \
     --out "$out/decode.json" ${DECODE_ARGS:-}
 stage kernels "${KERNELS_S:-80}" $py -m moe_engine bench kernels --min-time 0.1 --out "$out/kernels.json"

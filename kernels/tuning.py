@@ -153,20 +153,17 @@ GEMV_SHAPE_TABLE: dict[tuple[str, int, int], GemvTuning] = {
 # Weights [n, k] of a dtype for which the Triton GEMV won on a device: (device, n, k, dtype) -> tuning.
 # From `moe-engine bench tune` on an H200 (2026-11-27; every distinct 2-D weight of the Mixtral-8x7B and
 # DeepSeek-V2-Lite shapes, graph replays with a cold L2, against F.linear): the GEMV won each at one row,
-# most by 1-2 us (e.g. q_proj 3072x2048: 9.5 vs 10.6 us), the float32 routers by 5 us (6.5-7.0 vs
-# 11.6-11.8 us) up to 8 rows; max_tokens is the last row count it still won. A weight not listed goes to
-# the vendor library.
+# most by 1-2 us (e.g. DeepSeek's stacked q_proj + kv_a 3648x2048: 10.4 vs 11.2 us), the float32 routers
+# by 5 us (6.5-7.0 vs 11.6-11.8 us) up to 8 rows; max_tokens is the last row count it still won. A weight
+# not listed goes to the vendor library.
 _GEMV_2x2048 = GemmTile(2, 2048, 1, 8, 1)
 LINEAR_TABLE: dict[tuple[str, int, int, str], LinearTuning] = {
     ("sm90", 8, 4096, "float32"): LinearTuning(GemmTile(1, 4096, 1, 8, 1), 8),      # Mixtral router
     ("sm90", 64, 2048, "float32"): LinearTuning(_GEMV_2x2048, 8),                   # DeepSeek-V2-Lite router
-    ("sm90", 576, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 4),                 # kv_a
     ("sm90", 4096, 512, "bfloat16"): LinearTuning(GemmTile(4, 1024, 1, 4, 2), 1),
     ("sm90", 2048, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 2),                # DeepSeek o_proj
     ("sm90", 2048, 2816, "bfloat16"): LinearTuning(_GEMV_2x2048, 2),                # shared down
-    ("sm90", 3072, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # q_proj
-    ("sm90", 3648, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # q_proj + kv_a (10.4
-                                                                                    # vs 11.2 us, session 7)
+    ("sm90", 3648, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # q_proj + kv_a
     ("sm90", 5632, 2048, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # shared gate+up
     ("sm90", 4096, 4096, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),                # Mixtral o_proj
     ("sm90", 2048, 10944, "bfloat16"): LinearTuning(_GEMV_2x2048, 1),               # dense layer down
@@ -181,9 +178,9 @@ LINEAR_TABLE: dict[tuple[str, int, int, str], LinearTuning] = {
 # [block_k of nope, block_n of the latent] per (token, head) program. It reads each head's w_uk once per
 # token where the batched matmul reads it once per batch, so it loses at large batches (decode at 64 on an
 # H200: 4,740 against 5,430 tok/s); max_tokens 4 by default. Measured by `bench tune` on an H200
-# (2026-11-27, seventh session): 64x128 tiles take 7.6 us at one token against 11.9 for the batched
-# matmul + rotary + concatenation, and win up to 8 tokens (15.8 vs 13.7 us at 16); the untuned 128x128
-# tile had taken 9.4 us in the step's profile, this one 3.2.
+# (2026-11-27, seventh session): block_n 64, block_k 128 takes 7.6 us at one token against 11.9 for
+# the batched matmul + rotary + concatenation, and wins up to 8 tokens (15.8 vs 13.7 us at 16); the
+# untuned 128x128 tile had taken 9.4 us in the step's profile, this one 3.2.
 ABSORB_TABLE: dict[tuple[str, int, int, int], LinearTuning] = {
     ("sm90", 16, 128, 512): LinearTuning(GemmTile(64, 128, 1, 4, 2), 8),   # DeepSeek-V2-Lite
 }

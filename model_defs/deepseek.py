@@ -113,17 +113,17 @@ class MLAttention(nn.Module):
     def _bias(self, name):
         return getattr(self, name, None)
 
-    def _q_kv_a_bias(self) -> torch.Tensor | None:
-        """wq_kv_a's bias: q_a's and kv_a's (q_proj has none)."""
-        if not self.a.attention_bias:
-            return None
-        q_bias = self._bias("q_a_bias")
-        return torch.cat([self.kv_a_bias.new_zeros(self.q_width) if q_bias is None else q_bias, self.kv_a_bias])
+    def stack_bias(self) -> None:
+        """wq_kv_a's bias, with attention biases: q_a's (q_proj has none: zeros) then kv_a's, [q_width + L + R]."""
+        if self.a.attention_bias:
+            q_bias = self._bias("q_a_bias")
+            q_bias = self.kv_a_bias.new_zeros(self.q_width) if q_bias is None else q_bias
+            self.q_kv_a_bias = torch.cat([q_bias, self.kv_a_bias])
 
     def forward(self, x: torch.Tensor, angles, cache: torch.Tensor, meta: AttentionMetadata):
         a, T, H = self.a, x.shape[0], self.a.num_attention_heads
-        q_kv = linear(x, self.wq_kv_a, self._q_kv_a_bias())                   # [T, q_width + L + R]
-        q, kv = q_kv.split([self.q_width, q_kv.shape[1] - self.q_width], -1)   # kv [T, L + R]
+        q_kv = linear(x, self.wq_kv_a, self.q_kv_a_bias if a.attention_bias else None)   # [T, q_width + L + R]
+        q, kv = q_kv.split([self.q_width, q_kv.shape[1] - self.q_width], -1)   # q [T, q_width], kv [T, L + R]
         if a.q_lora_rank:
             q = linear(self.q_a_norm(q), self.q_b)
         q = q.view(T, H, a.qk_head_dim)                                        # [T, H, nope + R]
@@ -226,6 +226,7 @@ class DeepseekModel(CausalLM):
     def post_load(self) -> None:
         for layer in self.layers:
             layer.attn.split_kv_b()
+            layer.attn.stack_bias()
 
     def allocate_kv_cache(self, num_slots: int, dtype, device) -> list[torch.Tensor]:
         width = self.args.kv_lora_rank + self.args.qk_rope_head_dim

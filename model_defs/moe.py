@@ -68,8 +68,8 @@ def route(router_logits: torch.Tensor, cfg: RoutingConfig, bias: torch.Tensor | 
 
     The correction bias (noaux_tc) only steers which experts are chosen; weights come from the
     unbiased scores. `allowed` [E] bool removes experts: as if their router logit were -inf.
-    ranked: the k experts best first (what traces report); the MoE itself needs no order, and on CUDA
-    the ranking is a sort kernel per layer.
+    ranked: the k experts best first (what traces report); the MoE itself needs no order, and in torch
+    on CUDA the ranking is a sort kernel per layer (the routing kernel returns them ranked regardless).
     """
     logits = router_logits.float()
     if allowed is None:
@@ -137,8 +137,9 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor, hook: RoutingHook | None = None) -> torch.Tensor:
         router_logits = compute_router_logits(x, self.gate)          # [T, E] float32
         if hook is None:
-            # Unranked on CUDA saves a sort kernel per layer; elsewhere the ranking is free and keeps the
-            # hooked and plain paths summing experts in the same order (bit-identical results).
+            # On CUDA the routing kernel ranks anyway; where it does not serve (no Triton, or turned off),
+            # unranked saves a sort kernel per layer. On the CPU the ranking is free and keeps the hooked
+            # and plain paths summing experts in the same order (bit-identical results).
             topk_weights, topk_ids = route(router_logits, self.routing, self.bias, ranked=not x.is_cuda)
         else:
             topk_weights, topk_ids = hook.route(self.moe_index, router_logits, self.routing, self.bias)

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                         "MoE), linear (the GEMV of projections and routers), absorb (MLA's absorbed query); "
                         "default all")
     a = p.parse_args(argv)
-    kinds = set(a.only.split(","))
+    kinds = {kind.strip() for kind in a.only.split(",")}
     if not kinds <= set(TUNED_KINDS):
         p.error(f"--only {a.only}: choose among {', '.join(TUNED_KINDS)}")
     if not torch.cuda.is_available():

@@ -17,7 +17,7 @@ def save_random(model_cls, config, path: Path, seed: int = 0, randomize_bias: bo
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith(".bias") and "proj" in name:   # projection biases (attention_bias): zeros
+            elif name.endswith(".bias") and "proj" in name:   # attention_bias: transformers initialises zeros
                 p.copy_(0.1 * torch.randn_like(p))
         for name, b in model.named_buffers():
             if randomize_bias and name.endswith("e_score_correction_bias"):

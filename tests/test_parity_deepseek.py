@@ -16,8 +16,8 @@ BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=64, moe_intermediat
             rope_theta=10000.0, initializer_range=0.25)
 # Each case: (transformers class pair, overrides). Together they cover q_lora null/set (each with and
 # without attention biases), greedy, group-limited and noaux_tc routing (random non-zero bias), YaRN
-# on/off, first-k-dense 0/1 and 0/1/2 shared experts. V2 cases keep norm_topk_prob=False, where transformers' V2 router (which
-# ignores norm_topk_prob) and the published V2 semantics agree.
+# on/off, first-k-dense 0/1 and 0/1/2 shared experts. V2 cases keep norm_topk_prob=False, where
+# transformers' V2 router (which ignores norm_topk_prob) and the published V2 semantics agree.
 V2 = (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM)
 V3 = (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM)
 CASES = {
