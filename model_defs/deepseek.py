@@ -97,8 +97,9 @@ class MLAttention(nn.Module):
         self.kv_b = weight(H * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank, dtype=dtype)
         self.wo = weight(a.hidden_size, H * a.v_head_dim, dtype=dtype)
         if a.attention_bias:
-            self.q_a_bias = weight(a.q_lora_rank, dtype=dtype) if a.q_lora_rank else None
-            self.kv_a_bias = weight(a.kv_lora_rank + a.qk_rope_head_dim, dtype=dtype)
+            # Stacked like wq_kv_a and loaded the same way; q_proj has no bias (q_a_proj has), so without a
+            # q LoRA its part stays zero.
+            self.wq_kv_a_bias = nn.Parameter(torch.zeros(self.wq_kv_a.shape[0], dtype=dtype), requires_grad=False)
             self.wo_bias = weight(a.hidden_size, dtype=dtype)
         self.scale = a.qk_head_dim ** -0.5
         if a.rope_scaling and a.rope_scaling.get("mscale_all_dim"):
@@ -113,16 +114,9 @@ class MLAttention(nn.Module):
     def _bias(self, name):
         return getattr(self, name, None)
 
-    def stack_bias(self) -> None:
-        """wq_kv_a's bias, with attention biases: q_a's (q_proj has none: zeros) then kv_a's, [q_width + L + R]."""
-        if self.a.attention_bias:
-            q_bias = self._bias("q_a_bias")
-            q_bias = self.kv_a_bias.new_zeros(self.q_width) if q_bias is None else q_bias
-            self.q_kv_a_bias = torch.cat([q_bias, self.kv_a_bias])
-
     def forward(self, x: torch.Tensor, angles, cache: torch.Tensor, meta: AttentionMetadata):
         a, T, H = self.a, x.shape[0], self.a.num_attention_heads
-        q_kv = linear(x, self.wq_kv_a, self.q_kv_a_bias if a.attention_bias else None)   # [T, q_width + L + R]
+        q_kv = linear(x, self.wq_kv_a, self._bias("wq_kv_a_bias"))           # [T, q_width + L + R]
         q, kv = q_kv.split([self.q_width, q_kv.shape[1] - self.q_width], -1)   # q [T, q_width], kv [T, L + R]
         if a.q_lora_rank:
             q = linear(self.q_a_norm(q), self.q_b)
@@ -195,14 +189,15 @@ class MLAttention(nn.Module):
         if self.a.q_lora_rank:
             names.update({"q_a_layernorm": "q_a_norm.weight", "q_b_proj": "q_b"})
         out = {f"{hf}.{n}.weight": (f"{ours}.{o}", None) for n, o in names.items()}
+        q_part, kv_part = (slice(0, self.q_width),), (slice(self.q_width, self.wq_kv_a.shape[0]),)
         q_name = "q_a_proj" if self.a.q_lora_rank else "q_proj"
-        out[f"{hf}.{q_name}.weight"] = (f"{ours}.wq_kv_a", (slice(0, self.q_width),))
-        out[f"{hf}.kv_a_proj_with_mqa.weight"] = (f"{ours}.wq_kv_a", (slice(self.q_width, self.wq_kv_a.shape[0]),))
+        out[f"{hf}.{q_name}.weight"] = (f"{ours}.wq_kv_a", q_part)
+        out[f"{hf}.kv_a_proj_with_mqa.weight"] = (f"{ours}.wq_kv_a", kv_part)
         if self.a.attention_bias:
-            out[f"{hf}.kv_a_proj_with_mqa.bias"] = (f"{ours}.kv_a_bias", None)
+            out[f"{hf}.kv_a_proj_with_mqa.bias"] = (f"{ours}.wq_kv_a_bias", kv_part)
             out[f"{hf}.o_proj.bias"] = (f"{ours}.wo_bias", None)
             if self.a.q_lora_rank:
-                out[f"{hf}.q_a_proj.bias"] = (f"{ours}.q_a_bias", None)
+                out[f"{hf}.q_a_proj.bias"] = (f"{ours}.wq_kv_a_bias", q_part)
         return out
 
 
@@ -226,7 +221,6 @@ class DeepseekModel(CausalLM):
     def post_load(self) -> None:
         for layer in self.layers:
             layer.attn.split_kv_b()
-            layer.attn.stack_bias()
 
     def allocate_kv_cache(self, num_slots: int, dtype, device) -> list[torch.Tensor]:
         width = self.args.kv_lora_rank + self.args.qk_rope_head_dim
