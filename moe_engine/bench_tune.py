@@ -47,6 +47,9 @@ def score(tuning: MoETuning, cases, device, min_time) -> tuple[list[float], floa
     return times, worst
 
 
+ACCEPT_ERROR = 2e-2      # a candidate's largest error relative to the reference (bf16 runs)
+
+
 def tune_shape(spec: MoESpec, device, dtype, min_time: float, candidates=CANDIDATES,
                tokens=DECODE_TOKENS) -> dict:
     E, D, I = spec.num_experts, spec.dim, spec.inter
@@ -66,7 +69,7 @@ def tune_shape(spec: MoESpec, device, dtype, min_time: float, candidates=CANDIDA
         except Exception as e:       # a tile that does not compile or fit: skipped, said
             print(f"  {spec.name}: {tuning} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             return None
-        ok = err < 2e-2
+        ok = err < ACCEPT_ERROR
         trials.append({"tuning": asdict(tuning), "times_s": times, "rel_error": err, "ok": ok})
         return times if ok else None
 

@@ -5,8 +5,8 @@ MLA's absorbed-query kernel (kernels/triton_mla.py) is tuned the same way on the
 the batched matmul, rotary and concatenation that serve larger batches.
 
 The MoE one (kernels/triton_moe_gemv.py, with the shape's shared experts riding along) is tuned at one
-token, gate+up tile first, then down (each tile one expert at a time and all experts stacked); token count by token count it then serves batches for as long as it
-beats the tiled kernels (max_tokens). The GEMV (kernels/triton_gemv.py) is tried on every distinct 2-D
+token, gate+up tile first, then down (each tile one expert at a time and all experts stacked); token
+count by token count it then serves batches for as long as it beats the tiled kernels (max_tokens). The GEMV (kernels/triton_gemv.py) is tried on every distinct 2-D
 weight of the benchmark shapes against the vendor library (F.linear; the routers' float32 weights as the
 router multiplies them); a weight gets an entry with the rows up to which the GEMV won, 0 where it never did.
 """
@@ -19,7 +19,7 @@ import kernels
 from kernels.moe import add_shared
 from kernels.tuning import GemmTile, LinearTuning, device_key, gemv_tuning
 from moe_engine.bench_kernels import MoESpec, rel_error, time_call
-from moe_engine.bench_tune import inputs
+from moe_engine.bench_tune import ACCEPT_ERROR, inputs
 
 # (block_n, block_k, -, num_warps, num_stages) for the few-token kernels: 4-32 KiB of weights a step.
 GEMV_CANDIDATES = [GemmTile(16, 256, 1, 4, 2), GemmTile(8, 512, 1, 4, 2), GemmTile(32, 128, 1, 4, 2),
@@ -69,12 +69,8 @@ def tune_gemv(spec: MoESpec, device, dtype, min_time: float, candidates=GEMV_CAN
     def trial(tuning, T=1):
         args, expected = cases[T]
         run = lambda: fused_moe_gemv(*args, shared=shared, tuning=tuning)   # noqa: E731
-        timed = checked_time(f"{spec.name} gemv: {tuning}", run, expected, timer, device, min_time)
-        if timed is None:
-            return None
-        trials.append({"tuning": asdict(tuning), "T": T, "time_s": timed[0], "rel_error": timed[1],
-                       "ok": timed[1] < 2e-2})
-        return timed[0] if timed[1] < 2e-2 else None
+        return checked_time(f"{spec.name} gemv: {tuning}", run, expected, timer, device, min_time, trials,
+                            {"tuning": asdict(tuning), "T": T})
 
     entry = {"device": device_key(device), "dim": D, "inter": I, "shared": spec.shared, "trials": trials}
     up, _ = fastest([replace(base, gate_up=c) for c in candidates], trial)
@@ -97,15 +93,19 @@ def tune_gemv(spec: MoESpec, device, dtype, min_time: float, candidates=GEMV_CAN
             "versus": versus}
 
 
-def checked_time(label: str, run, expected, timer, device, min_time: float) -> tuple[float, float] | None:
-    """(seconds, error relative to expected) of run(); None, said in one line, when it does not compile
-    or run (a tile too large for the device, say)."""
+def checked_time(label: str, run, expected, timer, device, min_time: float, trials: list,
+                 record: dict) -> float | None:
+    """Seconds of run(), appended to trials as record + its time and error relative to expected; None
+    when its error is over ACCEPT_ERROR, or (said in one line) when it does not compile or run (a tile
+    too large for the device, say)."""
     try:
         err = rel_error(run(), expected)
-        return timer(run, device, min_time), err
+        seconds = timer(run, device, min_time)
     except Exception as e:
         print(f"  {label} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
         return None
+    trials.append({**record, "time_s": seconds, "rel_error": err, "ok": err < ACCEPT_ERROR})
+    return seconds if err < ACCEPT_ERROR else None
 
 
 def fastest(candidates, trial):
@@ -133,8 +133,6 @@ def crossover(tokens, ours, theirs) -> tuple[list[dict], int]:
 
 def fmt_versus(versus: list[dict]) -> str:
     return ", ".join(f"T={v['T']} {fmt_us(v['ours_s'])} vs {fmt_us(v['theirs_s'])} us" for v in versus)
-
-
 
 
 LINEAR_TOKENS = [1, 2, 4, 8]
@@ -169,11 +167,8 @@ def tune_linear(shape_names, device, dtype, min_time: float, candidates=GEMV_CAN
 
         def trial(tile, T=1):
             run = lambda: gemv_triton(xs[T], w, tile, out_dtype=out_dtype)   # noqa: E731
-            timed = checked_time(f"linear {n}x{k}: {tile}", run, expected[T], timer, device, min_time)
-            if timed is None:
-                return None
-            trials.append({"tile": asdict(tile), "T": T, "time_s": timed[0], "rel_error": timed[1]})
-            return timed[0] if timed[1] < 2e-2 else None
+            return checked_time(f"linear {n}x{k}: {tile}", run, expected[T], timer, device, min_time, trials,
+                                {"tile": asdict(tile), "T": T})
 
         entry = {"device": device_key(device), "n": n, "k": k, "dtype": str(w_dtype).removeprefix("torch."),
                  "max_tokens": 0, "trials": trials}
@@ -220,11 +215,8 @@ def tune_absorb(shape_name: str, device, dtype, min_time: float, candidates=ABSO
         q, c, s = cases[T]
         run = lambda: absorb_query_triton(q, nope, w_uk, c, s, True, tile)   # noqa: E731
         expected = absorb_query_bmm(q, nope, w_uk, c, s, True, backend="torch")
-        timed = checked_time(f"absorb {shape_name}: {tile}", run, expected, timer, device, min_time)
-        if timed is None:
-            return None
-        entry["trials"].append({"tile": asdict(tile), "T": T, "time_s": timed[0], "rel_error": timed[1]})
-        return timed[0] if timed[1] < 2e-2 else None
+        return checked_time(f"absorb {shape_name}: {tile}", run, expected, timer, device, min_time,
+                            entry["trials"], {"tile": asdict(tile), "T": T})
 
     def library(T):          # what absorb_query runs above max_tokens
         q, c, s = cases[T]
