@@ -116,18 +116,37 @@ def fused_moe_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return torch.bmm(w2, h).sum(0).t().contiguous()                                      # [E, D, T] -> [T, D]
 
 
+# The gathered MoE computes each reduction's rows in this many chunks (see fused_moe_gathered).
+GATHER_ROW_CHUNKS = 2
+
+
 def fused_moe_gathered(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                        topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """The chosen experts' products written as gathers, multiplies and sums over the weights, for
     torch.compile on the CPU: the compiler fuses each gather into its reduction, so the k experts are read
     in place, with no expert ids brought to the host and no per-expert loop. Run eagerly it would copy the
-    chosen weights out first (fine for tests, slow for use)."""
+    chosen weights out first (fine for tests, slow for use).
+
+    Each product is written as GATHER_ROW_CHUNKS (down) or twice that (gate and up) reductions over
+    equal row chunks of the weight. The compiler puts reductions of the same shape in one loop, so each
+    input vector loaded (and each expert index computed) serves one row of every chunk, and the chunks
+    add up in independent registers: one chunk leaves each output waiting on its previous add. A step of
+    tiny-mixtral's four MoE layers at 8 tokens, 2 cores: 3.65 -> 2.45 ms (medians, caches flushed)."""
     _check_moe_args(x, w13, w2, topk_weights, topk_ids)
-    I = w2.shape[2]
-    h = (w13[topk_ids] * x[:, None, None, :]).sum(-1)                   # [T, k, 2I]
-    act = F.silu(h[..., :I]) * h[..., I:]                                # [T, k, I]
-    y = (w2[topk_ids] * act[:, :, None, :]).sum(-1)                      # [T, k, D]
+    D, I = w2.shape[1], w2.shape[2]
+    s = GATHER_ROW_CHUNKS if I % GATHER_ROW_CHUNKS == 0 and D % GATHER_ROW_CHUNKS == 0 else 1
+    h = _gathered_row_chunks(w13, topk_ids, x[:, None, :], 2 * s)        # 2s x [T, k, I/s]: gate, then up
+    act = torch.cat([F.silu(h[i]) * h[s + i] for i in range(s)], -1)      # [T, k, I]
+    y = torch.cat(_gathered_row_chunks(w2, topk_ids, act, s), -1)         # [T, k, D]
     return (y * topk_weights[..., None].to(y.dtype)).sum(1)              # [T, D]
+
+
+def _gathered_row_chunks(w: torch.Tensor, ids: torch.Tensor, v: torch.Tensor, chunks: int) -> list[torch.Tensor]:
+    """w [E, N, K], ids [T, k], v [T, k, K] -> chunks tensors [T, k, N / chunks]: chunk i holds rows
+    i N/chunks .. (i+1) N/chunks of w[ids] @ v, so their concatenation is w[ids] @ v."""
+    E, N, K = w.shape
+    parts = w.view(E, chunks, N // chunks, K)
+    return [(parts[:, i][ids] * v[..., None, :]).sum(-1) for i in range(chunks)]
 
 
 def _cpu_path(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor):

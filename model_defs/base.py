@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.attention import AttentionMetadata
-from kernels.linear import skinny_linear
+from kernels.linear import linear
 from model_defs.layers import RMSNorm, SwiGLU, weight
 from model_defs.moe import MoEBlock
 
@@ -92,7 +92,7 @@ class CausalLM(nn.Module):
         return kv_caches
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = skinny_linear(hidden, self.lm_head)            # [N, V]
+        logits = linear(hidden, self.lm_head)                   # [N, V]
         return logits if logits.dtype == torch.float32 else logits.float()
 
     def common_targets(self) -> dict[str, Target]:

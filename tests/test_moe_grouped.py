@@ -51,15 +51,20 @@ def test_dense_equals_reference_and_serves_decode_batches(T, E, k, monkeypatch):
     assert calls                                             # the dispatcher chose the dense path
 
 
-@pytest.mark.parametrize("M", [1, 3, 16, 17])
-def test_skinny_linear_equals_linear(M):
-    from kernels.linear import SKINNY_MIN_WEIGHT, skinny_linear
+@pytest.mark.parametrize("M", [1, 3, 8, 9])
+def test_linear_few_rows_equals_f_linear(M):
+    """Few rows on the CPU go through the column-split bmm (up to COLUMN_SPLIT_MAX_ROWS), more through
+    F.linear; both give F.linear's result, with and without a bias, and an odd row count is not split."""
+    from kernels import linear as lin
     g = torch.Generator().manual_seed(M)
-    w = torch.randn(SKINNY_MIN_WEIGHT // 64, 64, generator=g)        # just large enough to be split
-    x = torch.randn(M, 64, generator=g)
-    out = skinny_linear(x, w)
-    assert out.shape == (M, w.shape[0]) and out.is_contiguous()
-    torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    w, x, bias = torch.randn(96, 64, generator=g), torch.randn(M, 64, generator=g), torch.randn(96, generator=g)
+    assert lin.splits_columns(x, w) == (M <= lin.COLUMN_SPLIT_MAX_ROWS)
+    assert not lin.splits_columns(x, w[:95])
+    for b in (None, bias):
+        out = lin.linear(x, w, b)
+        assert out.shape == (M, 96) and out.is_contiguous()
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin.linear(x, w[:95]), torch.nn.functional.linear(x, w[:95]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("T,E,k", [(1, 8, 2), (3, 16, 4)])
