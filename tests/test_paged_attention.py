@@ -47,10 +47,14 @@ def test_paged_equals_contiguous(block_size, H, Hkv):
         torch.testing.assert_close(out[lo:hi], dense_attention(q[lo:hi], k, v, 0.3), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("reductions", [False, True])
 @pytest.mark.parametrize("Hkv,shared", [(2, False), (1, False), (1, True)])
-def test_decode_batch_equals_contiguous(Hkv, shared):
+def test_decode_batch_equals_contiguous(Hkv, shared, reductions, monkeypatch):
     """A pure decode batch (one masked attention over padded contexts): grouped heads, one shared key head,
-    and MLA's layout where the values are the first channels of the cached keys."""
+    and MLA's layout where the values are the first channels of the cached keys; also as the gathers and
+    sums a compiled CPU step runs (taken when torch.compile traces, here run eagerly)."""
+    if reductions:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     g = torch.Generator().manual_seed(Hkv + shared)
     H, D, Dv, block_size, num_blocks = 4, 8, 6, 4, 32
     context_lens = [9, 3, 14]
