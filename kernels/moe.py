@@ -39,9 +39,9 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     xs = x[token_of]                                         # [T*k, D]
     outs = []
     for e, rows in enumerate(xs.split(counts)):              # rows [n_e, D], in expert order
-        if len(rows):
-            gate, up = F.linear(rows, w13[e]).chunk(2, dim=-1)    # [n_e, I] each
-            outs.append(F.linear(F.silu(gate) * up, w2[e]))      # [n_e, D]
+        if len(rows):                                        # (experts stored narrower are widened here)
+            gate, up = F.linear(rows, w13[e].to(x.dtype)).chunk(2, dim=-1)    # [n_e, I] each
+            outs.append(F.linear(F.silu(gate) * up, w2[e].to(x.dtype)))      # [n_e, D]
     if not outs:                                             # no tokens at all
         return torch.zeros_like(x)
     ys = torch.cat(outs)                                     # [T*k, D]
@@ -58,13 +58,13 @@ def _single_token_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
     kernels.linear), and the down product accumulated with its routing weight in one addmm."""
     D, I = x.shape[1], w2.shape[2]
     N = 2 * I
-    split = 4 if x.device.type == "cpu" and N % 4 == 0 and x.dtype == w13.dtype else 1
+    split = 4 if x.device.type == "cpu" and N % 4 == 0 else 1
     x_cols = x.t().expand(split, D, 1)                                  # [split, D, 1]
     out = x.new_zeros(1, D)
     for e, w in zip(topk_ids.view(-1).tolist(), topk_weights.view(-1).tolist()):
-        h = row_block_matmul(w13[e], x_cols).view(1, N)                  # [1, 2I]: gate | up
+        h = row_block_matmul(w13[e].to(x.dtype), x_cols).view(1, N)      # [1, 2I]: gate | up
         act = F.silu(h[:, :I]).mul_(h[:, I:])                            # [1, I]
-        out = torch.addmm(out, act, w2[e].t(), alpha=w)                  # out + w * act @ w2[e].T
+        out = torch.addmm(out, act, w2[e].to(x.dtype).t(), alpha=w)      # out + w * act @ w2[e].T
     return out
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from kernels.attention import AttentionMetadata
 from kernels.linear import linear
 from model_defs.layers import RMSNorm, SwiGLU, weight
-from model_defs.moe import MoEBlock
+from model_defs.moe import MoEBlock, store_experts
 
 # A checkpoint tensor's destination: our parameter name and an index into it (None: the whole).
 Target = tuple[str, tuple | None]
@@ -90,6 +90,10 @@ class CausalLM(nn.Module):
         that indexed a stacked cache itself would write the whole stack back each step instead of the new
         slots in place. Families with stacked caches split them."""
         return kv_caches
+
+    def store_experts(self, dtype: torch.dtype) -> int:
+        """Hold the routed experts in dtype where lossless (model_defs.moe.store_experts); how many changed."""
+        return store_experts(self, dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden, self.lm_head)                   # [N, V]

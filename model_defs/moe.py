@@ -145,3 +145,25 @@ class MoEBlock(nn.Module):
             topk_weights, topk_ids = hook.route(self.moe_index, router_logits, self.routing, self.bias)
         shared = None if self.shared is None else (self.shared.w13, self.shared.w2)
         return kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, shared=shared)   # [T, D]
+
+
+def store_experts(model: nn.Module, dtype: torch.dtype) -> int:
+    """Hold each MoE block's routed expert weights (w13, w2) in `dtype` where that loses nothing: always
+    when widening, and when narrowing only if every value is exact in `dtype` (a float32 model loaded from a
+    bfloat16 checkpoint holds exactly bfloat16 values). compile=True narrows them to bfloat16 on the CPU:
+    the compiled decode step reads experts in place and multiplies in the activations' dtype, so it
+    computes the same products from half the bytes, and a decode batch of 8 tokens reads nearly every
+    expert of every layer each step. The eager paths widen the experts a step uses (kernels.moe).
+    Returns how many tensors changed dtype."""
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, MoEBlock):
+            continue
+        for p in (module.w13, module.w2):
+            if p.dtype == dtype or not p.dtype.is_floating_point:
+                continue
+            if (p.element_size() < torch.finfo(dtype).bits // 8
+                    or torch.equal(p.data.to(dtype).to(p.dtype), p.data)):
+                p.data = p.data.to(dtype)
+                changed += 1
+    return changed

@@ -13,12 +13,21 @@ from moe_engine.loader import load_model
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(total, active per token) over the loaded parameters. A token runs top_k of a block's E routed
     experts, so (E - top_k) / E of each stacked expert weight sits idle; everything else is active."""
-    total = sum(p.numel() for p in model.parameters())      # parameters() counts a tied tensor once
+    return _total_and_active(model, lambda p: p.numel())
+
+
+def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """parameter_counts in bytes, each tensor at the dtype it is held in."""
+    return _total_and_active(model, lambda p: p.numel() * p.element_size())
+
+
+def _total_and_active(model: torch.nn.Module, size) -> tuple[int, int]:
+    total = sum(size(p) for p in model.parameters())      # parameters() counts a tied tensor once
     idle = 0
     for module in model.modules():
         if isinstance(module, MoEBlock):
             routing = module.routing
-            per_expert = (module.w13.numel() + module.w2.numel()) // routing.num_experts
+            per_expert = (size(module.w13) + size(module.w2)) // routing.num_experts
             idle += (routing.num_experts - routing.top_k) * per_expert
     return total, total - idle
 

@@ -78,7 +78,8 @@ class LLM:
         compile: on the CPU, run decode steps as torch.compile'd static steps (moe_engine.cuda_graphs): the
         batch-of-one step compiles here, the one step for every larger batch when a batch of two or more
         first decodes (each tens of seconds with a cold compile cache, seconds warm), then steps take
-        fewer, fused kernels."""
+        fewer, fused kernels. A float32 model's routed experts are then held in bfloat16 where every
+        value is exact in it (a bfloat16 checkpoint's are): the same products from half the bytes."""
         _check_engine_args(block_size=block_size, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                            gpu_memory_utilization=gpu_memory_utilization)
@@ -103,6 +104,8 @@ class LLM:
         elif cuda_graphs and device.type == "cuda" and not triton_available():
             raise MoeEngineError("cuda_graphs=True needs the triton package on CUDA: pip install 'moe-engine[triton]', "
                                  "or leave cuda_graphs unset")
+        if compile and dtype == torch.float32:
+            model.store_experts(torch.bfloat16)      # where lossless: the compiled step reads half the bytes
         graphs = (DecodeGraphs(model, kv_caches, block_size, self.max_model_len, max_num_seqs, num_blocks, device,
                                compile=compile)
                   if cuda_graphs or compile else None)

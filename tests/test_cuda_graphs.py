@@ -85,13 +85,14 @@ needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is N
 def test_compiled_decode_gives_the_same_tokens_and_logits(model):
     """compile=True: the static step compiled by torch.compile (a batch of one on its own, batches of 2 to 4
     by one compile with the batch size dynamic and no padding rows, the table width dynamic in both)
-    decodes the tokens the plain step does, and its logits match the same step run eagerly to float32
-    precision."""
+    decodes the tokens the plain step does (from the bf16 checkpoint's experts held in bf16, the plain
+    engine's in float32), and its logits match the same step run eagerly to float32 precision."""
     from torch._dynamo.utils import counters
     plain, _, _ = run(model, graphs=False, max_num_seqs=4)
     graphs_before = counters["stats"]["unique_graphs"]
     compiled, calls, llm = run(model, graphs=False, compile=True, max_num_seqs=4)
     assert compiled == plain
+    assert llm.model.layers[-1].mlp.w13.dtype == torch.bfloat16    # the checkpoint's bf16 experts, held as such
     assert {4, 3, 1} <= set(calls)                              # the batch shrinks from 4 to 1
     g = llm.engine.graphs
     assert set(g.graphs) == {1, 3, 4}                           # 1 compiled while loading; 3 runs unpadded

@@ -99,3 +99,26 @@ def test_fused_moe_under_torch_compile(monkeypatch):
         torch.testing.assert_close(compiled(x, w13, w2, weights, ids), fused_moe_ref(x, w13, w2, weights, ids),
                                    rtol=1e-5, atol=1e-5)
     assert taken == ["fused_moe_gathered", "fused_moe_gathered"]
+
+
+def test_store_experts_narrows_only_exact_values():
+    """Experts whose values are all exact in bfloat16 are held in it, others stay float32; the eager MoE
+    paths (one token, a batch) widen them and give the float32 result; widening restores the tensors."""
+    from model_defs.moe import MoEBlock, RoutingConfig, store_experts
+    g = torch.Generator().manual_seed(5)
+    E, D, I, k = 4, 32, 16, 2
+    block = MoEBlock(D, I, RoutingConfig(num_experts=E, top_k=k))
+    with torch.no_grad():
+        block.w13.copy_((torch.randn(E, 2 * I, D, generator=g) / D ** 0.5).bfloat16().float())   # exact in bf16
+        block.w2.copy_(torch.randn(E, D, I, generator=g) / I ** 0.5)                               # not
+    w13, w2 = block.w13.detach().clone(), block.w2.detach().clone()
+    assert store_experts(block, torch.bfloat16) == 1
+    assert block.w13.dtype == torch.bfloat16 and block.w2.dtype == torch.float32
+    assert torch.equal(block.w13.float(), w13)
+    for T in (1, 3):
+        x = torch.randn(T, D, generator=g)
+        weights, ids = torch.randn(T, E, generator=g).softmax(-1).topk(k)
+        torch.testing.assert_close(fused_moe(x, block.w13, block.w2, weights, ids),
+                                   fused_moe_ref(x, w13, w2, weights, ids), rtol=1e-5, atol=1e-5)
+    assert store_experts(block, torch.float32) == 1
+    assert block.w13.dtype == torch.float32 and torch.equal(block.w13, w13)
