@@ -23,8 +23,11 @@ def column_split_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def splits_columns(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether column_split_linear serves x @ w.T: few rows on the CPU, an even and not tiny row count."""
-    return (x.device.type == "cpu" and x.dim() == 2 and w.dim() == 2 and x.shape[0] <= COLUMN_SPLIT_MAX_ROWS
+    """Whether column_split_linear serves x @ w.T: on the CPU, an even and not tiny row count of w, and few
+    rows of x, or any number while torch.compile traces (a compiled step is a decode step whose batch
+    size is left dynamic, which a test of it would specialise; at 16-64 rows the split was no slower)."""
+    few_rows = torch.compiler.is_compiling() or x.shape[0] <= COLUMN_SPLIT_MAX_ROWS
+    return (x.device.type == "cpu" and x.dim() == 2 and w.dim() == 2 and few_rows
             and w.shape[0] % 2 == 0 and w.shape[0] >= 64 and x.dtype == w.dtype and w.is_contiguous())
 
 

@@ -95,15 +95,19 @@ class DecodeGraphs:
         # Only the table columns the longest context reaches: attention then reads no further than it.
         width = min(self.width, max(2, int(self.host[:bs, 1].max()) // self.block_size + 1))
         tables = rows[:, 2:2 + width]                                             # [bs, width]
+        # maybe_mark_dynamic, not mark_dynamic with this engine's bounds: a step that torch's on-disk cache
+        # holds from an engine with smaller bounds carries them as guards, which under a declared range would
+        # fail the compile of an engine with larger ones; as guards they just send it to compile its own (as
+        # a context past a bound met in the step itself, e.g. 4096 positions in a reduction, recompiles).
         if self.width > 2:
-            torch._dynamo.mark_dynamic(tables, 1, min=2, max=self.width)
+            torch._dynamo.maybe_mark_dynamic(tables, 1)
         head = rows[:, :2]                                                        # [bs, 2]
         if self._dynamic_batch(bs):
             # One compile serves every batch from 2 up (the batch-of-one step stays specialised): each compile
             # takes 15-45 s with a cold cache, and a batch whose sequences finish at different times would
             # otherwise compile each smaller bucket on its way down. As fast as per-bucket steps (A/B, 3 and 8).
-            torch._dynamo.mark_dynamic(head, 0, min=2, max=self.sizes[-1])
-            torch._dynamo.mark_dynamic(tables, 0, min=2, max=self.sizes[-1])
+            torch._dynamo.maybe_mark_dynamic(head, 0)
+            torch._dynamo.maybe_mark_dynamic(tables, 0)
         # Not in inference mode (even if the caller is): the compiled step writes the caches in place.
         with torch.inference_mode(False), torch.no_grad():
             return self.compiled(head, tables, self.cache_parts)

@@ -6,6 +6,8 @@ GPU the graphs are really captured."""
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -104,6 +106,32 @@ def test_compiled_decode_gives_the_same_tokens_and_logits(model):
         assert fast.shape == (bs, llm.model.args.vocab_size)
         assert ((fast - eager[:bs]).abs().max() / eager[:bs].abs().max()).item() <= 1e-4
     assert counters["stats"]["unique_graphs"] - graphs_before == 2   # bucket 1, then one for 2 and 4; no breaks
+
+
+_BOUNDS_SCRIPT = """
+import sys, torch
+from moe_engine.llm import LLM
+from moe_engine.sampling import SamplingParams
+seqs, length = int(sys.argv[1]), int(sys.argv[2])
+prompts = [[5 + i, 9, 11 + i, 7, 3, 8, 20, 4, 6] for i in range(4)]
+params = SamplingParams(max_tokens=3, ignore_eos=True)
+outs = [[o.token_ids for o in LLM(sys.argv[3], compile=c, max_num_seqs=seqs, max_model_len=length).generate(
+    prompt_token_ids=prompts, sampling_params=params)] for c in (True, False)]
+assert outs[0] == outs[1], outs
+"""
+
+
+@needs_cxx
+def test_compiled_engines_with_larger_bounds_after_a_smaller_one(tmp_path):
+    """Processes sharing torch's on-disk compile cache (a fresh one): an engine with more sequences or a
+    longer max_model_len than an earlier one finds the earlier steps there and must build its own rather
+    than fail (as declaring each engine's bounds to torch.compile once made it), decoding what its plain
+    engine does."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    for seqs, length in ((16, 128), (8, 128), (32, 128), (4, 1024)):   # a sequence that failed so
+        done = subprocess.run([sys.executable, "-c", _BOUNDS_SCRIPT, str(seqs), str(length),
+                               str(WEIGHTS / "tiny-mixtral")], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_compile_refusals(monkeypatch):
