@@ -20,6 +20,7 @@ import torch
 
 from kernels.attention import AttentionMetadata
 from moe_engine.block_manager import blocks_for
+from moe_engine.compiled_step import CompiledStep
 from moe_engine.errors import MoeEngineError
 
 # torch's per-function compile limit, named cache_size_limit before torch 2.7.
@@ -65,7 +66,7 @@ class DecodeGraphs:
         # model's cache_parts. Its wrapper, which calls the kernels and allocates their outputs, is C++
         # rather than Python: ~3 s more per compile, 0.1-0.6 ms less per step on the tiny models (medians of
         # the compiled call, A/B in one process on 2 cores).
-        self.compiled = (torch.compile(self._step, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+        self.compiled = (CompiledStep(self._step, per_call=("head", "tables"), options={"cpp_wrapper": True})
                          if compile else None)
         self.cache_parts = model.cache_parts(kv_caches)
 
@@ -95,22 +96,26 @@ class DecodeGraphs:
         # Only the table columns the longest context reaches: attention then reads no further than it.
         width = min(self.width, max(2, int(self.host[:bs, 1].max()) // self.block_size + 1))
         tables = rows[:, 2:2 + width]                                             # [bs, width]
+        head = rows[:, :2]                                                        # [bs, 2]
+        # Not in inference mode (even if the caller is): the compiled step writes the caches in place.
+        with torch.inference_mode(False), torch.no_grad():
+            return self.compiled((bs, width), head, tables, self.cache_parts,
+                                 before_trace=lambda: self._mark_dynamic(bs, head, tables))
+
+    def _mark_dynamic(self, bs: int, head: torch.Tensor, tables: torch.Tensor) -> None:
+        """Which sizes torch.compile is to keep dynamic when it traces the step for this call."""
         # maybe_mark_dynamic, not mark_dynamic with this engine's bounds: a step that torch's on-disk cache
         # holds from an engine with smaller bounds carries them as guards, which under a declared range would
         # fail the compile of an engine with larger ones; as guards they just send it to compile its own (as
         # a context past a bound met in the step itself, e.g. 4096 positions in a reduction, recompiles).
         if self.width > 2:
             torch._dynamo.maybe_mark_dynamic(tables, 1)
-        head = rows[:, :2]                                                        # [bs, 2]
         if self._dynamic_batch(bs):
             # One compile serves every batch from 2 up (the batch-of-one step stays specialised): each compile
             # takes 15-45 s with a cold cache, and a batch whose sequences finish at different times would
             # otherwise compile each smaller bucket on its way down. As fast as per-bucket steps (A/B, 3 and 8).
             torch._dynamo.maybe_mark_dynamic(head, 0)
             torch._dynamo.maybe_mark_dynamic(tables, 0)
-        # Not in inference mode (even if the caller is): the compiled step writes the caches in place.
-        with torch.inference_mode(False), torch.no_grad():
-            return self.compiled(head, tables, self.cache_parts)
 
     def _compile(self, bs: int) -> None:
         """Compile the step for bs rows on a step of padding rows (as a capture does); after the first bs

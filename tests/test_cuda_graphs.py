@@ -105,6 +105,9 @@ def test_compiled_decode_gives_the_same_tokens_and_logits(model):
         fast = g._forward(bs)
         assert fast.shape == (bs, llm.model.args.vocab_size)
         assert ((fast - eager[:bs]).abs().max() / eager[:bs].abs().max()).item() <= 1e-4
+        # The same call again skips torch.compile's guards (moe_engine.compiled_step), to the same logits.
+        assert (bs, min(g.width, 40 // g.block_size + 1)) in g.compiled.direct
+        assert torch.equal(g._forward(bs), fast)
     assert counters["stats"]["unique_graphs"] - graphs_before == 2   # bucket 1, then one for 2 and 4; no breaks
 
 
