@@ -27,7 +27,8 @@ class _Direct:
     graph: Callable            # the compiled graph: takes the flat arguments
     args: list                 # the flat arguments of the call that recorded it
     per_call: list             # (position, reader of the per-call inputs) for the arguments that change
-    storage: list              # (tensor, data_ptr) of every other tensor argument
+    tensors: list              # every other tensor argument
+    pointers: list             # and where its data was then
     single: bool               # the function returns the graph's one output, not a tuple of them
 
 
@@ -66,7 +67,7 @@ class CompiledStep:
     def __call__(self, key, *args, before_trace: Callable[[], None] | None = None):
         """fn(*args); before_trace is called first when the call goes through torch.compile."""
         direct = self.direct.get(key)
-        if direct is not None and all(t.data_ptr() == p for t, p in direct.storage):
+        if direct is not None and list(map(_data_ptr, direct.tensors)) == direct.pointers:
             flat = list(direct.args)
             for pos, read in direct.per_call:
                 flat[pos] = read(args)
@@ -92,7 +93,7 @@ class CompiledStep:
         outs = (result,) if single else result
         if len(outs) != len(served.out) or not all(a is b for a, b in zip(outs, served.out)):
             return None            # the graph's outputs are not the result as they are
-        per_call, storage = [], []
+        per_call, tensors = [], []
         for pos, (source, value) in enumerate(zip(served.sources, served.args)):
             read = self._reader(source)
             if read is not None:
@@ -100,10 +101,10 @@ class CompiledStep:
                     return None
                 per_call.append((pos, read))
             elif isinstance(value, torch.Tensor):
-                storage.append((value, value.data_ptr()))
+                tensors.append(value)
             elif not isinstance(value, (int, float, bool)):
                 return None
-        return _Direct(served.graph, list(served.args), per_call, storage, single)
+        return _Direct(served.graph, list(served.args), per_call, tensors, list(map(_data_ptr, tensors)), single)
 
     def _reader(self, source: str):
         """A function of the call's args giving the value of `source` when it is rooted in a per-call input
@@ -127,6 +128,9 @@ def _sources(gm: torch.fx.GraphModule) -> list[str] | None:
                 return None
             out.append(name)
     return out
+
+
+_data_ptr = torch.Tensor.data_ptr
 
 
 def _same(a, b) -> bool:

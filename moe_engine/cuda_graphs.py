@@ -39,9 +39,9 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """Graph-replayed decode for up to max_num_seqs sequences of one token each.
 
-    run(ids, positions, block_tables) -> logits [B, V] float32 (a view into a
-    static tensor, valid until the next run). Graphs are captured on first use of a bucket, so only the
-    batch sizes a workload reaches cost capture time and memory.
+    run(ids, positions, block_tables) -> (logits [B, V] float32, a view into a static tensor valid until
+    the next run; the greedy tokens [B] where the step computes them, else None). Graphs are captured on
+    first use of a bucket, so only the batch sizes a workload reaches cost capture time and memory.
     """
 
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, max_model_len: int,
@@ -55,9 +55,11 @@ class DecodeGraphs:
         # contiguous piece to copy.
         shape = (self.rows, 2 + self.width)
         self.capture = device.type == "cuda"
-        self.buffer = torch.zeros(shape, dtype=torch.int32, device=device)              # the graphs' only input
         self.staging = torch.zeros(shape, dtype=torch.int32, pin_memory=self.capture)   # filled on the host
         self.host = self.staging.numpy()
+        # The graphs' only input; on the CPU the staging rows themselves.
+        self.buffer = self.staging if device.type == "cpu" else torch.zeros(shape, dtype=torch.int32, device=device)
+        self.written: list[list[int] | None] = [None] * self.rows    # the block table each row holds now
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor]] = {}
         self.pool = None
         self.copied = torch.cuda.Event() if self.capture else None   # the last copy out of staging is done
@@ -66,9 +68,10 @@ class DecodeGraphs:
         # model's cache_parts. Its wrapper, which calls the kernels and allocates their outputs, is C++
         # rather than Python: ~3 s more per compile, 0.1-0.6 ms less per step on the tiny models (medians of
         # the compiled call, A/B in one process on 2 cores).
-        self.compiled = (CompiledStep(self._step, per_call=("head", "tables"), options={"cpp_wrapper": True})
+        self.compiled = (CompiledStep(self._greedy_step, per_call=("head", "tables"), options={"cpp_wrapper": True})
                          if compile else None)
         self.cache_parts = model.cache_parts(kv_caches)
+        self.views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}   # (bs, width) -> head, tables
 
     def bucket(self, batch: int) -> int:
         """The rows a step of `batch` sequences runs: its bucket, the rows past the batch being padding. A
@@ -84,23 +87,35 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         """The step that is captured (or compiled): static buffers in, logits [bs, V] out."""
-        rows = self.buffer[:bs]                                                   # [bs, 2 + width]
         if self.compiled is not None:
-            return self._compiled_forward(bs, rows)
+            return self._compiled_forward(bs, int(self.host[:bs, 1].max()))[0]
+        rows = self.buffer[:bs]                                                   # [bs, 2 + width]
         with torch.inference_mode():
             return self._step(rows[:, :2], rows[:, 2:], self.kv_caches)
 
-    def _compiled_forward(self, bs: int, rows: torch.Tensor) -> torch.Tensor:
-        """_forward through the compiled step; bs 1's first call compiles it, and so does the first call with
-        more rows (that step then serves every bs above 1)."""
+    def _compiled_forward(self, bs: int, top_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [bs, V], greedy tokens [bs]) of the compiled step; bs 1's first call compiles it, and so
+        does the first call with more rows (that step then serves every bs above 1)."""
         # Only the table columns the longest context reaches: attention then reads no further than it.
-        width = min(self.width, max(2, int(self.host[:bs, 1].max()) // self.block_size + 1))
-        tables = rows[:, 2:2 + width]                                             # [bs, width]
-        head = rows[:, :2]                                                        # [bs, 2]
-        # Not in inference mode (even if the caller is): the compiled step writes the caches in place.
-        with torch.inference_mode(False), torch.no_grad():
-            return self.compiled((bs, width), head, tables, self.cache_parts,
+        width = min(self.width, max(2, top_position // self.block_size + 1))
+        key = (bs, width)
+        if key not in self.views:
+            rows = self.buffer[:bs]                                               # [bs, 2 + width]
+            self.views[key] = rows[:, :2], rows[:, 2:2 + width]                   # [bs, 2], [bs, width]
+        head, tables = self.views[key]
+        # Not in inference mode (even if the caller is): the compiled step writes the caches in place. Where
+        # the caller is not, grad mode is set by hand: two context managers cost ~60 us a step here.
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                return self.compiled(key, head, tables, self.cache_parts,
+                                     before_trace=lambda: self._mark_dynamic(bs, head, tables))
+        grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        try:
+            return self.compiled(key, head, tables, self.cache_parts,
                                  before_trace=lambda: self._mark_dynamic(bs, head, tables))
+        finally:
+            torch.set_grad_enabled(grad)
 
     def _mark_dynamic(self, bs: int, head: torch.Tensor, tables: torch.Tensor) -> None:
         """Which sizes torch.compile is to keep dynamic when it traces the step for this call."""
@@ -144,6 +159,11 @@ class DecodeGraphs:
         hidden = self.model(ids, positions, caches, meta)                                      # [bs, D]
         return self.model.compute_logits(hidden)                                              # [bs, V]
 
+    def _greedy_step(self, head: torch.Tensor, tables: torch.Tensor, caches: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """_step and its greedy tokens [bs], which the compiled step picks for ~10 us, not ATen's ~35."""
+        logits = self._step(head, tables, caches)
+        return logits, logits.argmax(-1)
+
     def _fill(self, ids, positions, block_tables, bs: int) -> None:
         """Write a batch (host lists) into the staging rows, padding up to bs, then copy those rows over.
         Table entries past a sequence's own blocks are left stale: nothing reads past its context."""
@@ -151,10 +171,15 @@ class DecodeGraphs:
         if self.copied is not None:
             self.copied.synchronize()          # the previous asynchronous copy has read the staging buffer
         h[:B, 0], h[:B, 1] = ids, positions
-        h[B:bs, :3] = (0, 0, self.pad_block)
+        if B < bs:
+            h[B:bs, :3] = (0, 0, self.pad_block)
+            self.written[B:bs] = [None] * (bs - B)
         for row, table in enumerate(block_tables):
-            h[row, 2:2 + len(table)] = table
-        self.buffer[:bs].copy_(self.staging[:bs], non_blocking=self.capture)
+            if self.written[row] != table:          # a table changes once a block: rewrite only then
+                h[row, 2:2 + len(table)] = table
+                self.written[row] = list(table)
+        if self.buffer is not self.staging:
+            self.buffer[:bs].copy_(self.staging[:bs], non_blocking=self.capture)
         if self.copied is not None:
             self.copied.record()
 
@@ -186,14 +211,18 @@ class DecodeGraphs:
         """Compile (or capture) bucket bs now rather than on its first real step."""
         self._graph(bs)
 
-    def run(self, ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [B, V] for B <= max_num_seqs sequences decoding one token each: the token at `position`
-        of each, whose cache slot is taken from its block table."""
+    def run(self, ids: list[int], positions: list[int],
+            block_tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [B, V], greedy tokens [B] or None) for B <= max_num_seqs sequences decoding one token
+        each: the token at `position` of each, whose cache slot is taken from its block table."""
         B = len(ids)
         bs = self.bucket(B)
         graph, logits = self._graph(bs)
         self._fill(ids, positions, block_tables, bs)
-        if graph is None:
-            return self._forward(bs)[:B]
-        graph.replay()
-        return logits[:B]
+        if graph is not None:
+            graph.replay()
+            return logits[:B], None
+        if self.compiled is None:
+            return self._forward(bs)[:B], None
+        logits, greedy = self._compiled_forward(bs, max(positions))
+        return (logits, greedy) if bs == B else (logits[:B], greedy[:B])

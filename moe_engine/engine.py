@@ -57,9 +57,9 @@ class Engine:
                 raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.waiting)} waiting and "
                                    f"{len(self.scheduler.running)} running requests")
             return []
-        logits, sampled = self.forward(batch)                               # [N, V], N sequences
+        logits, sampled, greedy = self.forward(batch)                       # [N, V], N sequences
         produced = []
-        for seq, token in zip(sampled, self.sample(logits, sampled)):
+        for seq, token in zip(sampled, self.sample(logits, sampled, greedy)):
             seq.output_ids.append(token)
             self._check_finished(seq, token)
             if seq.finished:
@@ -68,20 +68,26 @@ class Engine:
         return produced
 
     @staticmethod
-    def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """Next token per row of logits [N, V]: plain greedy rows in one argmax, the rest one by one."""
+    def sample(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None) -> list[int]:
+        """Next token per row of logits [N, V]: plain greedy rows in one argmax (or from `greedy` [N], the
+        argmax the step took already), the rest one by one."""
         plain = [s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs]
-        tokens = logits.argmax(-1).tolist() if any(plain) else [0] * len(seqs)
+        if not any(plain):
+            tokens = [0] * len(seqs)
+        else:
+            tokens = (greedy if greedy is not None else logits.argmax(-1)).tolist()
         for i, seq in enumerate(seqs):
             if not plain[i]:
                 tokens[i] = sample_token(logits[i], seq.params, seq.all_ids, seq.generator)
         return tokens
 
-    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
+    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence], torch.Tensor | None]:
         """Feed each sequence's next num_tokens uncached tokens; logits at the last token of every
-        sequence whose whole context is now cached (the ones that sample)."""
+        sequence whose whole context is now cached (the ones that sample), those sequences, and their
+        greedy tokens where the step took them already (else None)."""
         if self._graphable(batch):
-            return self._graph_decode(batch), batch.seqs
+            logits, greedy = self._graph_decode(batch)
+            return logits, batch.seqs, greedy
         ids, positions, context_lens, owners = [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_tokens):
             ids += seq.all_ids[seq.num_cached:seq.num_cached + n]
@@ -99,20 +105,21 @@ class Engine:
                 hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
             logits = self.model.compute_logits(hidden)
         self._advance(batch, context_lens)
-        return logits, sampled
+        return logits, sampled, None
 
     def _graphable(self, batch: ScheduledBatch) -> bool:
         """A pure decode step (one token per sequence, each of which samples) with no routing hook."""
         return (self.graphs is not None and self.routing_hook is None and len(batch.seqs) <= self.graphs.rows
                 and all(n == 1 and s.num_cached + 1 == s.num_tokens for s, n in zip(batch.seqs, batch.num_tokens)))
 
-    def _graph_decode(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [B, V] of a decode step replayed from the CUDA graph of its batch-size bucket."""
+    def _graph_decode(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [B, V], greedy tokens [B] or None) of a decode step replayed from the CUDA graph of its
+        batch-size bucket (or its compiled step)."""
         seqs = batch.seqs
         positions = [s.num_cached for s in seqs]
-        logits = self.graphs.run([s.token_at(p) for s, p in zip(seqs, positions)], positions, [s.blocks for s in seqs])
+        out = self.graphs.run([s.token_at(p) for s, p in zip(seqs, positions)], positions, [s.blocks for s in seqs])
         self._advance(batch, [p + 1 for p in positions])
-        return logits
+        return out
 
     def _advance(self, batch: ScheduledBatch, context_lens: list[int]) -> None:
         """The scheduled tokens are in the cache now: move each sequence on, register its full blocks."""
