@@ -22,6 +22,25 @@ def column_split_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.transpose(0, 1).reshape(M, N)
 
 
+# gathered_linear computes its product in this many row chunks of the weight.
+GATHER_LINEAR_CHUNKS = 4
+
+
+def gathered_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w.to(x.dtype), bias) for x [M, K], w [N, K] held narrower (bf16 under compile=True),
+    written as multiplies and sums for torch.compile on the CPU: the compiler reads each weight in place,
+    converting as it goes, in one loop over GATHER_LINEAR_CHUNKS row chunks of w with independent sums (as
+    kernels.moe.fused_moe_gathered does for the experts). MKL's few-row products read a float32 weight
+    twice over (once packing it), and the attention projections come to them from memory, evicted by the
+    experts: tiny-mixtral's compiled step at batch 8, 2 cores, +8-11% decode tok/s (A/B in one process;
+    batch 1 and the LM head, 4096 rows, no faster)."""
+    N, K = w.shape
+    c = GATHER_LINEAR_CHUNKS if N % GATHER_LINEAR_CHUNKS == 0 else 1
+    parts = w.view(c, N // c, K)                                              # [c, N/c, K]
+    out = torch.cat([(parts[i][None] * x[:, None, :]).sum(-1) for i in range(c)], -1)   # [M, N]
+    return out if bias is None else out + bias
+
+
 def splits_columns(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether column_split_linear serves x @ w.T: on the CPU, an even and not tiny row count of w, and few
     rows of x, or any number while torch.compile traces (a compiled step is a decode step whose batch
@@ -41,7 +60,12 @@ def gemv_tile(x: torch.Tensor, w: torch.Tensor) -> GemmTile | None:
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, bias); decode rows on CUDA go to the Triton GEMV where it was measured faster, and
-    on the CPU to column_split_linear."""
+    on the CPU to column_split_linear. A CPU weight held narrower than x (bf16 under compile=True) is
+    read in place by a compiled step (gathered_linear) and widened for the product otherwise."""
+    if x.device.type == "cpu" and w.dtype != x.dtype:      # a weight held narrower than the activations
+        if torch.compiler.is_compiling() and x.dim() == 2:
+            return gathered_linear(x, w, bias)
+        w = w.to(x.dtype)                                     # eager: widen it for this product
     if splits_columns(x, w):
         out = column_split_linear(x, w)
         return out if bias is None else out + bias

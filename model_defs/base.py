@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from kernels.attention import AttentionMetadata
 from kernels.linear import linear
 from model_defs.layers import RMSNorm, SwiGLU, weight
-from model_defs.moe import MoEBlock, store_experts
+from model_defs.moe import MoEBlock, store_experts, store_lossless
 
 # A checkpoint tensor's destination: our parameter name and an index into it (None: the whole).
 Target = tuple[str, tuple | None]
@@ -91,9 +91,13 @@ class CausalLM(nn.Module):
         slots in place. Families with stacked caches split them."""
         return kv_caches
 
-    def store_experts(self, dtype: torch.dtype) -> int:
-        """Hold the routed experts in dtype where lossless (model_defs.moe.store_experts); how many changed."""
-        return store_experts(self, dtype)
+    def store_weights(self, dtype: torch.dtype) -> int:
+        """Hold the routed experts (model_defs.moe.store_experts) and the projections every module lists in
+        projections() (the attention's, the dense and shared SwiGLU MLPs': weights used only through
+        kernels.linear.linear) in dtype where lossless; how many changed. The embedding, LM head, router
+        and norms keep theirs."""
+        projections = [p for m in self.modules() if hasattr(m, "projections") for p in m.projections()]
+        return store_experts(self, dtype) + store_lossless(projections, dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden, self.lm_head)                   # [N, V]

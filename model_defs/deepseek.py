@@ -111,6 +111,11 @@ class MLAttention(nn.Module):
         kv_b = self.kv_b.view(a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
         self.w_uk, self.w_uv = kv_b.split([a.qk_nope_head_dim, a.v_head_dim], dim=1)
 
+    def projections(self) -> list[nn.Parameter]:
+        """The weights this module uses only through kernels.linear.linear (see CausalLM.store_weights):
+        not kv_b, which the absorbed form reads as per-head views."""
+        return [self.wq_kv_a, self.wo] + ([self.q_b] if self.a.q_lora_rank else [])
+
     def _bias(self, name):
         return getattr(self, name, None)
 

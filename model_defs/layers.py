@@ -124,6 +124,9 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu(x, self.w13, self.w2)                     # [T, D]
 
+    def projections(self) -> list[nn.Parameter]:
+        return [self.w13, self.w2]
+
     @staticmethod
     def checkpoint_names(prefix: str, names=("gate_proj", "up_proj", "down_proj")) -> dict:
         """HF names under `prefix` -> (our parameter suffix, row block in w13 (0 gate, 1 up) or None)."""

@@ -68,6 +68,10 @@ class GQAttention(nn.Module):
         out = kernels.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)   # [T, H, Dh]
         return linear(out.reshape(T, -1), self.wo)
 
+    def projections(self) -> list[nn.Parameter]:
+        """The weights this module uses only through kernels.linear.linear (see CausalLM.store_weights)."""
+        return [self.wqkv, self.wo]
+
     def targets(self, hf: str, ours: str) -> dict[str, Target]:
         sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
         starts = [0, sizes[0], sizes[0] + sizes[1]]

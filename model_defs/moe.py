@@ -155,15 +155,17 @@ def store_experts(model: nn.Module, dtype: torch.dtype) -> int:
     computes the same products from half the bytes, and a decode batch of 8 tokens reads nearly every
     expert of every layer each step. The eager paths widen the experts a step uses (kernels.moe).
     Returns how many tensors changed dtype."""
+    return store_lossless([p for m in model.modules() if isinstance(m, MoEBlock) for p in (m.w13, m.w2)], dtype)
+
+
+def store_lossless(params: list[nn.Parameter], dtype: torch.dtype) -> int:
+    """Hold each of params in `dtype` where that loses nothing (always when widening; when narrowing only
+    if every value is exact in dtype); how many changed dtype."""
     changed = 0
-    for module in model.modules():
-        if not isinstance(module, MoEBlock):
+    for p in params:
+        if p.dtype == dtype or not p.dtype.is_floating_point:
             continue
-        for p in (module.w13, module.w2):
-            if p.dtype == dtype or not p.dtype.is_floating_point:
-                continue
-            if (p.element_size() < torch.finfo(dtype).bits // 8
-                    or torch.equal(p.data.to(dtype).to(p.dtype), p.data)):
-                p.data = p.data.to(dtype)
-                changed += 1
+        if p.element_size() < torch.finfo(dtype).bits // 8 or torch.equal(p.data.to(dtype).to(p.dtype), p.data):
+            p.data = p.data.to(dtype)
+            changed += 1
     return changed

@@ -14,7 +14,7 @@ from moe_engine.bench_models import SHAPES, build_random, hf_twin, weight_bytes
 from moe_engine.device import pick_device
 from moe_engine.info import parameter_bytes
 from moe_engine.errors import MoeEngineError
-from moe_engine.llm import LLM, check_compile, expert_dtype
+from moe_engine.llm import LLM, check_compile, stored_dtype
 from moe_engine.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
                 hf = hf_twin(model, name) if name in SHAPES else _hf_from_folder(REPO / "weights" / name, device, dtype)
             except Exception as e:   # a transformers version that cannot build the twin: ours still counts
                 print(f"{name}: transformers comparison skipped: {type(e).__name__}: {e}")
-        model.store_experts(expert_dtype(dtype, compile))   # as our engine holds them: the limit counts those bytes
+        model.store_weights(stored_dtype(dtype, compile))   # as our engine holds them: the limit counts those bytes
         limit = bandwidth / active_weight_bytes(model)
         for row in measure(name, model, hf, device, batches, prompt_len, a.new_tokens, model.args.vocab_size,
                            a.repeats, compare_eager, not gpu if a.sequential is None else a.sequential,

@@ -104,7 +104,7 @@ class LLM:
         elif cuda_graphs and device.type == "cuda" and not triton_available():
             raise MoeEngineError("cuda_graphs=True needs the triton package on CUDA: pip install 'moe-engine[triton]', "
                                  "or leave cuda_graphs unset")
-        model.store_experts(expert_dtype(dtype, compile))   # where lossless: compiled steps read half the bytes
+        model.store_weights(stored_dtype(dtype, compile))   # where lossless: compiled steps read half the bytes
         graphs = (DecodeGraphs(model, kv_caches, block_size, self.max_model_len, max_num_seqs, num_blocks, device,
                                compile=compile)
                   if cuda_graphs or compile else None)
@@ -270,9 +270,10 @@ class LLM:
         return perplexity(self, token_ids, window)
 
 
-def expert_dtype(dtype: torch.dtype, compile: bool) -> torch.dtype:
-    """The dtype an engine holds the routed experts in (where lossless, see CausalLM.store_experts): bfloat16
-    under compile=True for a float32 model, whose compiled step multiplies them in float32; else dtype."""
+def stored_dtype(dtype: torch.dtype, compile: bool) -> torch.dtype:
+    """The dtype an engine holds the routed experts and the projections in (where lossless, see
+    CausalLM.store_weights): bfloat16 under compile=True for a float32 model, whose compiled step multiplies
+    them in float32; else dtype."""
     return torch.bfloat16 if compile and dtype == torch.float32 else dtype
 
 

@@ -95,6 +95,7 @@ def test_compiled_decode_gives_the_same_tokens_and_logits(model):
     compiled, calls, llm = run(model, graphs=False, compile=True, max_num_seqs=4)
     assert compiled == plain
     assert llm.model.layers[-1].mlp.w13.dtype == torch.bfloat16    # the checkpoint's bf16 experts, held as such
+    assert all(p.dtype == torch.bfloat16 for p in llm.model.layers[0].attn.projections())   # and projections
     assert {4, 3, 1} <= set(calls)                              # the batch shrinks from 4 to 1
     g = llm.engine.graphs
     assert set(g.graphs) == {1, 3, 4}                           # 1 compiled while loading; 3 runs unpadded

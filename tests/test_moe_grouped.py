@@ -122,3 +122,37 @@ def test_store_experts_narrows_only_exact_values():
                                    fused_moe_ref(x, w13, w2, weights, ids), rtol=1e-5, atol=1e-5)
     assert store_experts(block, torch.float32) == 1
     assert block.w13.dtype == torch.float32 and torch.equal(block.w13, w13)
+
+
+@pytest.mark.parametrize("model_dir", ["tiny-mixtral", "tiny-deepseek"])
+def test_store_weights_narrows_the_projections_and_the_eager_step_widens_them(model_dir):
+    """store_weights holds the experts and every module's projections (attention, dense and shared MLPs) in
+    bfloat16, exactly the checkpoint's values, and leaves the embedding, LM head, router and norms be; the
+    eager forward (which widens each narrowed weight for its product) gives the float32 model's logits."""
+    from model_defs.layers import SwiGLU
+    from moe_engine.llm import LLM
+    from tests.conftest import WEIGHTS
+    plain = LLM(WEIGHTS / model_dir, num_kv_blocks=4).model
+    narrow = LLM(WEIGHTS / model_dir, num_kv_blocks=4).model
+    before = {n: p.detach().clone() for n, p in narrow.named_parameters()}
+    assert narrow.store_weights(torch.bfloat16) > 0
+    params = dict(narrow.named_parameters())
+    projections = {id(p) for m in narrow.modules() if hasattr(m, "projections") for p in m.projections()}
+    assert any(isinstance(m, SwiGLU) for m in narrow.modules()) == (model_dir == "tiny-deepseek")
+    for name, p in params.items():
+        expected = torch.bfloat16 if id(p) in projections or name.endswith(("mlp.w13", "mlp.w2")) else torch.float32
+        assert p.dtype == expected, name
+        assert torch.equal(p.float(), before[name]), name
+    ids = torch.tensor([5, 9, 11, 3])
+    torch.testing.assert_close(narrow.compute_logits(_forward(narrow, ids)), plain.compute_logits(_forward(plain, ids)),
+                               rtol=1e-5, atol=1e-5)
+    assert narrow.store_weights(torch.float32) > 0 and all(p.dtype == torch.float32 for p in narrow.parameters())
+
+
+def _forward(model, ids):
+    """Hidden states of a 4-token prompt through a fresh cache."""
+    from kernels.attention import AttentionMetadata
+    caches = model.allocate_kv_cache(16, torch.float32, torch.device("cpu"))
+    meta = AttentionMetadata.build([[0]], [len(ids)], [len(ids)], 16, torch.device("cpu"), 16)
+    with torch.inference_mode():
+        return model(ids, torch.arange(len(ids)), caches, meta)
