@@ -62,7 +62,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     """F.linear(x, w, bias); decode rows on CUDA go to the Triton GEMV where it was measured faster, and
     on the CPU to column_split_linear. A CPU weight held narrower than x (bf16 under compile=True) is
     read in place by a compiled step (gathered_linear) and widened for the product otherwise."""
-    if x.device.type == "cpu" and w.dtype != x.dtype:      # a weight held narrower than the activations
+    if x.device.type == "cpu" and w.dtype != x.dtype:      # a weight held in another dtype (store_weights)
         if torch.compiler.is_compiling() and x.dim() == 2:
             return gathered_linear(x, w, bias)
         w = w.to(x.dtype)                                     # eager: widen it for this product

@@ -85,8 +85,9 @@ class CompiledStep:
 
     def _record(self, served: _Served | None, args: tuple, result) -> _Direct | None:
         """The direct call for what torch just ran: one of our graphs, whose outputs are the result as they
-        are, and whose every argument is the per-call input its source names or a tensor or number that
-        later calls pass again."""
+        are, and whose every argument is the per-call input (or size) its source names or a tensor that
+        later calls pass again; a number from anywhere else could change unseen, so it leaves the call to
+        torch."""
         if served is None or served.sources is None:
             return None            # torch ran no graph of ours, or did not say where its inputs come from
         single = not isinstance(result, tuple)
@@ -102,7 +103,7 @@ class CompiledStep:
                 per_call.append((pos, read))
             elif isinstance(value, torch.Tensor):
                 tensors.append(value)
-            elif not isinstance(value, (int, float, bool)):
+            else:
                 return None
         return _Direct(served.graph, list(served.args), per_call, tensors, list(map(_data_ptr, tensors)), single)
 

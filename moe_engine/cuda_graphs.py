@@ -103,12 +103,11 @@ class DecodeGraphs:
             rows = self.buffer[:bs]                                               # [bs, 2 + width]
             self.views[key] = rows[:, :2], rows[:, 2:2 + width]                   # [bs, 2], [bs, width]
         head, tables = self.views[key]
-        # Not in inference mode (even if the caller is): the compiled step writes the caches in place. Where
-        # the caller is not, grad mode is set by hand: two context managers cost ~60 us a step here.
+        # Not in inference mode (even if the caller is): the compiled step writes the caches in place. Grad
+        # mode is set by hand, not by a context manager: two of those cost ~60 us a step here.
         if torch.is_inference_mode_enabled():
-            with torch.inference_mode(False), torch.no_grad():
-                return self.compiled(key, head, tables, self.cache_parts,
-                                     before_trace=lambda: self._mark_dynamic(bs, head, tables))
+            with torch.inference_mode(False):
+                return self._compiled_forward(bs, top_position)
         grad = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
         try:

@@ -109,6 +109,8 @@ def test_compiled_decode_gives_the_same_tokens_and_logits(model):
         # The same call again skips torch.compile's guards (moe_engine.compiled_step), to the same logits.
         assert (bs, min(g.width, 40 // g.block_size + 1)) in g.compiled.direct
         assert torch.equal(g._forward(bs), fast)
+        with torch.inference_mode():                                # a caller in inference mode: the same
+            assert torch.equal(g._forward(bs), fast)
         logits, greedy = g._compiled_forward(bs, 40)                # the step's own argmax, for greedy rows
         assert torch.equal(logits, fast) and torch.equal(greedy, fast.argmax(-1))
     assert counters["stats"]["unique_graphs"] - graphs_before == 2   # bucket 1, then one for 2 and 4; no breaks
