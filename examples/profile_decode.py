@@ -16,7 +16,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moe_engine.bench_models import build_random
+from moe_engine.bench.models import build_random
 from moe_engine.llm import LLM
 from moe_engine.sampling import SamplingParams
 

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from moe_engine import LLM
-from moe_engine.routing import plots
-from moe_engine.routing.perplexity import effective_window, stream_index
-from moe_engine.routing.report import class_table, markdown_table, summary_table
-from moe_engine.routing.token_classes import classify_stream
+from moe_engine.study import plots
+from moe_engine.perplexity import effective_window, stream_index
+from moe_engine.study.report import class_table, markdown_table, summary_table
+from moe_engine.study.token_classes import classify_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "examples"

@@ -85,7 +85,7 @@ def moe_shape_class(num_pairs: int, num_experts: int) -> str:
 
 
 # Untuned starting points for Hopper (H100/H200, 228 KiB shared memory); the gate+up tile holds two
-# accumulators, so its block_n is half of what a plain GEMM would take. Tune with moe_engine.bench_kernels.
+# accumulators, so its block_n is half of what a plain GEMM would take. Tune with moe_engine.bench.kernels.
 _HOPPER_MOE = {
     "tiny": MoETuning(16, GemmTile(64, 128, 1, 4, 4), GemmTile(32, 128, 1, 4, 4)),
     "small": MoETuning(32, GemmTile(64, 128, 4, 4, 4), GemmTile(64, 128, 4, 4, 4)),

@@ -266,7 +266,7 @@ class LLM:
 
     def perplexity(self, token_ids, window: int | None = None) -> float:
         """exp(mean next-token loss) over token_ids (windows of at most max_model_len tokens)."""
-        from moe_engine.routing import perplexity
+        from moe_engine.perplexity import perplexity
         return perplexity(self, token_ids, window)
 
 

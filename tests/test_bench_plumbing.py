@@ -9,8 +9,8 @@ import torch
 
 from hf_models import max_rel_error
 from moe_engine import LLM
-from moe_engine.bench_decode import main as bench_decode_main
-from moe_engine.bench_models import build_random, hf_twin
+from moe_engine.bench.decode import main as bench_decode_main
+from moe_engine.bench.models import build_random, hf_twin
 
 
 @pytest.mark.parametrize("name", ["mixtral-tiny", "deepseek-tiny"])

@@ -126,8 +126,8 @@ def test_gpu_gemv_projections_and_fused_routing_match_cpu(model, tmp_path, monke
 def test_linear_tuner_covers_every_weight_and_checks_its_tiles():
     """bench tune's GEMV search on the tiny DeepSeek shape under the interpreter (plain timing): an entry
     per distinct 2-D weight, every tile checked against F.linear, max_tokens where the GEMV won."""
-    from moe_engine.bench_kernels import time_call
-    from moe_engine.bench_tune_gemv import dense_weights, tune_linear
+    from moe_engine.bench.kernels import time_call
+    from moe_engine.bench.tune_gemv import dense_weights, tune_linear
     weights = dense_weights(["deepseek-tiny"], torch.float32)
     assert (8, 64, torch.float32) in weights and (512, 64, torch.float32) in weights   # router, lm_head
     tiles = [GemmTile(16, 32, 1, 1, 1), GemmTile(8, 64, 1, 1, 1)]
@@ -291,7 +291,7 @@ def test_gemv_tuner_checks_tiles_sets_max_tokens_and_its_file_is_used(tmp_path, 
     prefix of the token counts where it beat the tiled kernels, and the file entry reaches the engine."""
     import json
     from kernels import tuning
-    from moe_engine import bench_kernels, bench_tune_gemv
+    from moe_engine.bench import kernels as bench_kernels, tune_gemv as bench_tune_gemv
     spec = bench_kernels.MoESpec("tiny", 4, 40, 24, 2, shared=2)
     candidates = [tuning.GemmTile(16, 32, 1, 1, 1), tuning.GemmTile(8, 16, 1, 1, 1)]
     entry = bench_tune_gemv.tune_gemv(spec, torch.device("cpu"), torch.float32, 0.0, candidates, tokens=[1, 2],
@@ -375,8 +375,8 @@ def test_absorb_tuner_checks_its_tiles_and_its_file_entry_is_used(tmp_path, monk
     """The absorbed-query search on the tiny DeepSeek shape under the interpreter (plain timing): every
     tile checked against torch, max_tokens where the kernel won in order, the entry reaching absorb_query."""
     from kernels import tuning
-    from moe_engine.bench_kernels import time_call
-    from moe_engine.bench_tune_gemv import tune_absorb
+    from moe_engine.bench.kernels import time_call
+    from moe_engine.bench.tune_gemv import tune_absorb
     tiles = [GemmTile(16, 16, 1, 1, 1), GemmTile(32, 8, 1, 1, 1)]
     entry = tune_absorb("deepseek-tiny", torch.device("cpu"), torch.float32, 0.0, tiles, tokens=[1, 2],
                         timer=time_call)

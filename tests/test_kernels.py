@@ -229,7 +229,7 @@ def test_paged_decode_gpu_full_size(mla):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_bench_kernels_needs_cuda(capsys, tmp_path):
-    from moe_engine import bench_kernels
+    from moe_engine.bench import kernels as bench_kernels
     assert bench_kernels.main(["--out", str(tmp_path / "k.json")]) == 1
     assert "CUDA GPU is needed" in capsys.readouterr().out and not (tmp_path / "k.json").exists()
 
@@ -237,7 +237,7 @@ def test_bench_kernels_needs_cuda(capsys, tmp_path):
 def test_bench_suite_runs_tiny_on_cpu():
     """The benchmark's code paths (limits, baselines, grouped_mm, ratios, JSON) on tiny shapes."""
     import json
-    from moe_engine import bench_kernels as bench
+    from moe_engine.bench import kernels as bench
     report = bench.run_suite(torch.device("cpu"), [bench.MoESpec("tiny", 4, 32, 48, 2)], [3],
                              [bench.DecodeSpec("mla", 4, 0, 40, 32)], [20], batch=2, min_time=0.0,
                              copy_bytes=2 ** 16, matmul_n=32, dtype=torch.float32)
@@ -253,7 +253,7 @@ def test_tuner_picks_checked_tiles_and_its_file_is_used(tmp_path, monkeypatch):
     reference, the winner is one of them, and MOE_ENGINE_TUNING makes moe_tuning return it."""
     import json
     from kernels import tuning
-    from moe_engine import bench_kernels, bench_tune
+    from moe_engine.bench import kernels as bench_kernels, tune as bench_tune
     spec = bench_kernels.MoESpec("tiny", 4, 32, 48, 2)
     candidates = [tuning.GemmTile(16, 16, 1, 1, 1), tuning.GemmTile(32, 16, 1, 1, 1)]
     entry = bench_tune.tune_shape(spec, torch.device("cpu"), torch.float32, 0.0, candidates, tokens=[1, 3])

@@ -174,7 +174,7 @@ def test_chat_session(chat):
 @pytest.mark.parametrize("model", ["weights/tiny-mixtral", "weights/tiny-deepseek"])
 def test_chat_prompt_tokens(model):
     """The template's BOS/EOS text becomes one BOS id at the start and the EOS id after each answer."""
-    from moe_engine.repl import with_system
+    from moe_engine.cli.repl import with_system
     from moe_engine.tokenizer import load_tokenizer
     path = ROOT / model
     tokenizer = load_tokenizer(path, json.loads((path / "config.json").read_text()))

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from model_defs.moe import route
 from moe_engine import LLM, MoeEngineError, SamplingParams
-from moe_engine.routing import CLASSES, Trace, classify_tokens, weights_for
-from moe_engine.routing.perplexity import stream_index
+from moe_engine.routing import Trace, weights_for
+from moe_engine.study import CLASSES, classify_tokens
+from moe_engine.perplexity import stream_index
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, x):"]
@@ -263,7 +264,7 @@ def test_trace_save_and_load_round_trip(mixtral, tmp_path):
 
 def test_plots_write_png_files(mixtral, tmp_path):
     pytest.importorskip("matplotlib")
-    from moe_engine.routing import plots
+    from moe_engine.study import plots
     with mixtral.trace_routing() as trace:
         mixtral.prompt_logits(val_tokens(mixtral, 64))
     for path in (plots.plot_expert_load(trace, tmp_path / "load.png"),

@@ -180,7 +180,7 @@ class Trace:
         """int8 [N] index into token_classes.CLASSES of each record's token (needs the tokenizer)."""
         arrays = self.arrays()
         if "token_classes" not in arrays:
-            from moe_engine.routing.token_classes import classify_records
+            from moe_engine.study.token_classes import classify_records
             if self.tokenizer is None:
                 raise MoeEngineError("token classes need the tokenizer: trace with an LLM that has one, or set "
                                      "trace.tokenizer = llm.tokenizer")
@@ -200,7 +200,7 @@ class Trace:
 
     def token_texts(self) -> list[str]:
         """The text of each record's token (needs the tokenizer)."""
-        from moe_engine.routing.token_classes import TokenTexts
+        from moe_engine.study.token_classes import TokenTexts
         if self.tokenizer is None:
             raise MoeEngineError("token texts need the tokenizer: set trace.tokenizer = llm.tokenizer")
         texts = TokenTexts(self.tokenizer)
@@ -211,50 +211,50 @@ class Trace:
         return (f"Trace(records={len(a['token_ids'])}, requests={len(set(a['request_ids'].tolist()))}, "
                 f"moe_layers={a['topk_ids'].shape[0]}, top_k={a['topk_ids'].shape[2]}, scores={'scores' in a})")
 
-    # --- analysis (see moe_engine.routing.analysis) -------------------------------------------------
+    # --- analysis (see moe_engine.study.analysis) -------------------------------------------------
 
     def expert_load(self, weighted: bool = False) -> np.ndarray:
-        from moe_engine.routing.analysis import expert_load
+        from moe_engine.study.analysis import expert_load
         return expert_load(self, weighted)
 
     def imbalance(self) -> dict[str, np.ndarray]:
-        from moe_engine.routing.analysis import imbalance
+        from moe_engine.study.analysis import imbalance
         return imbalance(self)
 
     def load_entropy(self) -> np.ndarray:
-        from moe_engine.routing.analysis import load_entropy
+        from moe_engine.study.analysis import load_entropy
         return load_entropy(self)
 
     def token_entropy(self) -> np.ndarray:
-        from moe_engine.routing.analysis import token_entropy
+        from moe_engine.study.analysis import token_entropy
         return token_entropy(self)
 
     def coactivation(self) -> np.ndarray:
-        from moe_engine.routing.analysis import coactivation
+        from moe_engine.study.analysis import coactivation
         return coactivation(self)
 
     def layer_transitions(self) -> np.ndarray:
-        from moe_engine.routing.analysis import layer_transitions
+        from moe_engine.study.analysis import layer_transitions
         return layer_transitions(self)
 
     def adjacent_agreement(self) -> np.ndarray:
-        from moe_engine.routing.analysis import adjacent_agreement
+        from moe_engine.study.analysis import adjacent_agreement
         return adjacent_agreement(self)
 
     def load_by_class(self) -> dict[str, np.ndarray]:
-        from moe_engine.routing.analysis import load_by_class
+        from moe_engine.study.analysis import load_by_class
         return load_by_class(self)
 
     def class_affinity(self) -> dict[str, np.ndarray]:
-        from moe_engine.routing.analysis import class_affinity
+        from moe_engine.study.analysis import class_affinity
         return class_affinity(self)
 
     def compare(self, other: "Trace") -> dict:
-        from moe_engine.routing.analysis import compare
+        from moe_engine.study.analysis import compare
         return compare(self, other)
 
     def summary(self) -> dict:
-        from moe_engine.routing.analysis import summary
+        from moe_engine.study.analysis import summary
         return summary(self)
 
     # --- export --------------------------------------------------------------------------------------

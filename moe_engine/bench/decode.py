@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from moe_engine.bench_models import SHAPES, build_random, hf_twin, weight_bytes
+from moe_engine.bench.models import SHAPES, build_random, hf_twin, weight_bytes
 from moe_engine.device import pick_device
-from moe_engine.info import parameter_bytes
+from moe_engine.cli.info import parameter_bytes
 from moe_engine.errors import MoeEngineError
 from moe_engine.llm import LLM, check_compile, stored_dtype
 from moe_engine.sampling import SamplingParams

@@ -18,8 +18,8 @@ from dataclasses import asdict, replace
 import kernels
 from kernels.moe import add_shared
 from kernels.tuning import GemmTile, LinearTuning, device_key, gemv_tuning
-from moe_engine.bench_kernels import MoESpec, rel_error, time_call
-from moe_engine.bench_tune import ACCEPT_ERROR, inputs
+from moe_engine.bench.kernels import MoESpec, rel_error, time_call
+from moe_engine.bench.tune import ACCEPT_ERROR, inputs
 
 # (block_n, block_k, -, num_warps, num_stages) for the few-token kernels: 4-32 KiB of weights a step.
 GEMV_CANDIDATES = [GemmTile(16, 256, 1, 4, 2), GemmTile(8, 512, 1, 4, 2), GemmTile(32, 128, 1, 4, 2),
@@ -141,7 +141,7 @@ LINEAR_TOKENS = [1, 2, 4, 8]
 def dense_weights(shape_names, dtype=torch.bfloat16) -> list[tuple[int, int, torch.dtype]]:
     """Every distinct 2-D weight (n, k, dtype) of the named benchmark shapes built in dtype (routers stay
     float32), from models on the meta device."""
-    from moe_engine.bench_models import _classes, hf_config_dict
+    from moe_engine.bench.models import _classes, hf_config_dict
     found = set()
     for name in shape_names:
         cfg = hf_config_dict(name)
@@ -198,7 +198,7 @@ def tune_absorb(shape_name: str, device, dtype, min_time: float, candidates=ABSO
     which it beats what serves larger batches (batched matmul, Triton rotary, concatenation)."""
     from kernels.mla import absorb_query_bmm
     from kernels.triton_mla import absorb_query_triton
-    from moe_engine.bench_models import hf_config_dict
+    from moe_engine.bench.models import hf_config_dict
     cfg = hf_config_dict(shape_name)
     H, nope, R, L = (cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"],
                      cfg["kv_lora_rank"])

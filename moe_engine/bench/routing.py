@@ -1,4 +1,4 @@
-"""Tracing overhead: P prompts x N tokens generated with and without a trace (`python -m moe_engine.routing.bench`)."""
+"""Tracing overhead: P prompts x N tokens generated with and without a trace (`python -m moe_engine.bench.routing`)."""
 
 import argparse
 import json
@@ -54,7 +54,7 @@ def recording_cost(llm: LLM, batch: int, calls: int = 20000) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moe_engine.routing.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m moe_engine.bench.routing", description=__doc__)
     p.add_argument("--model", default=str(REPO / "weights" / "tiny-mixtral"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--prompts", type=int, default=8)

@@ -21,9 +21,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from moe_engine.cli import load_llm
-    from moe_engine.routing import report
-    from moe_engine.routing.perplexity import effective_window, stream_index
-    from moe_engine.routing.token_classes import classify_stream
+    from moe_engine.study import report
+    from moe_engine.perplexity import effective_window, stream_index
+    from moe_engine.study.token_classes import classify_stream
     from moe_engine.tokenizer import require_tokenizer
 
     text_file, out = Path(args.text_file), Path(args.out)
@@ -33,7 +33,7 @@ def run(args) -> int:
         raise MoeEngineError(f"--max-tokens {args.max_tokens} is too small; give at least 2")
     text = text_file.read_text(errors="replace")
     if not args.no_plots:
-        from moe_engine.routing.plots import _figure
+        from moe_engine.study.plots import _figure
         _figure(1, 1)                                    # fail on a missing matplotlib before the work
     llm = load_llm(args)
     ids = require_tokenizer(llm.tokenizer, llm.path).encode(text)[:args.max_tokens]
@@ -49,7 +49,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     written = [trace.save(out / "trace"), out / "trace.json"]
     if not args.no_plots:
-        from moe_engine.routing import plots
+        from moe_engine.study import plots
         written.append(plots.plot_expert_load(trace, out / "expert_load.png", f"Expert load: {llm.path.name}"))
         written.append(plots.plot_coactivation(trace, out / "coactivation.png",
                                                f"Expert co-activation: {llm.path.name}"))

@@ -3,7 +3,7 @@
 import numpy as np
 
 from moe_engine.errors import MoeEngineError
-from moe_engine.routing.token_classes import CLASSES
+from moe_engine.study.token_classes import CLASSES
 
 
 def _final(trace):

@@ -13,8 +13,8 @@ from moe_engine.errors import MoeEngineError
 DEFAULT_MODEL = "weights/tiny-mixtral"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-BENCHMARKS = {"decode": "moe_engine.bench_decode", "kernels": "moe_engine.bench_kernels",
-              "tune": "moe_engine.bench_tune"}
+BENCHMARKS = {"decode": "moe_engine.bench.decode", "kernels": "moe_engine.bench.kernels",
+              "tune": "moe_engine.bench.tune"}
 
 
 class UsageError(Exception):
@@ -82,7 +82,7 @@ def build_parser() -> Parser:
     routing = sub.add_parser("routing", parents=[common], help="trace expert routing over a text: plots and a summary",
                              description="Run a text file through the model with routing traced; write the trace, "
                                          "heatmaps and a Markdown summary.")
-    from moe_engine.routing.cli import add_arguments
+    from moe_engine.cli.routing import add_arguments
     add_arguments(routing)
     return parser
 
@@ -157,7 +157,7 @@ def run_generate(args) -> int:
 
 
 def run_chat(args) -> int:
-    from moe_engine.repl import Chat, banner, enable_line_editing
+    from moe_engine.cli.repl import Chat, banner, enable_line_editing
     from moe_engine.tokenizer import require_tokenizer
     params = sampling_params(args)
     llm = load_llm(args)
@@ -168,7 +168,7 @@ def run_chat(args) -> int:
 
 
 def run_info(args) -> int:
-    from moe_engine.info import describe
+    from moe_engine.cli.info import describe
     device, dtype = device_and_dtype(args)
     rows = describe(resolve_model(args.model), device, dtype, progress=show_progress(args))
     width = max(len(label) for label, _ in rows)
@@ -194,7 +194,7 @@ def run_bench(args) -> int:
 
 
 def run_routing(args) -> int:
-    from moe_engine.routing.cli import run
+    from moe_engine.cli.routing import run
     return run(args)
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from moe_engine.routing import analysis
+from moe_engine.study import analysis
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -8,7 +8,7 @@ there. Every candidate is checked against the torch reference. The winners are w
 file: MOE_ENGINE_TUNING=<file> makes the engine use them; kernels/tuning.py's MOE_SHAPE_TABLE keeps
 the ones measured on the project's machines.
 
-The few-token kernels are tuned in moe_engine/bench_tune_gemv.py: the MoE one against the tiled
+The few-token kernels are tuned in moe_engine/bench/tune_gemv.py: the MoE one against the tiled
 kernels, the GEMV against the vendor library for every weight of the benchmark shapes.
 """
 
@@ -22,7 +22,7 @@ import torch
 
 import kernels
 from kernels.tuning import GemmTile, MoETuning, device_key, moe_shape_class, moe_tuning
-from moe_engine.bench_kernels import MOE_SPECS, MoESpec, rel_error, time_call
+from moe_engine.bench.kernels import MOE_SPECS, MoESpec, rel_error, time_call
 
 # (block_n, block_k, group_m, num_warps, num_stages): weight-streaming tiles of 16 rows.
 CANDIDATES = [GemmTile(32, 128, 1, 4, 4), GemmTile(64, 128, 1, 4, 4), GemmTile(64, 64, 1, 4, 5),
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         return 1
     device = torch.device("cuda")
     torch.manual_seed(0)
-    from moe_engine.bench_tune_gemv import tune_absorb, tune_gemv, tune_linear
+    from moe_engine.bench.tune_gemv import tune_absorb, tune_gemv, tune_linear
     entries = [tune_shape(spec, device, torch.bfloat16, a.min_time) for spec in MOE_SPECS] if "tiled" in kinds else []
     gemv = [tune_gemv(spec, device, torch.bfloat16, a.min_time) for spec in MOE_SPECS] if "gemv" in kinds else []
     linear = (tune_linear(["mixtral-8x7b", "deepseek-v2-lite"], device, torch.bfloat16, a.min_time)
