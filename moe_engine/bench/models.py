@@ -18,6 +18,12 @@ SHAPES = {
         num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
         qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, topk_method="greedy",
         norm_topk_prob=False, routed_scaling_factor=1.0, max_position_embeddings=4096)),
+    # A real shape that fits a 24 GB CPU machine in bf16: Mixtral-style with half of OLMoE-1B-7B's layers
+    # (3.56B parameters, ~0.64B active per token).
+    "mixtral-3.6b": ("mixtral", dict(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=8,
+        num_attention_heads=16, num_key_value_heads=16, num_local_experts=64, num_experts_per_tok=8,
+        max_position_embeddings=4096, rope_theta=1e4, rms_norm_eps=1e-5)),
     # Small stand-ins with the same structure, to check the benchmark's plumbing on a CPU.
     "mixtral-tiny": ("mixtral", dict(
         vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
