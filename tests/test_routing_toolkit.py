@@ -57,7 +57,8 @@ def test_recorded_routing_equals_recomputation_from_router_scores(llm):
         logits = torch.from_numpy(trace.scores[layer])                                  # [N, E]
         weights, ids = route(logits, block.routing, block.bias)
         assert torch.equal(ids, torch.from_numpy(trace.topk_ids[layer]).long())
-        torch.testing.assert_close(weights, torch.from_numpy(trace.topk_weights[layer]), rtol=0, atol=0)
+        # Up to float rounding: the recomputation runs the softmax over another row count than the step did.
+        torch.testing.assert_close(weights, torch.from_numpy(trace.topk_weights[layer]), rtol=1e-6, atol=1e-7)
         # weights_for (used by random routing) scores any choice exactly as route() scores its own.
         torch.testing.assert_close(weights_for(logits, ids, block.routing), weights, rtol=1e-6, atol=1e-7)
     if llm.model.moe_blocks[0].routing.scoring == "softmax":       # Mixtral by hand: softmax, top-2, renormalise
