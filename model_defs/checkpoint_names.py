@@ -12,9 +12,10 @@ What a new family needs (see mixtral.py, the smallest):
      plus properties for any row sizes its Rows name (e.g. `q_rows`, `kv_rows`).
   2. Its modules where they differ from the shared ones (base.DecoderLayer, layers.SwiGLU, moe.MoEBlock,
      mixtral.GQAttention): parameters named and shaped as in our stacked layout.
-  3. A model class (a base.CausalLM) building the layers, its KV-cache layout, and `names = <its table>`.
-  4. A NameTable here-style: COMMON_RULES + its attention/MLP rules + its expert Layouts; and a line in
-     model_defs/__init__.py REGISTRY for each config.json model_type it serves.
+  3. A model class (a base.CausalLM) building the layers and its KV-cache layout, with
+     `name_table = <its table>`; a line in model_defs/__init__.py REGISTRY per config.json model_type.
+  4. A NameTable: COMMON_RULES + its attention and MLP Rules + its expert Layouts (swiglu_rules and
+     fused_experts write the usual ones). Nothing else: the loader and its checks read only the table.
 """
 
 from dataclasses import dataclass
