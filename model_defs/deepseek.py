@@ -20,6 +20,7 @@ from model_defs.moe import MoEBlock, RoutingConfig
 _DEFAULTS = {
     "deepseek_v2": {"topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False},
     "deepseek_v3": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True},
+    "kimi_k2": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True},
 }
 
 

@@ -11,7 +11,7 @@ from kernels.linear import linear
 from model_defs.base import CausalLM, DecoderLayer
 from model_defs.checkpoint_names import COMMON_RULES, Layout, NameTable, Rows, Rule, fused_experts, swiglu_rules
 from model_defs.hf_config import args_from_hf_config
-from model_defs.layers import Rotary, weight
+from model_defs.layers import RMSNorm, Rotary, weight
 from model_defs.moe import MoEBlock, RoutingConfig
 
 
@@ -71,21 +71,27 @@ MIXTRAL_NAMES = NameTable(
 
 
 class GQAttention(nn.Module):
-    """Grouped-query attention; q, k and v projections stacked in one weight wqkv [(H + 2 Hkv) Dh, D]."""
+    """Grouped-query attention; q, k and v projections stacked in one weight wqkv [(H + 2 Hkv) Dh, D].
+    qk_norm: a per-head RMSNorm of q and k before RoPE (Qwen3); args then needs rms_norm_eps."""
 
-    def __init__(self, args: MixtralArgs, rotary: Rotary, dtype):
+    def __init__(self, args: MixtralArgs, rotary: Rotary, dtype, qk_norm: bool = False):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.kv_heads, args.dim_per_head
         self.wqkv = weight((self.n_heads + 2 * self.n_kv) * self.head_dim, args.hidden_size, dtype=dtype)
         self.wo = weight(args.hidden_size, self.n_heads * self.head_dim, dtype=dtype)
         self.rotary = rotary
         self.scale = self.head_dim ** -0.5
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, dtype) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, dtype) if qk_norm else None
 
     def forward(self, x: torch.Tensor, angles, kv_cache, meta: AttentionMetadata):
         """kv_cache: keys at [0], values at [1] (the [2, S, Hkv, Dh] tensor, or its halves from cache_parts)."""
         T, H = x.shape[0], self.n_heads
         qkv = linear(x, self.wqkv).view(T, H + 2 * self.n_kv, self.head_dim)   # [T, H + 2 Hkv, Dh]
-        qk = self.rotary(qkv[:, :H + self.n_kv], angles)                      # q and k heads at once
+        qk = qkv[:, :H + self.n_kv]                                           # [T, H + Hkv, Dh]
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], 1)
+        qk = self.rotary(qk, angles)                                           # q and k heads at once
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + self.n_kv:]
         kernels.write_cache(kv_cache[0], k, meta.slot_mapping)
         kernels.write_cache(kv_cache[1], v, meta.slot_mapping)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import test_parity_deepseek as deepseek
 import test_parity_mixtral as mixtral
+import test_parity_qwen3_moe as qwen3_moe
 from conftest import WEIGHTS
 from hf_models import hf_logits, max_rel_error
 from moe_engine import LLM, MoeEngineError
@@ -19,6 +20,7 @@ from model_defs import model_family
 FAMILIES = {
     "mixtral": (lambda tmp: mixtral.tiny_mixtral(tmp, "gqa3-e5-k2"), mixtral.prompt),
     "deepseek": (lambda tmp: deepseek.tiny_deepseek(tmp, "v3-qlora-yarn-dense1-shared1-bias"), deepseek.prompt),
+    "qwen3_moe": (lambda tmp: qwen3_moe.tiny_qwen3_moe(tmp, "nonorm-mlponly"), lambda: mixtral.prompt(vocab=103)),
 }
 
 
@@ -97,3 +99,15 @@ def test_mixed_layouts_in_one_layer_are_named(tmp_path):
         LLM(_edit_fused(tmp_path, lambda s: s.update({extra: torch.zeros(24, 48)})))
     msg = str(e.value)
     assert "layer 1" in msg and extra in msg and "model.layers.1.mlp.experts.gate_up_proj" in msg
+
+
+def test_kimi_k2_is_built_as_deepseek_v3():
+    """kimi_k2 configs name DeepSeek-V3's architecture: the same model and names from the same config."""
+    cfg = read_config(WEIGHTS / "tiny-deepseek")[1]
+    built = {}
+    for model_type in ("deepseek_v3", "kimi_k2"):
+        args_cls, model_cls = model_family(model_type)
+        args = args_cls.from_hf_config({**cfg, "model_type": model_type})
+        with torch.device("meta"):
+            built[model_type] = (args.routing(), model_cls(args).checkpoint_targets())
+    assert built["kimi_k2"] == built["deepseek_v3"]
