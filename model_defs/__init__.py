@@ -3,12 +3,15 @@
 from model_defs.deepseek import DeepseekArgs, DeepseekModel
 from model_defs.errors import MoeEngineError
 from model_defs.mixtral import MixtralArgs, MixtralModel
+from model_defs.qwen3_moe import Qwen3MoeArgs, Qwen3MoeModel
 
 # model_type -> (args dataclass, model class). Read-only; add a family by adding a line.
 REGISTRY = {
     "mixtral": (MixtralArgs, MixtralModel),
     "deepseek_v2": (DeepseekArgs, DeepseekModel),
     "deepseek_v3": (DeepseekArgs, DeepseekModel),
+    "kimi_k2": (DeepseekArgs, DeepseekModel),        # DeepSeek-V3's architecture (its config says so)
+    "qwen3_moe": (Qwen3MoeArgs, Qwen3MoeModel),
 }
 
 
@@ -21,4 +24,4 @@ def model_family(model_type: str | None):
 
 
 __all__ = ["REGISTRY", "model_family", "MoeEngineError", "MixtralArgs", "MixtralModel",
-           "DeepseekArgs", "DeepseekModel"]
+           "DeepseekArgs", "DeepseekModel", "Qwen3MoeArgs", "Qwen3MoeModel"]

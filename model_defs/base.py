@@ -6,27 +6,9 @@ import torch.nn.functional as F
 
 from kernels.attention import AttentionMetadata
 from kernels.linear import linear
-from model_defs.layers import RMSNorm, SwiGLU, weight
+from model_defs.checkpoint_names import NameTable, Target, expand
+from model_defs.layers import RMSNorm, weight
 from model_defs.moe import MoEBlock, store_experts, store_lossless
-
-# A checkpoint tensor's destination: our parameter name and an index into it (None: the whole).
-Target = tuple[str, tuple | None]
-
-
-def rows(block: int | None, n: int) -> slice | None:
-    """Row block `block` of size n in a stacked weight (gate=0, up=1 inside w13)."""
-    return None if block is None else slice(block * n, (block + 1) * n)
-
-
-def mlp_targets(hf_prefix: str, our_prefix: str, intermediate: int, names=("gate_proj", "up_proj", "down_proj"),
-                expert: int | None = None) -> dict[str, Target]:
-    """Checkpoint names of one SwiGLU MLP (or one expert of a stacked MoE) -> where they go."""
-    out = {}
-    for hf_name, (param, block) in SwiGLU.checkpoint_names(hf_prefix, names).items():
-        index = tuple(i for i in (expert, rows(block, intermediate)) if i is not None) or None
-        out[hf_name] = (f"{our_prefix}.{param}", index)
-    return out
-
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h)). Each residual add is left to the
@@ -53,7 +35,10 @@ class CausalLM(nn.Module):
     Runtime protocol: forward(input_ids [T], positions [T], kv_caches, meta) -> hidden [T, D];
     compute_logits(hidden [N, D]) -> float32 [N, V]; allocate_kv_cache(num_slots, dtype, device);
     kv_cache_bytes_per_token(dtype); checkpoint_targets() -> {hf name: Target}; post_load().
+    Families set name_table (model_defs.checkpoint_names.NameTable).
     """
+
+    name_table: NameTable
 
     def __init__(self, args, layers: list[DecoderLayer], rotary: nn.Module, dtype):
         super().__init__()
@@ -103,14 +88,10 @@ class CausalLM(nn.Module):
         logits = linear(hidden, self.lm_head)                   # [N, V]
         return logits if logits.dtype == torch.float32 else logits.float()
 
-    def common_targets(self) -> dict[str, Target]:
-        out = {"model.embed_tokens.weight": ("embed", None), "model.norm.weight": ("norm.weight", None)}
-        if not self.args.tie_word_embeddings:
-            out["lm_head.weight"] = ("lm_head", None)
-        for i in range(len(self.layers)):
-            out[f"model.layers.{i}.input_layernorm.weight"] = (f"layers.{i}.input_norm.weight", None)
-            out[f"model.layers.{i}.post_attention_layernorm.weight"] = (f"layers.{i}.post_attn_norm.weight", None)
-        return out
+    def checkpoint_targets(self, names=None) -> dict[str, Target]:
+        """{hf name: Target} from the family's name table; names (the checkpoint's tensor names) pick each
+        MoE layer's expert layout (model_defs.checkpoint_names.expand)."""
+        return expand(self, self.name_table, names)
 
     def ignored_checkpoint_name(self, name: str) -> bool:
         """Tensors a checkpoint may carry that inference does not use (e.g. multi-token-prediction layers)."""
@@ -125,14 +106,3 @@ class CausalLM(nn.Module):
     def post_load(self) -> None:
         """Derived weights, computed once after loading (families override)."""
 
-
-def moe_targets(hf_prefix: str, our_prefix: str, block: MoEBlock, expert_names: tuple[str, str, str],
-                gate_name: str = "gate") -> dict[str, Target]:
-    """Checkpoint names of a sparse MoE block (per-expert tensors stacked into w13/w2)."""
-    E, two_i, _ = block.w13.shape
-    out = {f"{hf_prefix}.{gate_name}.weight": (f"{our_prefix}.gate", None)}
-    if block.bias is not None:
-        out[f"{hf_prefix}.{gate_name}.e_score_correction_bias"] = (f"{our_prefix}.bias", None)
-    for e in range(E):
-        out.update(mlp_targets(f"{hf_prefix}.experts.{e}", our_prefix, two_i // 2, expert_names, expert=e))
-    return out

@@ -10,7 +10,8 @@ import kernels
 from kernels.attention import AttentionMetadata, causal_attention
 from kernels.linear import linear
 from kernels.mla import absorb_query, latent_query
-from model_defs.base import CausalLM, DecoderLayer, Target, mlp_targets, moe_targets
+from model_defs.base import CausalLM, DecoderLayer
+from model_defs.checkpoint_names import COMMON_RULES, Layout, NameTable, Rows, Rule, fused_experts, swiglu_rules
 from model_defs.hf_config import args_from_hf_config
 from model_defs.layers import RMSNorm, Rotary, SwiGLU, weight, yarn_mscale
 from model_defs.moe import MoEBlock, RoutingConfig
@@ -19,6 +20,7 @@ from model_defs.moe import MoEBlock, RoutingConfig
 _DEFAULTS = {
     "deepseek_v2": {"topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False},
     "deepseek_v3": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True},
+    "kimi_k2": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True},
 }
 
 
@@ -63,6 +65,15 @@ class DeepseekArgs:
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
+    @property
+    def q_a_rows(self) -> int:
+        """Rows of wq_kv_a from q (or q_a with a q LoRA); kv_a_rows follow them."""
+        return self.q_lora_rank or self.num_attention_heads * self.qk_head_dim
+
+    @property
+    def kv_a_rows(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
     def is_moe_layer(self, i: int) -> bool:
         return bool(self.n_routed_experts) and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
 
@@ -72,6 +83,30 @@ class DeepseekArgs:
             method=self.topk_method, n_group=self.n_group or 1, topk_group=self.topk_group or 1,
             norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor,
             scale_normalized=self.model_type != "deepseek_v2", has_bias=self.topk_method == "noaux_tc")
+
+
+_ATTN, _OURS, _MLP = "model.layers.{i}.self_attn", "layers.{i}.attn", "model.layers.{i}.mlp"
+_Q, _KV = Rows(0, ("q_a_rows", "kv_a_rows")), Rows(1, ("q_a_rows", "kv_a_rows"))
+DEEPSEEK_NAMES = NameTable(
+    rules=COMMON_RULES + (
+        Rule(f"{_ATTN}.q_proj.weight", f"{_OURS}.wq_kv_a", _Q, ("!q_lora_rank",)),
+        Rule(f"{_ATTN}.q_a_proj.weight", f"{_OURS}.wq_kv_a", _Q, ("q_lora_rank",)),
+        Rule(f"{_ATTN}.kv_a_proj_with_mqa.weight", f"{_OURS}.wq_kv_a", _KV),
+        Rule(f"{_ATTN}.q_a_layernorm.weight", f"{_OURS}.q_a_norm.weight", when=("q_lora_rank",)),
+        Rule(f"{_ATTN}.q_b_proj.weight", f"{_OURS}.q_b", when=("q_lora_rank",)),
+        Rule(f"{_ATTN}.kv_a_layernorm.weight", f"{_OURS}.kv_a_norm.weight"),
+        Rule(f"{_ATTN}.kv_b_proj.weight", f"{_OURS}.kv_b"),
+        Rule(f"{_ATTN}.o_proj.weight", f"{_OURS}.wo"),
+        # q_proj has no bias (q_a_proj has): without a q LoRA the q part of wq_kv_a_bias stays zero.
+        Rule(f"{_ATTN}.q_a_proj.bias", f"{_OURS}.wq_kv_a_bias", _Q, ("attention_bias", "q_lora_rank")),
+        Rule(f"{_ATTN}.kv_a_proj_with_mqa.bias", f"{_OURS}.wq_kv_a_bias", _KV, ("attention_bias",)),
+        Rule(f"{_ATTN}.o_proj.bias", f"{_OURS}.wo_bias", when=("attention_bias",)),
+        Rule(f"{_MLP}.gate.weight", "layers.{i}.mlp.gate", when=("moe",)),
+        Rule(f"{_MLP}.gate.e_score_correction_bias", "layers.{i}.mlp.bias", when=("router_bias",)),
+    ) + swiglu_rules(f"{_MLP}.shared_experts", "layers.{i}.mlp.shared", when=("shared",))
+    + swiglu_rules(_MLP, "layers.{i}.mlp", when=("dense",)),
+    layouts=(Layout("per-expert", swiglu_rules(f"{_MLP}.experts.{{e}}", "layers.{i}.mlp")),
+             Layout("fused", fused_experts(_MLP, "layers.{i}.mlp"))))
 
 
 class MLAttention(nn.Module):
@@ -189,24 +224,10 @@ class MLAttention(nn.Module):
         o = causal_attention(q, entries[None], entries[None, :, :L], self.scale, enable_gqa=True)   # [H, n, L]
         return torch.bmm(o, self.w_uv.transpose(1, 2)).transpose(0, 1)          # [n, H, v]
 
-    def targets(self, hf: str, ours: str) -> dict[str, Target]:
-        names = {"kv_a_layernorm": "kv_a_norm.weight", "kv_b_proj": "kv_b", "o_proj": "wo"}
-        if self.a.q_lora_rank:
-            names.update({"q_a_layernorm": "q_a_norm.weight", "q_b_proj": "q_b"})
-        out = {f"{hf}.{n}.weight": (f"{ours}.{o}", None) for n, o in names.items()}
-        q_part, kv_part = (slice(0, self.q_width),), (slice(self.q_width, self.wq_kv_a.shape[0]),)
-        q_name = "q_a_proj" if self.a.q_lora_rank else "q_proj"
-        out[f"{hf}.{q_name}.weight"] = (f"{ours}.wq_kv_a", q_part)
-        out[f"{hf}.kv_a_proj_with_mqa.weight"] = (f"{ours}.wq_kv_a", kv_part)
-        if self.a.attention_bias:
-            out[f"{hf}.kv_a_proj_with_mqa.bias"] = (f"{ours}.wq_kv_a_bias", kv_part)
-            out[f"{hf}.o_proj.bias"] = (f"{ours}.wo_bias", None)
-            if self.a.q_lora_rank:
-                out[f"{hf}.q_a_proj.bias"] = (f"{ours}.wq_kv_a_bias", q_part)
-        return out
-
 
 class DeepseekModel(CausalLM):
+    name_table = DEEPSEEK_NAMES
+
     def __init__(self, args: DeepseekArgs, dtype=torch.float32, absorb: str = "auto"):
         # V2 checkpoints always rotate interleaved pairs; V3 says so in rope_interleave.
         interleave = args.rope_interleave or args.model_type == "deepseek_v2"
@@ -235,16 +256,3 @@ class DeepseekModel(CausalLM):
         a = self.args
         return (a.kv_lora_rank + a.qk_rope_head_dim) * a.num_hidden_layers * torch.finfo(dtype).bits // 8
 
-    def checkpoint_targets(self) -> dict[str, Target]:
-        out = self.common_targets()
-        for i, layer in enumerate(self.layers):
-            hf, ours = f"model.layers.{i}", f"layers.{i}"
-            out.update(layer.attn.targets(f"{hf}.self_attn", f"{ours}.attn"))
-            if isinstance(layer.mlp, MoEBlock):
-                out.update(moe_targets(f"{hf}.mlp", f"{ours}.mlp", layer.mlp, ("gate_proj", "up_proj", "down_proj")))
-                if layer.mlp.shared is not None:
-                    shared_i = layer.mlp.shared.w2.shape[1]
-                    out.update(mlp_targets(f"{hf}.mlp.shared_experts", f"{ours}.mlp.shared", shared_i))
-            else:
-                out.update(mlp_targets(f"{hf}.mlp", f"{ours}.mlp", self.args.intermediate_size))
-        return out

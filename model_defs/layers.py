@@ -126,10 +126,3 @@ class SwiGLU(nn.Module):
 
     def projections(self) -> list[nn.Parameter]:
         return [self.w13, self.w2]
-
-    @staticmethod
-    def checkpoint_names(prefix: str, names=("gate_proj", "up_proj", "down_proj")) -> dict:
-        """HF names under `prefix` -> (our parameter suffix, row block in w13 (0 gate, 1 up) or None)."""
-        gate, up, down = names
-        return {f"{prefix}.{gate}.weight": ("w13", 0), f"{prefix}.{up}.weight": ("w13", 1),
-                f"{prefix}.{down}.weight": ("w2", None)}

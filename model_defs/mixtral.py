@@ -8,9 +8,10 @@ import torch.nn as nn
 import kernels
 from kernels.attention import AttentionMetadata
 from kernels.linear import linear
-from model_defs.base import CausalLM, DecoderLayer, Target, moe_targets
+from model_defs.base import CausalLM, DecoderLayer
+from model_defs.checkpoint_names import COMMON_RULES, Layout, NameTable, Rows, Rule, fused_experts, swiglu_rules
 from model_defs.hf_config import args_from_hf_config
-from model_defs.layers import Rotary, weight
+from model_defs.layers import RMSNorm, Rotary, weight
 from model_defs.moe import MoEBlock, RoutingConfig
 
 
@@ -45,23 +46,52 @@ class MixtralArgs:
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    @property
+    def q_rows(self) -> int:
+        return self.num_attention_heads * self.dim_per_head
+
+    @property
+    def kv_rows(self) -> int:
+        return self.kv_heads * self.dim_per_head
+
+
+_ATTN, _QKV = "model.layers.{i}.self_attn", ("q_rows", "kv_rows", "kv_rows")
+# Hub checkpoints name the block block_sparse_moe, one tensor per expert; transformers 5 holds it as mlp
+# with the experts fused (its state_dict, which a checkpoint may be written from).
+MIXTRAL_NAMES = NameTable(
+    rules=COMMON_RULES + tuple(Rule(f"{_ATTN}.{n}_proj.weight", "layers.{i}.attn.wqkv", Rows(k, _QKV))
+                               for k, n in enumerate("qkv"))
+    + (Rule(f"{_ATTN}.o_proj.weight", "layers.{i}.attn.wo"),),
+    layouts=(
+        Layout("per-expert", (Rule("model.layers.{i}.block_sparse_moe.gate.weight", "layers.{i}.mlp.gate"),)
+               + swiglu_rules("model.layers.{i}.block_sparse_moe.experts.{e}", "layers.{i}.mlp", ("w1", "w3", "w2"))),
+        Layout("fused", (Rule("model.layers.{i}.mlp.gate.weight", "layers.{i}.mlp.gate"),)
+               + fused_experts("model.layers.{i}.mlp", "layers.{i}.mlp")),
+    ))
+
 
 class GQAttention(nn.Module):
-    """Grouped-query attention; q, k and v projections stacked in one weight wqkv [(H + 2 Hkv) Dh, D]."""
+    """Grouped-query attention; q, k and v projections stacked in one weight wqkv [(H + 2 Hkv) Dh, D].
+    qk_norm: a per-head RMSNorm of q and k before RoPE (Qwen3); args then needs rms_norm_eps."""
 
-    def __init__(self, args: MixtralArgs, rotary: Rotary, dtype):
+    def __init__(self, args: MixtralArgs, rotary: Rotary, dtype, qk_norm: bool = False):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.kv_heads, args.dim_per_head
         self.wqkv = weight((self.n_heads + 2 * self.n_kv) * self.head_dim, args.hidden_size, dtype=dtype)
         self.wo = weight(args.hidden_size, self.n_heads * self.head_dim, dtype=dtype)
         self.rotary = rotary
         self.scale = self.head_dim ** -0.5
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, dtype) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, dtype) if qk_norm else None
 
     def forward(self, x: torch.Tensor, angles, kv_cache, meta: AttentionMetadata):
         """kv_cache: keys at [0], values at [1] (the [2, S, Hkv, Dh] tensor, or its halves from cache_parts)."""
         T, H = x.shape[0], self.n_heads
         qkv = linear(x, self.wqkv).view(T, H + 2 * self.n_kv, self.head_dim)   # [T, H + 2 Hkv, Dh]
-        qk = self.rotary(qkv[:, :H + self.n_kv], angles)                      # q and k heads at once
+        qk = qkv[:, :H + self.n_kv]                                           # [T, H + Hkv, Dh]
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], 1)
+        qk = self.rotary(qk, angles)                                           # q and k heads at once
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + self.n_kv:]
         kernels.write_cache(kv_cache[0], k, meta.slot_mapping)
         kernels.write_cache(kv_cache[1], v, meta.slot_mapping)
@@ -72,16 +102,10 @@ class GQAttention(nn.Module):
         """The weights this module uses only through kernels.linear.linear (see CausalLM.store_weights)."""
         return [self.wqkv, self.wo]
 
-    def targets(self, hf: str, ours: str) -> dict[str, Target]:
-        sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
-        starts = [0, sizes[0], sizes[0] + sizes[1]]
-        out = {f"{hf}.{n}_proj.weight": (f"{ours}.wqkv", (slice(s, s + size),))
-               for n, s, size in zip("qkv", starts, sizes)}
-        out[f"{hf}.o_proj.weight"] = (f"{ours}.wo", None)
-        return out
-
 
 class MixtralModel(CausalLM):
+    name_table = MIXTRAL_NAMES
+
     def __init__(self, args: MixtralArgs, dtype=torch.float32):
         rotary = Rotary(args.dim_per_head, args.rope_theta, args.rope_scaling,
                         max_position_embeddings=args.max_position_embeddings)
@@ -111,10 +135,3 @@ class MixtralModel(CausalLM):
         a = self.args
         return 2 * a.kv_heads * a.dim_per_head * a.num_hidden_layers * torch.finfo(dtype).bits // 8
 
-    def checkpoint_targets(self) -> dict[str, Target]:
-        out = self.common_targets()
-        for i, layer in enumerate(self.layers):
-            hf = f"model.layers.{i}"
-            out.update(layer.attn.targets(f"{hf}.self_attn", f"layers.{i}.attn"))
-            out.update(moe_targets(f"{hf}.block_sparse_moe", f"layers.{i}.mlp", layer.mlp, ("w1", "w3", "w2")))
-        return out

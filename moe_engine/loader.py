@@ -37,7 +37,7 @@ def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
 
 def check_checkpoint(model, tensors: dict[str, TensorInfo], block: tuple[int, int] | None) -> None:
     """One error naming every missing, unexpected and mis-shaped tensor, before anything is read."""
-    targets = model.checkpoint_targets()
+    targets = model.checkpoint_targets(tensors)   # the tensor names pick each MoE layer's expert layout
     missing = sorted(set(targets) - set(tensors))
     problems, unexpected = [], []
     for name, info in tensors.items():
@@ -104,7 +104,7 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
         raise MoeEngineError(f"cannot build the {args.model_type} model from config.json in {path} "
                              f"({type(e).__name__}: {e}); fix config.json") from None
     check_checkpoint(model, tensors, block)
-    targets = model.checkpoint_targets()
+    targets = model.checkpoint_targets(tensors)
     bar = tqdm(total=len(targets), desc=f"loading {path.name}", unit="tensor", disable=not progress,
                leave=False)
     with torch.no_grad(), ExitStack() as stack:
