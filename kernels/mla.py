@@ -3,7 +3,7 @@
 import torch
 
 from kernels.backend import use_triton
-from kernels.pointwise import rotary
+from kernels.pointwise import RotaryAngles, rotary, rotary_swapped
 from kernels.tuning import absorb_tuning, disabled
 
 
@@ -21,6 +21,16 @@ def absorb_query(q: torch.Tensor, nope: int, w_uk: torch.Tensor, cos: torch.Tens
             from kernels.triton_mla import absorb_query_triton
             return absorb_query_triton(q, nope, w_uk, cos, sin, interleave, tuning.tile)
     return absorb_query_bmm(q, nope, w_uk, cos, sin, interleave, backend)
+
+
+def absorbed_query(q: torch.Tensor, nope: int, w_uk: torch.Tensor, angles: RotaryAngles,
+                   interleave: bool) -> torch.Tensor:
+    """absorb_query with the step's angles (kernels.rotary_angles): where they were spread (the CPU),
+    the few-call rotation of q_pe and latent_query; else absorb_query (one kernel on CUDA)."""
+    if angles.spread is None:
+        return absorb_query(q, nope, w_uk, angles.cos, angles.sin, interleave)
+    q_nope, q_pe = q.split([nope, q.shape[2] - nope], -1)                 # [T, H, nope], [T, H, R]
+    return latent_query(q_nope, rotary_swapped(q_pe, *angles.spread, interleave), w_uk)
 
 
 def absorb_query_bmm(q: torch.Tensor, nope: int, w_uk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

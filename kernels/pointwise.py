@@ -2,6 +2,8 @@
 before it) and rotary embedding. On CUDA each is one Triton launch instead of 3-7 torch kernels, which
 matters once a step is replayed from a CUDA graph and kernel count, not Python, sets its length."""
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -75,6 +77,28 @@ def rotary_swapped(x: torch.Tensor, cos_full: torch.Tensor, sin_swap: torch.Tens
     return x * cos_full + swapped * sin_swap
 
 
+class RotaryAngles(NamedTuple):
+    """A step's rotary angles as the device's rotation takes them (from rotary_angles): cos/sin
+    [T, 1, R/2], and where torch rotates (the CPU), spread = (cos_full, sin_swap) [T, 1, R] too."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    spread: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def rotary_angles(cos: torch.Tensor, sin: torch.Tensor, interleave: bool, backend: str = "auto") -> RotaryAngles:
+    """The step's angles cos/sin [T, 1, R/2] in the form rotate, write_rotated_latent and
+    absorbed_query need on this device: the spread ones computed here, once a step, where no kernel rotates."""
+    return RotaryAngles(cos, sin, spread_angles(cos, sin, interleave, backend))
+
+
+def rotate(x: torch.Tensor, angles: RotaryAngles, interleave: bool) -> torch.Tensor:
+    """x [T, H, R] rotated by the step's angles: the few-call torch form where the angles were spread
+    (rotary_angles decided that from the device), else rotary (the Triton kernel on CUDA)."""
+    if angles.spread is not None:
+        return rotary_swapped(x, *angles.spread, interleave)
+    return rotary(x, angles.cos, angles.sin, interleave)
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool,
            backend: str = "auto") -> torch.Tensor:
     """Rotary embedding (see rotary_ref); a new contiguous [T, H, R] tensor."""
@@ -102,3 +126,18 @@ def write_latent_cache(cache: torch.Tensor, kv: torch.Tensor, weight: torch.Tens
     rows = torch.cat([rms_norm(latent, weight, eps, backend=backend)[0],
                       rotary(k_pe[:, None, :], cos, sin, interleave, backend)[:, 0]], -1)   # [T, L + R]
     cache.index_copy_(0, slot_mapping, rows.to(cache.dtype))
+
+
+def write_rotated_latent(cache: torch.Tensor, kv: torch.Tensor, weight: torch.Tensor, eps: float,
+                         angles: RotaryAngles, interleave: bool, slot_mapping: torch.Tensor,
+                         eps_cell: torch.Tensor | None = None) -> None:
+    """write_latent_cache with the step's angles: where they were spread (the CPU), the norm (rms_norm,
+    its CPU form given eps_cell), the few-call rotation, one concatenation and the scatter; else
+    write_latent_cache (one kernel on CUDA)."""
+    if angles.spread is None:
+        write_latent_cache(cache, kv, weight, eps, angles.cos, angles.sin, interleave, slot_mapping)
+        return
+    latent, k_pe = kv.split([weight.shape[0], kv.shape[1] - weight.shape[0]], -1)   # [T, L], [T, R]
+    k_pe = rotary_swapped(k_pe[:, None, :], *angles.spread, interleave)[:, 0]        # [T, R]
+    rows = torch.cat([rms_norm(latent, weight, eps, eps_cell=eps_cell)[0], k_pe], -1)   # [T, L + R]
+    cache.index_copy_(0, slot_mapping, rows if rows.dtype == cache.dtype else rows.to(cache.dtype))

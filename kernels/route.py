@@ -17,3 +17,11 @@ def fused_route(logits: torch.Tensor, top_k: int, sigmoid: bool, bias: torch.Ten
         return None
     from kernels.triton_gemv import route_triton
     return route_triton(logits, top_k, sigmoid, bias, normalize, scaling, method, n_group, topk_group)
+
+
+def ranking_is_free(logits: torch.Tensor) -> bool:
+    """Whether torch's top-k should return the experts ranked (sorted=True): on the CPU the ranking costs
+    nothing and keeps the hooked and plain paths summing experts in the same order (bit-identical
+    results); on CUDA, where the routing kernel does not serve (no Triton, or turned off), unranked saves a
+    sort kernel per layer (the kernel itself ranks anyway)."""
+    return not logits.is_cuda

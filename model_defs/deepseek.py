@@ -9,7 +9,6 @@ import torch.nn.functional as F
 import kernels
 from kernels.attention import AttentionMetadata, causal_attention
 from kernels.linear import linear
-from kernels.mla import absorb_query, latent_query
 from model_defs.base import CausalLM, DecoderLayer
 from model_defs.checkpoint_names import COMMON_RULES, Layout, NameTable, Rows, Rule, fused_experts, swiglu_rules
 from model_defs.hf_config import args_from_hf_config
@@ -161,32 +160,23 @@ class MLAttention(nn.Module):
         if a.q_lora_rank:
             q = linear(self.q_a_norm(q), self.q_b)
         q = q.view(T, H, a.qk_head_dim)                                        # [T, H, nope + R]
-        q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)   # [T, H, *]
-        kernel_rope = angles.spread is None   # the rotary kernel's device: fused kernels around it too
-        if kernel_rope:                       # norm, rotary and the cache write in one kernel
-            kernels.write_latent_cache(cache, kv, self.kv_a_norm.weight, self.kv_a_norm.eps, angles.cos,
-                                       angles.sin, self.rotary.interleave, meta.slot_mapping)
-        else:
-            latent, k_pe = kv.split([a.kv_lora_rank, a.qk_rope_head_dim], -1)  # [T, L], [T, R]
-            k_pe = self.rotary(k_pe[:, None, :], angles)[:, 0]                 # [T, R]
-            kernels.write_cache(cache, torch.cat([self.kv_a_norm(latent), k_pe], -1), meta.slot_mapping)
+        # Norm, rotary and the cache write: one kernel on CUDA, the CPU's few-call forms elsewhere.
+        norm = self.kv_a_norm
+        kernels.write_rotated_latent(cache, kv, norm.weight, norm.eps, angles, self.rotary.interleave,
+                                     meta.slot_mapping, eps_cell=norm._eps_cell)
         # A static (graph) decode step knows its contexts only on the device: only the absorbed form serves it.
         absorbed = self.absorb == "always" or meta.context_slots is None or (self.absorb == "auto" and meta.is_decode)
-        if absorbed and kernel_rope:          # the absorbed query, q_pe's rotation included, in one kernel
-            q_full = absorb_query(q, a.qk_nope_head_dim, self.w_uk, angles.cos, angles.sin, self.rotary.interleave)
+        if absorbed:                          # the absorbed query, q_pe's rotation included (one kernel on CUDA)
+            q_full = kernels.absorbed_query(q, a.qk_nope_head_dim, self.w_uk, angles, self.rotary.interleave)
             out = self._attend_latent(q_full, cache, meta)
-        elif absorbed:
-            out = self._absorbed(q_nope, self.rotary(q_pe, angles), cache, meta)
         else:
+            q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)   # [T, H, *]
             out = self._per_sequence(q_nope, self.rotary(q_pe, angles), cache, meta)
         return linear(out.reshape(T, H * a.v_head_dim), self.wo, self._bias("wo_bias"))
 
-    def _absorbed(self, q_nope, q_pe, cache, meta):
-        """Attend over the latent itself: fold kv_b's key half into q and its value half into the output."""
-        return self._attend_latent(latent_query(q_nope, q_pe, self.w_uk), cache, meta)
-
     def _attend_latent(self, q_full, cache, meta):
-        """q_full [T, H, L + R] against the cached latents; the value half of kv_b applied after: [T, H, v]."""
+        """Attend over the latent itself: q_full [T, H, L + R] (kv_b's key half folded in) against the cached
+        latents; the value half of kv_b applied after: [T, H, v]."""
         L = self.a.kv_lora_rank
         entries = cache[:, None, :]                                              # [S, 1, L + R]
         out_latent = kernels.paged_attention(q_full, entries, entries[..., :L], meta, self.scale)  # [T, H, L]

@@ -1,8 +1,6 @@
 """Shared layers: RMSNorm, rotary embeddings (default and YaRN), SwiGLU MLP, plain linear weights."""
 
 import math
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,14 +12,6 @@ from kernels.linear import swiglu
 def weight(*shape: int, dtype=None) -> nn.Parameter:
     """An uninitialised, frozen parameter: every value comes from the checkpoint."""
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
-
-
-class RotaryAngles(NamedTuple):
-    """A step's rotary angles: cos/sin [T, 1, dim/2] (what the kernels take) and, where torch rotates,
-    (cos_full, sin_swap) [T, 1, dim] from kernels.spread_angles."""
-    cos: torch.Tensor
-    sin: torch.Tensor
-    spread: tuple[torch.Tensor, torch.Tensor] | None
 
 
 class RMSNorm(nn.Module):
@@ -94,23 +84,21 @@ class Rotary(nn.Module):
         return (1.0 / (factor * pos_freqs) * (1 - extrapolate) + 1.0 / pos_freqs * extrapolate,
                 float(attention_factor))
 
-    def angles(self, positions: torch.Tensor, dtype=torch.float32) -> RotaryAngles:
+    def angles(self, positions: torch.Tensor, dtype=torch.float32) -> kernels.RotaryAngles:
         """Angles for positions [T], shaped [T, 1, dim/2] to broadcast over heads; computed once a step in
-        float32 and cast once to the dtype the layers rotate in. Where no kernel rotates (the CPU), also
-        spread over all dim channels, for the few-call rotation (kernels.rotary_swapped)."""
+        float32 and cast once to the dtype the layers rotate in, then put in the form this device's
+        rotation takes (kernels.rotary_angles)."""
         freqs = positions.float()[:, None, None] * self.inv_freq              # [T, 1, dim/2]
         cos, sin = freqs.cos(), freqs.sin()
         if self.attention_factor != 1.0:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
         if dtype != torch.float32:
             cos, sin = cos.to(dtype), sin.to(dtype)
-        return RotaryAngles(cos, sin, kernels.spread_angles(cos, sin, self.interleave))
+        return kernels.rotary_angles(cos, sin, self.interleave)
 
-    def forward(self, x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, angles: kernels.RotaryAngles) -> torch.Tensor:
         """x [T, H, dim] rotated by the step's angles."""
-        if angles.spread is not None:
-            return kernels.rotary_swapped(x, *angles.spread, self.interleave)
-        return kernels.rotary(x, angles.cos, angles.sin, self.interleave)
+        return kernels.rotate(x, angles, self.interleave)
 
 
 class SwiGLU(nn.Module):

@@ -137,10 +137,9 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor, hook: RoutingHook | None = None) -> torch.Tensor:
         router_logits = compute_router_logits(x, self.gate)          # [T, E] float32
         if hook is None:
-            # On CUDA the routing kernel ranks anyway; where it does not serve (no Triton, or turned off),
-            # unranked saves a sort kernel per layer. On the CPU the ranking is free and keeps the hooked
-            # and plain paths summing experts in the same order (bit-identical results).
-            topk_weights, topk_ids = route(router_logits, self.routing, self.bias, ranked=not x.is_cuda)
+            # Ranked where that costs nothing (kernels.ranking_is_free says where).
+            topk_weights, topk_ids = route(router_logits, self.routing, self.bias,
+                                           ranked=kernels.ranking_is_free(router_logits))
         else:
             topk_weights, topk_ids = hook.route(self.moe_index, router_logits, self.routing, self.bias)
         shared = None if self.shared is None else (self.shared.w13, self.shared.w2)

@@ -337,6 +337,32 @@ def test_rotary_swapped_equals_reference(interleave, dtype):
     assert torch.equal(out, rotary_ref(qkv[:, :H], cos, sin, interleave))
 
 
+@pytest.mark.parametrize("interleave", [False, True])
+def test_angle_entries_cpu_forms_equal_half_angle_forms(interleave):
+    """rotate, absorbed_query and write_rotated_latent with the CPU's spread angles (what rotary_angles
+    gives on the CPU) against the same entries handed only the half-width angles (the path the kernels
+    take on CUDA, here their torch references): rotations equal, the cache rows equal up to the norm's
+    last bit (rms_norm_cpu against rms_norm_ref)."""
+    T, H, nope, R, L = 3, 4, 8, 16, 32
+    g = torch.Generator().manual_seed(7)
+    theta = torch.rand(T, 1, R // 2, generator=g) * 6
+    spread = kernels.rotary_angles(theta.cos(), theta.sin(), interleave)
+    assert spread.spread is not None                           # the CPU rotates in torch
+    half = kernels.RotaryAngles(spread.cos, spread.sin, None)
+    x = torch.randn(T, H, R, generator=g)
+    assert torch.equal(kernels.rotate(x, spread, interleave), kernels.rotate(x, half, interleave))
+    q, w_uk = torch.randn(T, H, nope + R, generator=g), torch.randn(H, nope, L, generator=g)
+    assert torch.equal(kernels.absorbed_query(q, nope, w_uk, spread, interleave),
+                       kernels.absorbed_query(q, nope, w_uk, half, interleave))
+    kv, weight = torch.randn(T, L + R, generator=g), 1 + 0.1 * torch.randn(L, generator=g)
+    slots = torch.tensor([5, 0, 2])
+    caches = [torch.zeros(8, L + R) for _ in range(2)]
+    kernels.write_rotated_latent(caches[0], kv, weight, 1e-6, spread, interleave, slots, torch.full((1, 1), 1e-6))
+    kernels.write_rotated_latent(caches[1], kv, weight, 1e-6, half, interleave, slots)
+    assert torch.equal(caches[0][:, L:], caches[1][:, L:]) and caches[0][slots].abs().sum() > 0
+    assert rel_err(caches[0][:, :L], caches[1][:, :L]) < 1e-6
+
+
 @pytest.mark.parametrize("model", ["tiny-mixtral", "tiny-deepseek"])
 def test_models_with_triton_norm_and_rotary_match(model, monkeypatch):
     """The whole model with every norm and rotation through the Triton kernels (interpreter on the CPU):
