@@ -4,7 +4,7 @@ import torch
 
 from kernels.backend import use_triton
 from kernels.pointwise import RotaryAngles, rotary, rotary_swapped
-from kernels.tuning import absorb_tuning, disabled
+from kernels.tuning import absorb_tuning, enabled
 
 
 def absorb_query(q: torch.Tensor, nope: int, w_uk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -15,7 +15,7 @@ def absorb_query(q: torch.Tensor, nope: int, w_uk: torch.Tensor, cos: torch.Tens
     (kernels.tuning.absorb_tuning: the kernel reads w_uk once per token)."""
     if (use_triton(backend, q, w_uk, cos, sin) and q.dim() == 3 and q.stride(-1) == 1 and w_uk.stride(-1) == 1
             and cos.is_contiguous() and sin.is_contiguous() and q.dtype == w_uk.dtype
-            and cos.shape == (q.shape[0], 1, (q.shape[2] - nope) // 2) and not disabled("absorb_query")):
+            and cos.shape == (q.shape[0], 1, (q.shape[2] - nope) // 2) and enabled("absorb_query")):
         tuning = absorb_tuning(q.device, q.shape[1], nope, w_uk.shape[2])
         if q.shape[0] <= tuning.max_tokens:
             from kernels.triton_mla import absorb_query_triton

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import use_triton
-from kernels.tuning import disabled
+from kernels.tuning import enabled
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -118,7 +118,7 @@ def write_latent_cache(cache: torch.Tensor, kv: torch.Tensor, weight: torch.Tens
     L = weight.shape[0]
     if (use_triton(backend, kv, cache, cos, sin) and kv.dim() == 2 and kv.stride(-1) == 1 and cache.stride(-1) == 1
             and cos.is_contiguous() and sin.is_contiguous() and kv.dtype == weight.dtype
-            and cos.shape == (kv.shape[0], 1, (kv.shape[1] - L) // 2) and not disabled("latent_cache")):
+            and cos.shape == (kv.shape[0], 1, (kv.shape[1] - L) // 2) and enabled("latent_cache")):
         from kernels.triton_pointwise import latent_cache_triton
         latent_cache_triton(cache, kv, weight, eps, cos, sin, interleave, slot_mapping)
         return

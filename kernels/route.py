@@ -4,7 +4,7 @@ model_defs.moe.route)."""
 import torch
 
 from kernels.backend import triton_available
-from kernels.tuning import disabled
+from kernels.tuning import enabled
 
 
 def fused_route(logits: torch.Tensor, top_k: int, sigmoid: bool, bias: torch.Tensor | None, normalize: bool,
@@ -13,7 +13,7 @@ def fused_route(logits: torch.Tensor, top_k: int, sigmoid: bool, bias: torch.Ten
     """(weights [T, k] float32, ids [T, k] int64, best first) from logits [T, E] float32 in one Triton
     program per token on CUDA; method "greedy", "group_limited_greedy" or "noaux_tc" (n_group groups, the
     topk_group best kept). None where that does not apply (the caller routes in torch)."""
-    if not (logits.is_cuda and logits.dtype == torch.float32 and triton_available()) or disabled("route"):
+    if not (logits.is_cuda and logits.dtype == torch.float32 and triton_available()) or not enabled("route"):
         return None
     from kernels.triton_gemv import route_triton
     return route_triton(logits, top_k, sigmoid, bias, normalize, scaling, method, n_group, topk_group)

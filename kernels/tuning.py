@@ -196,7 +196,7 @@ def absorb_tuning(device: torch.device, heads: int, nope: int, lora: int) -> Lin
 def linear_tuning(device: torch.device, n: int, k: int, dtype: torch.dtype) -> LinearTuning | None:
     """The GEMV's tuning for a weight [n, k]: the tuning file's entry, else LINEAR_TABLE's; None (the
     vendor library) when neither lists it or the file disables "linear"."""
-    if disabled("linear"):
+    if not enabled("linear"):
         return None
     key = (device_key(device), n, k, str(dtype).removeprefix("torch."))
     return from_file(("linear",) + key) or LINEAR_TABLE.get(key)
@@ -212,10 +212,16 @@ def from_file(key: tuple):
     return tuning_file(path).get(key) if path else None
 
 
+def enabled(kernel: str) -> bool:
+    """Whether a kind of decode kernel (one of DECODE_KERNELS) may run: the tuning file (MOE_ENGINE_TUNING)
+    turns it off with "disable", for A/B runs against the path without it. The one check at every site."""
+    if kernel not in DECODE_KERNELS:
+        raise ValueError(f"{kernel!r} is not one of {', '.join(DECODE_KERNELS)}")
+    return kernel not in (from_file(("disable",)) or ())
+
+
 def disabled(kernel: str) -> bool:
-    """Whether the tuning file (MOE_ENGINE_TUNING) turns a kind of decode kernel off ("disable": any of
-    DECODE_KERNELS): for A/B runs against the path without it."""
-    return kernel in (from_file(("disable",)) or ())
+    return not enabled(kernel)
 
 
 def _half_block_k(tuning):
@@ -237,7 +243,7 @@ def gemv_tuning(device: torch.device, dim: int, inter: int, dtype=torch.bfloat16
     key = device_key(device)
     tuning = (from_file(("gemv", key, dim, inter)) or GEMV_SHAPE_TABLE.get((key, dim, inter))
               or GEMV_TABLE.get(key) or _DEFAULT_GEMV)
-    if disabled("gemv"):
+    if not enabled("gemv"):
         tuning = replace(tuning, max_tokens=0)
     return _half_block_k(tuning) if dtype.itemsize > 2 else tuning
 
