@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -131,6 +132,29 @@ def test_stop_strings(llm, client):
     assert "".join(c.choices[0].text for c in chunks) == ref.text
 
 
+def test_logprobs_equal_prompt_logits(llm, client):
+    ref = greedy(llm, PROMPTS[2], max_tokens=6)
+    ids = ref.prompt_token_ids + ref.token_ids
+    logp = torch.log_softmax(llm.prompt_logits(ids[:-1]).float(), -1)[len(ref.prompt_token_ids) - 1:]  # [6, V]
+    r = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    want = logp.gather(1, torch.tensor(ref.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(lp.token_logprobs), want, atol=1e-4)
+    assert len(lp.tokens) == len(ref.token_ids)
+    for row, top in zip(logp, lp.top_logprobs):
+        assert len(top) == 3
+        assert torch.allclose(torch.tensor(sorted(top.values(), reverse=True)), row.topk(3).values, atol=1e-4)
+    messages = [{"role": "user", "content": "Hello"}]
+    cref = greedy(llm, ids=llm.tokenizer.encode_chat(messages), max_tokens=5)
+    cids = cref.prompt_token_ids + cref.token_ids
+    clogp = torch.log_softmax(llm.prompt_logits(cids[:-1]).float(), -1)[len(cref.prompt_token_ids) - 1:]
+    c = client.chat.completions.create(model=NAME, messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    got = [t.logprob for t in c.choices[0].logprobs.content]
+    assert torch.allclose(torch.tensor(got), clogp.gather(1, torch.tensor(cref.token_ids)[:, None])[:, 0], atol=1e-4)
+    assert all(len(t.top_logprobs) == 2 for t in c.choices[0].logprobs.content)
+
+
 def test_seeded_sampling_is_reproducible(client):
     def once(seed):
         return client.completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=16, temperature=1.0,
@@ -230,7 +254,9 @@ def test_bad_requests_answer_clearly(llm, server):
         (chat, {"messages": "hi"}, auth, 400, "messages"),
         (chat, {"messages": []}, auth, 400, "messages"),
         (chat, {"messages": [{"role": "user"}]}, auth, 400, "content"),
-        (chat, {"messages": msgs, "logprobs": True}, auth, 400, "logprobs"),
+        (chat, {"messages": msgs, "logprobs": True, "stream": True}, auth, 400, "non-streaming"),
+        (chat, {"messages": msgs, "logprobs": True, "top_logprobs": 21}, auth, 400, "0..20"),
+        (comp, {"prompt": "x", "logprobs": 30}, auth, 400, "0..20"),
         (chat, {"messages": msgs, "max_completion_tokens": -1}, auth, 400, "max_tokens"),
         (url + "/v1/nothing", {}, auth, 404, "Not Found"),
     ]

@@ -52,9 +52,6 @@ def check_types(body: dict) -> None:
 def sampling_from(body: dict, default_max_tokens: int) -> SamplingParams:
     if body.get("n", 1) != 1:
         raise APIError(400, f"n={body['n']} is not supported: this server returns one choice per request (n=1)", "n")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise APIError(400, "logprobs are not supported by this server yet; leave logprobs/top_logprobs unset",
-                       "logprobs")
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name):
             raise APIError(400, f"{name} is not supported; use repetition_penalty instead", name)
@@ -69,6 +66,26 @@ def sampling_from(body: dict, default_max_tokens: int) -> SamplingParams:
     except MoeEngineError as e:
         param = next((n for n in values if f" {n}=" in f" {e}"), None)
         raise APIError(400, str(e), param) from None
+
+
+def top_logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives per token a request asks for (None: no logprobs), checked against 0..20."""
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    if chat:
+        want = lp is True or (lp not in (None, False) and lp != 0)
+        k = top or 0
+        if top is not None and not want:
+            raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+    else:
+        want, k = lp is not None and lp is not False, (0 if lp is True else lp or 0)
+    if not want:
+        return None
+    if not 0 <= k <= 20:
+        raise APIError(400, f"top_logprobs/logprobs={k} is out of range: must be 0..20", "top_logprobs")
+    if body.get("stream"):
+        raise APIError(400, "logprobs are returned for non-streaming requests only; drop stream or logprobs",
+                       "logprobs")
+    return k
 
 
 def usage(req: Request) -> dict:
@@ -190,6 +207,7 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
         params = sampling_from(body, default_max_tokens)
         stream = bool(body.get("stream"))
         req = Request(ids, params, stream, asyncio.get_running_loop())
+        req.top_logprobs = top_logprobs(body, kind == "chat.completion")
         try:
             loop.submit(req)
         except Busy as e:
@@ -206,7 +224,7 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
                                  media_type="text/event-stream")
 
     async def collect(request, req, rid, created, kind, echo):
-        text, finish = "", None
+        text, finish, logprobs = "", None, None
         try:
             while finish is None:
                 event = await req.events.get()
@@ -214,6 +232,8 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
                     raise APIError(400, event[1], "messages" if kind == "chat.completion" else "prompt")
                 if event[0] == "delta":
                     text += event[1]
+                elif event[0] == "logprobs":
+                    logprobs = format_logprobs(req, *event[1:], kind == "chat.completion", len(echo))
                 else:
                     finish = event[1]
         finally:
@@ -221,11 +241,26 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
                 loop.cancel(req)
         base = {"id": rid, "object": kind, "created": created, "model": served_model_name, "usage": usage(req)}
         if kind == "chat.completion":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": echo + text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": echo + text, "logprobs": logprobs, "finish_reason": finish}
         return {**base, "choices": [choice]}
+
+    def format_logprobs(req, chosen, tops, chat_kind, offset):
+        piece = llm.tokenizer.decode if llm.tokenizer is not None else str
+        words = [piece([t]) for t in req.seq.output_ids]
+        if chat_kind:
+            return {"content": [{"token": w, "logprob": lp, "bytes": list(w.encode()),
+                                 "top_logprobs": [{"token": piece([i]), "logprob": v, "bytes": list(piece([i]).encode())}
+                                                  for i, v in top]}
+                                for w, lp, top in zip(words, chosen, tops)]}
+        offsets, at = [], offset
+        for w in words:
+            offsets.append(at)
+            at += len(w)
+        return {"tokens": words, "token_logprobs": chosen, "text_offset": offsets,
+                "top_logprobs": [{piece([i]): v for i, v in top} for top in tops]}
 
     async def sse(req, event, rid, created, kind, echo, include_usage):
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"

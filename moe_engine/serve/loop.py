@@ -6,6 +6,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from moe_engine.errors import MoeEngineError
 from moe_engine.llm import _stable_len
 from moe_engine.sampling import SamplingParams
@@ -31,6 +33,7 @@ class Request:
     sent_tokens: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     last_token: float | None = None
+    top_logprobs: int | None = None       # set: the finished request also gets ("logprobs", ...)
 
     def emit(self, *event) -> None:
         self.aio_loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -172,9 +175,23 @@ class EngineLoop:
             if seq.finished:
                 if not req.stream:
                     req.emit("delta", seq.text, list(seq.output_ids))
+                if req.top_logprobs is not None:
+                    req.emit("logprobs", *self._logprobs(seq, req.top_logprobs))
                 req.emit("done", seq.finish_reason)
                 self.live.pop(seq, None)
                 self.requests_done += 1
+
+    def _logprobs(self, seq: Sequence, top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """Each output token's log-probability and the `top` likeliest there, from one forward over the
+        finished sequence (the log-softmax of llm.prompt_logits at the positions that chose them)."""
+        n = len(seq.prompt_ids)
+        logits = self.llm.prompt_logits(seq.all_ids[:-1])[n - 1:]           # [out, V]
+        logp = torch.log_softmax(logits.float(), -1)
+        chosen = logp.gather(1, torch.tensor(seq.output_ids, device=logp.device)[:, None])[:, 0]   # [out]
+        best = logp.topk(top, -1) if top else None
+        tops = ([list(zip(i.tolist(), v.tolist())) for v, i in zip(best.values, best.indices)] if top
+                else [[] for _ in seq.output_ids])
+        return chosen.tolist(), tops
 
     @staticmethod
     def _send_delta(req: Request) -> None:
