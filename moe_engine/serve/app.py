@@ -247,6 +247,17 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
             choice = {"index": 0, "text": echo + text, "logprobs": logprobs, "finish_reason": finish}
         return {**base, "choices": [choice]}
 
+    async def next_event(req):
+        """The next event; deltas that piled up while the client was being written to go out as one chunk."""
+        event = await req.events.get()
+        while event[0] == "delta" and not req.events.empty():
+            following = req.events.get_nowait()
+            if following[0] != "delta":
+                req.events.put_nowait(following)      # "done"/"error" comes last: putting it back keeps order
+                break
+            event = ("delta", event[1] + following[1], event[2] + following[2])
+        return event
+
     def format_logprobs(req, chosen, tops, chat_kind, offset):
         piece = llm.tokenizer.decode if llm.tokenizer is not None else str
         words = [piece([t]) for t in req.seq.output_ids]
@@ -296,7 +307,7 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
                     yield f"data: {json.dumps({'error': {'message': event[1], 'type': 'server_error'}})}\n\n"
                     finish = "error"
                     break
-                event = await req.events.get()
+                event = await next_event(req)
             if include_usage:
                 body = {"id": rid, "object": chunk_kind, "created": created, "model": served_model_name,
                         "choices": [], "usage": usage(req)}

@@ -38,6 +38,15 @@ class Request:
     def emit(self, *event) -> None:
         self.aio_loop.call_soon_threadsafe(self.events.put_nowait, event)
 
+    def emit_later(self, outbox: dict, *event) -> None:
+        """Collect an event to be sent with the others of this step (one wake-up of the event loop)."""
+        outbox.setdefault(self.aio_loop, []).append((self.events, event))
+
+
+def _deliver(items: list) -> None:
+    for events, event in items:
+        events.put_nowait(event)
+
 
 class Histogram:
     """A Prometheus histogram (cumulative buckets, sum, count) in seconds."""
@@ -159,7 +168,7 @@ class EngineLoop:
                 req.emit("error", f"engine step failed: {type(e).__name__}: {e}")
             self.live.clear()
             return
-        now = time.perf_counter()
+        now, outbox = time.perf_counter(), {}
         for seq, _ in produced:
             req = self.live.get(seq)
             if req is None:
@@ -171,15 +180,17 @@ class EngineLoop:
                 self.per_token.observe(now - req.last_token)
             req.last_token = now
             if req.stream:
-                self._send_delta(req)
+                self._send_delta(req, outbox)
             if seq.finished:
                 if not req.stream:
-                    req.emit("delta", seq.text, list(seq.output_ids))
+                    req.emit_later(outbox, "delta", seq.text, list(seq.output_ids))
                 if req.top_logprobs is not None:
-                    req.emit("logprobs", *self._logprobs(seq, req.top_logprobs))
-                req.emit("done", seq.finish_reason)
+                    req.emit_later(outbox, "logprobs", *self._logprobs(seq, req.top_logprobs))
+                req.emit_later(outbox, "done", seq.finish_reason)
                 self.live.pop(seq, None)
                 self.requests_done += 1
+        for aio_loop, items in outbox.items():
+            aio_loop.call_soon_threadsafe(_deliver, items)
 
     def _logprobs(self, seq: Sequence, top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
         """Each output token's log-probability and the `top` likeliest there, from one forward over the
@@ -194,11 +205,11 @@ class EngineLoop:
         return chosen.tolist(), tops
 
     @staticmethod
-    def _send_delta(req: Request) -> None:
+    def _send_delta(req: Request, outbox: dict) -> None:
         seq = req.seq
         ready = len(seq.text) if seq.finished else _stable_len(seq.text, seq.params.stop)
         if ready > req.sent_chars or seq.finished:
-            req.emit("delta", seq.text[req.sent_chars:ready], seq.output_ids[req.sent_tokens:])
+            req.emit_later(outbox, "delta", seq.text[req.sent_chars:ready], seq.output_ids[req.sent_tokens:])
             req.sent_chars, req.sent_tokens = max(ready, req.sent_chars), len(seq.output_ids)
 
     def metrics(self) -> str:
