@@ -288,3 +288,31 @@ def test_metrics(server):
     generated = int(next(line.split()[1] for line in text.splitlines()
                          if line.startswith("moe_engine_generated_tokens_total ")))
     assert generated > 0
+
+
+def test_cli_serve_subprocess():
+    """`moe-engine serve` itself: loads the model, binds the loopback port it is given, names the model."""
+    import os
+    import subprocess
+    import sys
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(MODEL_DIR.parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "moe_engine", "serve", "--model", str(MODEL_DIR), "--device", "cpu",
+                             "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "little", "--quiet"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            assert time.time() < deadline, "moe-engine serve did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["little"]
+        r = httpx.post(url + "/v1/completions", json={"model": "little", "prompt": "def", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
