@@ -14,7 +14,7 @@ DEFAULT_MODEL = "weights/tiny-mixtral"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 BENCHMARKS = {"decode": "moe_engine.bench.decode", "kernels": "moe_engine.bench.kernels",
-              "tune": "moe_engine.bench.tune"}
+              "tune": "moe_engine.bench.tune", "serve": "moe_engine.bench.serve"}
 
 
 class UsageError(Exception):
@@ -65,7 +65,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="moe-engine", description="A Mixture-of-Experts LLM inference engine.")
     from moe_engine import __version__
     parser.add_argument("--version", action="version", version=f"moe-engine {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,info,bench,routing}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,info,bench,routing,serve}")
     gen = sub.add_parser("generate", parents=[common, sampling], help="complete a prompt, streaming to stdout",
                          description="Complete a prompt; the text streams to stdout, a tokens/s line to stderr.")
     gen.add_argument("prompt", help="the prompt text, or - to read it from stdin")
@@ -84,6 +84,11 @@ def build_parser() -> Parser:
                                          "heatmaps and a Markdown summary.")
     from moe_engine.cli.routing import add_arguments
     add_arguments(routing)
+    serve = sub.add_parser("serve", parents=[common], help="an OpenAI-compatible HTTP server",
+                           description="Serve the model over HTTP with the OpenAI API (/v1/completions, "
+                                       "/v1/chat/completions, /v1/models), plus /health and /metrics.")
+    from moe_engine.serve.cli import add_arguments as add_serve_arguments
+    add_serve_arguments(serve)
     return parser
 
 
@@ -198,7 +203,8 @@ def run_routing(args) -> int:
     return run(args)
 
 
-COMMANDS = {"generate": run_generate, "chat": run_chat, "info": run_info, "bench": run_bench, "routing": run_routing}
+COMMANDS = {"generate": run_generate, "chat": run_chat, "info": run_info, "bench": run_bench, "routing": run_routing,
+            "serve": lambda args: importlib.import_module("moe_engine.serve.cli").run(args)}
 
 
 def _one_line(text: str) -> str:
