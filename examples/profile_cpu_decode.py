@@ -20,8 +20,8 @@ from moe_engine.sampling import SamplingParams
 
 def decode(llm: LLM, prompts: list[list[int]], new_tokens: int, around=None) -> list[float]:
     """Runs the prompts to the end; seconds of each compiled decode call after the prefill step."""
-    graphs, times = llm.engine.graphs, []
-    forward = graphs._compiled_forward
+    graphs, times = llm.engine.runner.static, []
+    forward = graphs.replay
 
     def timed(bs, rows):
         start = time.perf_counter()
@@ -33,7 +33,7 @@ def decode(llm: LLM, prompts: list[list[int]], new_tokens: int, around=None) -> 
     seqs = [llm._new_sequence(p, params) for p in prompts]
     while not all(s.output_ids for s in seqs):
         llm.engine.step()
-    graphs._compiled_forward = timed
+    graphs.replay = timed
     try:
         if around is None:
             while llm.engine.has_work():
@@ -43,7 +43,7 @@ def decode(llm: LLM, prompts: list[list[int]], new_tokens: int, around=None) -> 
                 while llm.engine.has_work():
                     llm.engine.step()
     finally:
-        del graphs._compiled_forward          # back to the class's method
+        del graphs.replay          # back to the class's method
     return times
 
 

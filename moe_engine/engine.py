@@ -2,23 +2,20 @@
 
 import torch
 
-from kernels.attention import AttentionMetadata
 from moe_engine.block_manager import BlockManager, blocks_for
-from moe_engine.cuda_graphs import DecodeGraphs
 from moe_engine.errors import MoeEngineError
+from moe_engine.runners import StepOutput, StepRunner
 from moe_engine.sampling import sample_token
 from moe_engine.scheduler import ScheduledBatch, Scheduler
 from moe_engine.sequence import Sequence
 
 
 class Engine:
-    def __init__(self, model, kv_caches: list[torch.Tensor], num_blocks: int, block_size: int, device,
+    def __init__(self, model, runner: StepRunner, num_blocks: int, block_size: int, device,
                  tokenizer=None, max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True, eos_ids: set[int] | None = None,
-                 max_model_len: int = 0, graphs: DecodeGraphs | None = None):
-        self.model, self.kv_caches, self.block_size, self.device = model, kv_caches, block_size, device
-        self.max_model_len = max_model_len     # bounds every context: attention launches sized once
-        self.graphs = graphs                   # decode steps replayed from CUDA graphs when set
+                 enable_prefix_caching: bool = True, eos_ids: set[int] | None = None):
+        self.model, self.block_size, self.device = model, block_size, device
+        self.runner = runner                   # the one seam a model step goes through (moe_engine.runners)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer else set())
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
@@ -57,7 +54,8 @@ class Engine:
                 raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.waiting)} waiting and "
                                    f"{len(self.scheduler.running)} running requests")
             return []
-        logits, sampled, greedy = self.forward(batch)                       # [N, V], N sequences
+        sampled = [s for s, n in zip(batch.seqs, batch.num_tokens) if s.num_cached + n == s.num_tokens]
+        logits, greedy = self.forward(batch)                                 # [N, V], N = len(sampled)
         produced = []
         for seq, token in zip(sampled, self.sample(logits, sampled, greedy)):
             seq.output_ids.append(token)
@@ -81,44 +79,12 @@ class Engine:
                 tokens[i] = sample_token(logits[i], seq.params, seq.all_ids, seq.generator)
         return tokens
 
-    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence], torch.Tensor | None]:
-        """Feed each sequence's next num_tokens uncached tokens; logits at the last token of every
-        sequence whose whole context is now cached (the ones that sample), those sequences, and their
-        greedy tokens where the step took them already (else None)."""
-        if self._graphable(batch):
-            logits, greedy = self._graph_decode(batch)
-            return logits, batch.seqs, greedy
-        ids, positions, context_lens, owners = [], [], [], []
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            ids += seq.all_ids[seq.num_cached:seq.num_cached + n]
-            positions += range(seq.num_cached, seq.num_cached + n)
-            context_lens.append(seq.num_cached + n)
-            owners += [seq.request_id] * n
-        meta = AttentionMetadata.build([s.blocks for s in batch.seqs], context_lens, batch.num_tokens,
-                                       self.block_size, self.device, self.max_model_len)
-        sampled = [s for s, ctx in zip(batch.seqs, context_lens) if ctx == s.num_tokens]
-        rows = [meta.query_start_loc[i + 1] - 1 for i, (s, ctx) in enumerate(zip(batch.seqs, context_lens))
-                if ctx == s.num_tokens]
-        hidden = self.run_model(ids, positions, owners, meta, self.kv_caches)      # [T, D]
-        with torch.inference_mode():
-            if len(rows) < hidden.shape[0]:     # some rows are prompt tokens that sample nothing
-                hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
-            logits = self.model.compute_logits(hidden)
-        self._advance(batch, context_lens)
-        return logits, sampled, None
-
-    def _graphable(self, batch: ScheduledBatch) -> bool:
-        """A pure decode step (one token per sequence, each of which samples) with no routing hook."""
-        return (self.graphs is not None and self.routing_hook is None and len(batch.seqs) <= self.graphs.rows
-                and all(n == 1 and s.num_cached + 1 == s.num_tokens for s, n in zip(batch.seqs, batch.num_tokens)))
-
-    def _graph_decode(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits [B, V], greedy tokens [B] or None) of a decode step replayed from the CUDA graph of its
-        batch-size bucket (or its compiled step)."""
-        seqs = batch.seqs
-        positions = [s.num_cached for s in seqs]
-        out = self.graphs.run([s.token_at(p) for s, p in zip(seqs, positions)], positions, [s.blocks for s in seqs])
-        self._advance(batch, [p + 1 for p in positions])
+    def forward(self, batch: ScheduledBatch) -> StepOutput:
+        """Feed each sequence's next num_tokens uncached tokens through the runner: logits [N, V] at the
+        last token of every sequence whose whole context is now cached (the ones that sample, in batch
+        order), and their greedy tokens where the runner took them already (else None)."""
+        out = self.runner.run(batch, self.routing_hook)
+        self._advance(batch, [s.num_cached + n for s, n in zip(batch.seqs, batch.num_tokens)])
         return out
 
     def _advance(self, batch: ScheduledBatch, context_lens: list[int]) -> None:
@@ -126,16 +92,6 @@ class Engine:
         for seq, ctx in zip(batch.seqs, context_lens):
             seq.num_cached = ctx
             self.blocks.register_full_blocks(seq)
-
-    def run_model(self, ids: list[int], positions: list[int], owners: list[int], meta: AttentionMetadata,
-                  kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        """One forward over a flat batch -> hidden [T, D]; the routing hook (if any) hears of each row's
-        request, token and position first."""
-        if self.routing_hook is not None:
-            self.routing_hook.begin_step(owners, ids, positions)
-        with torch.inference_mode():
-            return self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                              kv_caches, meta, self.routing_hook)
 
     def _extend_text(self, seq: Sequence, settle_after: int = 16) -> None:
         """Bring seq.text up to date by decoding only the tokens after its settled part (with a few

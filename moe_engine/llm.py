@@ -15,8 +15,9 @@ from kernels.attention import AttentionMetadata
 from kernels.backend import triton_available
 from moe_engine.device import pick_device, pick_dtype
 from moe_engine.block_manager import blocks_for
-from moe_engine.cuda_graphs import DecodeGraphs
+from moe_engine.config import EngineConfig
 from moe_engine.engine import Engine
+from moe_engine.runners import build_runner
 from moe_engine.sequence import Sequence
 from moe_engine.errors import MoeEngineError
 from moe_engine.kv_cache import plan_num_blocks
@@ -41,78 +42,67 @@ class LLM:
     """A model, its tokenizer and a paged-cache engine. Many prompts run together (continuous
     batching); when the cache is full, the youngest request is preempted and recomputed later."""
 
-    def __init__(self, model: str | Path, device=None, dtype=None, *, block_size: int = 16,
-                 num_kv_blocks: int | None = None, kv_cache_bytes: int | None = None,
-                 gpu_memory_utilization: float = 0.8, max_num_seqs: int = 32,
-                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, cuda_graphs: bool | None = None, compile: bool = False,
-                 progress: bool = False, **model_kwargs):
+    def __init__(self, model: str | Path, device=None, dtype=None, *, config: EngineConfig | None = None,
+                 progress: bool = False, **kwargs):
+        """kwargs: EngineConfig's fields (block_size, num_kv_blocks, kv_cache_bytes, gpu_memory_utilization,
+        max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, cuda_graphs, compile),
+        or a whole `config`; any other keyword goes to the model (e.g. absorb="never" for MLA)."""
+        config, model_kwargs = _engine_config(config, kwargs)
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
-        if compile:
+        if config.compile:
             check_compile(device)        # before the weights load and the cache is allocated
         path = Path(model).expanduser()
-        loaded, config = load_model(path, device, dtype, progress, **model_kwargs)
-        self._setup(loaded, config, path, load_tokenizer(path, config), device, dtype,
-                    block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes,
-                    gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                    enable_prefix_caching=enable_prefix_caching, cuda_graphs=cuda_graphs, compile=compile)
+        loaded, hf_config = load_model(path, device, dtype, progress, **model_kwargs)
+        self._setup(loaded, hf_config, path, load_tokenizer(path, hf_config), device, dtype, config)
 
     @classmethod
-    def from_model(cls, model, tokenizer=None, **engine_kwargs) -> "LLM":
-        """An LLM around an already built model (e.g. random weights for benchmarks)."""
+    def from_model(cls, model, tokenizer=None, config: EngineConfig | None = None, **kwargs) -> "LLM":
+        """An LLM around an already built model (e.g. random weights for benchmarks); kwargs as LLM's."""
+        config, extra = _engine_config(config, kwargs)
+        if extra:
+            raise MoeEngineError(f"unknown engine setting(s) {', '.join(sorted(extra))} for LLM.from_model; "
+                                 "see moe_engine.EngineConfig")
         llm = cls.__new__(cls)
         param = next(model.parameters())
-        if engine_kwargs.get("compile"):
+        if config.compile:
             check_compile(param.device)
-        llm._setup(model, {}, Path("<in-memory>"), tokenizer, param.device, param.dtype, **engine_kwargs)
+        llm._setup(model, {}, Path("<in-memory>"), tokenizer, param.device, param.dtype, config)
         return llm
 
-    def _setup(self, model, config, path, tokenizer, device, dtype, *, block_size=16, num_kv_blocks=None,
-               kv_cache_bytes=None, gpu_memory_utilization=0.8, max_num_seqs=32,
-               max_num_batched_tokens=2048, max_model_len=None, enable_prefix_caching=True, cuda_graphs=None,
-               compile=False):
-        """cuda_graphs: replay decode steps from CUDA graphs (None: on CUDA where Triton is installed; True
-        off CUDA runs the same static-buffer step eagerly, which is how the CPU tests check it).
-        compile: on the CPU, run decode steps as torch.compile'd static steps (moe_engine.cuda_graphs): the
-        batch-of-one step compiles here, the one step for every larger batch when a batch of two or more
-        first decodes (each tens of seconds with a cold compile cache, seconds warm), then steps take
-        fewer, fused kernels. A float32 model's routed experts are then held in bfloat16 where every
-        value is exact in it (a bfloat16 checkpoint's are): the same products from half the bytes."""
-        _check_engine_args(block_size=block_size, max_num_seqs=max_num_seqs,
-                           max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                           gpu_memory_utilization=gpu_memory_utilization)
-        self.model, self.config, self.path, self.tokenizer = model, config, path, tokenizer
+    def _setup(self, model, hf_config, path, tokenizer, device, dtype, config: EngineConfig):
+        self.model, self.config, self.path, self.tokenizer = model, hf_config, path, tokenizer
+        self.engine_config = config
         self.device, self.dtype = device, dtype
-        self.max_model_len = min(max_model_len or model.max_model_len, model.max_model_len)
-        self.block_size = block_size
+        self.max_model_len = min(config.max_model_len or model.max_model_len, model.max_model_len)
+        self.block_size = block_size = config.block_size
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device.index)   # Triton launches on the current device
+        kv_cache_bytes = config.kv_cache_bytes
         if kv_cache_bytes is None:
             # GPU: a share of what is free once the weights are in; CPU/MPS: a fixed budget.
             if device.type == "cuda":
                 torch.cuda.empty_cache()     # loading temporaries still held by the allocator are free
-            kv_cache_bytes = (int(torch.cuda.mem_get_info(device)[0] * gpu_memory_utilization)
+            kv_cache_bytes = (int(torch.cuda.mem_get_info(device)[0] * config.gpu_memory_utilization)
                               if device.type == "cuda" else 1 << 30)
         num_blocks = plan_num_blocks(model.kv_cache_bytes_per_token(dtype), block_size, self.max_model_len,
-                                     max_num_seqs, kv_cache_bytes, num_kv_blocks)
+                                     config.max_num_seqs, kv_cache_bytes, config.num_kv_blocks)
         # One block more than the block manager hands out: padding rows of a graph-replayed batch write there.
         kv_caches = model.allocate_kv_cache((num_blocks + 1) * block_size, dtype, device)
+        cuda_graphs = config.cuda_graphs
         if cuda_graphs is None:       # captured steps need the Triton kernels: the references wait on the host
             cuda_graphs = device.type == "cuda" and triton_available()
         elif cuda_graphs and device.type == "cuda" and not triton_available():
             raise MoeEngineError("cuda_graphs=True needs the triton package on CUDA: pip install 'moe-engine[triton]', "
                                  "or leave cuda_graphs unset")
-        model.store_weights(stored_dtype(dtype, compile))   # where lossless: compiled steps read half the bytes
-        graphs = (DecodeGraphs(model, kv_caches, block_size, self.max_model_len, max_num_seqs, num_blocks, device,
-                               compile=compile)
-                  if cuda_graphs or compile else None)
-        if compile:
-            graphs.warm_up(1)     # bucket 1 compiles now: a compiler that cannot build it fails while loading
-        self.engine = Engine(model, kv_caches, num_blocks, block_size, device, tokenizer,
-                             max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
-                             eos_ids=_eos_ids(tokenizer, config), max_model_len=self.max_model_len, graphs=graphs)
+        model.store_weights(stored_dtype(dtype, config.compile))   # where lossless: compiled steps read half the bytes
+        runner = build_runner(model, kv_caches, block_size, self.max_model_len, config.max_num_seqs, num_blocks,
+                              device, cuda_graphs, config.compile)
+        if config.compile:
+            runner.static.warm_up(1)     # bucket 1 compiles now: a compiler that cannot build it fails while loading
+        self.engine = Engine(model, runner, num_blocks, block_size, device, tokenizer,
+                             config.max_num_seqs, config.max_num_batched_tokens, config.enable_prefix_caching,
+                             eos_ids=_eos_ids(tokenizer, hf_config))
         self._next_id = 0
         self.last_stats: dict = {}          # of the latest stream(): prompt/generated tokens, seconds
         self.last_output: Sequence | None = None
@@ -247,7 +237,7 @@ class LLM:
                                               self.dtype, self.device)
         meta = AttentionMetadata.build([list(range(blocks_for(T, self.block_size)))], [T], [T],
                                        self.block_size, self.device)
-        hidden = self.engine.run_model(ids, list(range(T)), [-1] * T, meta, caches)   # [T, D]
+        hidden = self.engine.runner.forward(ids, list(range(T)), [-1] * T, meta, caches)   # [T, D]
         with torch.inference_mode():
             return self.model.compute_logits(hidden)
 
@@ -295,15 +285,16 @@ def _is_integer(t) -> bool:
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
-def _check_engine_args(**values) -> None:
-    limits = {"block_size": 1, "max_num_seqs": 1, "max_num_batched_tokens": 1, "max_model_len": 2}
-    for name, low in limits.items():
-        v = values[name]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            raise MoeEngineError(f"bad engine setting {name}={v!r}: must be an integer >= {low}")
-    g = values["gpu_memory_utilization"]
-    if not (isinstance(g, (int, float)) and 0 < g <= 1):
-        raise MoeEngineError(f"bad engine setting gpu_memory_utilization={g!r}: must be in (0, 1]")
+def _engine_config(config: EngineConfig | None, kwargs: dict) -> tuple[EngineConfig, dict]:
+    """(the engine settings: `config`, or those among kwargs; the other kwargs)."""
+    if config is None:
+        return EngineConfig.split(kwargs)
+    if not isinstance(config, EngineConfig):
+        raise MoeEngineError(f"config must be a moe_engine.EngineConfig, got {type(config).__name__}")
+    settings, rest = EngineConfig.split(kwargs)
+    if settings != EngineConfig():
+        raise MoeEngineError("give engine settings either as config=EngineConfig(...) or as keywords, not both")
+    return config, rest
 
 
 def _eos_ids(tokenizer, config: dict) -> set[int]:

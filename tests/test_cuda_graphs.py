@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from moe_engine.cuda_graphs import bucket_sizes
+from moe_engine.runners import bucket_sizes
 from moe_engine.errors import MoeEngineError
 from moe_engine.llm import LLM, check_compile
 from moe_engine.sampling import SamplingParams
@@ -38,9 +38,10 @@ def run(model: str, graphs: bool, device="cpu", dtype=None, **kw):
     # Different lengths: requests finish at different steps, so the batch shrinks through the buckets.
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (12, 20, 7, 16, 9)]
     calls = []
-    if llm.engine.graphs is not None:
-        real_run = llm.engine.graphs.run
-        llm.engine.graphs.run = lambda *a: calls.append(len(a[0])) or real_run(*a)
+    static = getattr(llm.engine.runner, "static", None)
+    if static is not None:
+        real_run = static.run
+        static.run = lambda *a: calls.append(len(a[0])) or real_run(*a)
     outs = llm.generate(prompt_token_ids=prompts(5, llm.model.args.vocab_size), sampling_params=params)
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
     return [o.token_ids for o in outs], calls, llm
@@ -52,7 +53,7 @@ def test_static_decode_gives_the_same_tokens(model):
     static, calls, llm = run(model, graphs=True)
     assert static == plain
     assert 5 in calls and 3 in calls and 1 in calls           # padded buckets (8, 4) and an exact one (1)
-    assert llm.engine.graphs.sizes == [1, 2, 4, 8]
+    assert llm.engine.runner.static.sizes == [1, 2, 4, 8]
 
 
 def test_static_decode_of_an_mla_model_told_never_to_absorb():
@@ -73,7 +74,7 @@ def test_static_decode_under_preemption():
 def test_routing_hooks_take_the_plain_step():
     """A trace must see every token, so hooked steps never replay a graph."""
     llm = LLM(WEIGHTS / "tiny-mixtral", cuda_graphs=True, block_size=8)
-    llm.engine.graphs.run = lambda *a: pytest.fail("graph step used under a routing hook")
+    llm.engine.runner.static.run = lambda *a: pytest.fail("graph step used under a routing hook")
     with llm.trace_routing():
         llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
 
@@ -97,7 +98,7 @@ def test_compiled_decode_gives_the_same_tokens_and_logits(model):
     assert llm.model.layers[-1].mlp.w13.dtype == torch.bfloat16    # the checkpoint's bf16 experts, held as such
     assert all(p.dtype == torch.bfloat16 for p in llm.model.layers[0].attn.projections())   # and projections
     assert {4, 3, 1} <= set(calls)                              # the batch shrinks from 4 to 1
-    g = llm.engine.graphs
+    g = llm.engine.runner.static
     assert set(g.graphs) == {1, 3, 4}                           # 1 compiled while loading; 3 runs unpadded
     g._fill([5, 9, 11], [40, 3, 17], [[1, 2, 3, 4, 5, 6], [7], [8, 9, 10]], 4)   # contexts of 41, 4, 18
     with torch.inference_mode():
@@ -106,12 +107,10 @@ def test_compiled_decode_gives_the_same_tokens_and_logits(model):
         fast = g._forward(bs)
         assert fast.shape == (bs, llm.model.args.vocab_size)
         assert ((fast - eager[:bs]).abs().max() / eager[:bs].abs().max()).item() <= 1e-4
-        # The same call again skips torch.compile's guards (moe_engine.compiled_step), to the same logits.
-        assert (bs, min(g.width, 40 // g.block_size + 1)) in g.compiled.direct
-        assert torch.equal(g._forward(bs), fast)
+        assert torch.equal(g._forward(bs), fast)                    # the same call again: the same logits
         with torch.inference_mode():                                # a caller in inference mode: the same
             assert torch.equal(g._forward(bs), fast)
-        logits, greedy = g._compiled_forward(bs, 40)                # the step's own argmax, for greedy rows
+        logits, greedy = g.replay(bs, 40)                # the step's own argmax, for greedy rows
         assert torch.equal(logits, fast) and torch.equal(greedy, fast.argmax(-1))
     assert counters["stats"]["unique_graphs"] - graphs_before == 2   # bucket 1, then one for 2 and 4; no breaks
 
@@ -170,7 +169,7 @@ def test_cuda_graphs_give_the_same_tokens_on_gpu(model, dtype):
     eager, _, _ = run(model, graphs=False, device="cuda", dtype=dtype)
     graphed, calls, llm = run(model, graphs=True, device="cuda", dtype=dtype)
     assert graphed == eager and calls
-    assert all(isinstance(g, torch.cuda.CUDAGraph) for g, _ in llm.engine.graphs.graphs.values())
+    assert all(isinstance(g, torch.cuda.CUDAGraph) for g, _ in llm.engine.runner.static.graphs.values())
 
 
 @pytest.mark.gpu

@@ -163,7 +163,7 @@ def measure(name, model, hf, device, batches, prompt_len, new_tokens, vocab, rep
             prefill, decode = best_of(ours, repeats)
         row = {"model": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
                "ours_decode_tok_s": decode, "ours_prefill_tok_s": prefill,
-               "cuda_graphs": llm.engine.graphs is not None and llm.engine.graphs.capture,
+               "cuda_graphs": type(getattr(llm.engine.runner, "static", None)).__name__ == "CudaGraphStep",
                "compiled": compile, "startup_s": startup_s}
         if batch > 1 and sequential:
             row["ours_batched_vs_sequential"] = batched_vs_sequential(llm, prompts, new_tokens)

@@ -117,8 +117,9 @@ def load_llm(args):
     if compile and not args.quiet:      # a silent half minute would look like a hang
         print("compiling the decode step with torch.compile after loading (tens of seconds the first time, "
               "a few once torch has cached it)...", file=sys.stderr, flush=True)
-    return LLM(resolve_model(args.model), device, dtype, progress=show_progress(args), cuda_graphs=graphs,
-               compile=compile)
+    from moe_engine.config import EngineConfig
+    config = EngineConfig(cuda_graphs=graphs, compile=compile)
+    return LLM(resolve_model(args.model), device, dtype, config=config, progress=show_progress(args))
 
 
 def show_progress(args) -> bool:

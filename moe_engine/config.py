@@ -1,0 +1,54 @@
+"""Engine settings in one dataclass: what LLM(...), LLM.from_model and the command line share."""
+
+import dataclasses
+from dataclasses import dataclass
+
+from moe_engine.errors import MoeEngineError
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an LLM runs its requests (not what model it runs).
+
+    num_kv_blocks: cache blocks; None sizes them from kv_cache_bytes (default 1 GiB on CPU/MPS) or, on a GPU,
+      gpu_memory_utilization of the memory left free once the weights are in.
+    max_num_seqs / max_num_batched_tokens: requests and tokens in one step (longer prompts prefill in chunks).
+    max_model_len: the longest prompt + output (default and upper bound: the model's own).
+    cuda_graphs: replay decode steps from CUDA graphs (None: on CUDA where Triton is installed; True off
+      CUDA runs the same static-buffer step eagerly, which is how the CPU tests check it).
+    compile: on the CPU, decode steps through torch.compile (moe_engine.runners.compiled); a float32 model's
+      routed experts and projections are then held in bfloat16 where every value is exact in it.
+    """
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.8
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    cuda_graphs: bool | None = None
+    compile: bool = False
+
+    def __post_init__(self):
+        limits = {"block_size": 1, "max_num_seqs": 1, "max_num_batched_tokens": 1, "max_model_len": 2,
+                  "num_kv_blocks": 1, "kv_cache_bytes": 1}
+        for name, low in limits.items():
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise MoeEngineError(f"bad engine setting {name}={v!r}: must be an integer >= {low}")
+        g = self.gpu_memory_utilization
+        if isinstance(g, bool) or not (isinstance(g, (int, float)) and 0 < g <= 1):
+            raise MoeEngineError(f"bad engine setting gpu_memory_utilization={g!r}: must be in (0, 1]")
+        for name in ("enable_prefix_caching", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise MoeEngineError(f"bad engine setting {name}={getattr(self, name)!r}: must be True or False")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise MoeEngineError(f"bad engine setting cuda_graphs={self.cuda_graphs!r}: must be True, False or None")
+
+    @classmethod
+    def split(cls, kwargs: dict) -> tuple["EngineConfig", dict]:
+        """(the engine settings among keyword arguments, the rest: the model's own, e.g. absorb)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in kwargs.items() if k in names}), {k: v for k, v in kwargs.items()
+                                                                        if k not in names}

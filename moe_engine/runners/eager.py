@@ -1,0 +1,42 @@
+"""The eager runner: any scheduled batch as flat tensors through one model call."""
+
+import torch
+
+from kernels.attention import AttentionMetadata
+from moe_engine.runners.base import StepOutput
+from moe_engine.scheduler import ScheduledBatch
+
+
+class EagerRunner:
+    """Flat input ids, positions and attention metadata built per step; serves every kind of batch."""
+
+    def __init__(self, model, kv_caches: list, block_size: int, device, max_model_len: int):
+        self.model, self.kv_caches, self.block_size, self.device = model, kv_caches, block_size, device
+        self.max_model_len = max_model_len     # bounds every context: attention launches sized once
+
+    def run(self, batch: ScheduledBatch, hook=None) -> StepOutput:
+        ids, positions, context_lens, owners = [], [], [], []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            ids += seq.all_ids[seq.num_cached:seq.num_cached + n]
+            positions += range(seq.num_cached, seq.num_cached + n)
+            context_lens.append(seq.num_cached + n)
+            owners += [seq.request_id] * n
+        meta = AttentionMetadata.build([s.blocks for s in batch.seqs], context_lens, batch.num_tokens,
+                                       self.block_size, self.device, self.max_model_len)
+        rows = [meta.query_start_loc[i + 1] - 1 for i, (s, ctx) in enumerate(zip(batch.seqs, context_lens))
+                if ctx == s.num_tokens]
+        hidden = self.forward(ids, positions, owners, meta, self.kv_caches, hook)      # [T, D]
+        with torch.inference_mode():
+            if len(rows) < hidden.shape[0]:     # some rows are prompt tokens that sample nothing
+                hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
+            return StepOutput(self.model.compute_logits(hidden), None)
+
+    def forward(self, ids: list[int], positions: list[int], owners: list[int], meta: AttentionMetadata,
+                kv_caches: list, hook=None) -> torch.Tensor:
+        """One forward over a flat batch -> hidden [T, D]; the routing hook (if any) hears of each row's
+        request, token and position first."""
+        if hook is not None:
+            hook.begin_step(owners, ids, positions)
+        with torch.inference_mode():
+            return self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                              kv_caches, meta, hook)
