@@ -237,7 +237,7 @@ class LLM:
                                               self.dtype, self.device)
         meta = AttentionMetadata.build([list(range(blocks_for(T, self.block_size)))], [T], [T],
                                        self.block_size, self.device)
-        hidden = self.engine.runner.forward(ids, list(range(T)), [-1] * T, meta, caches)   # [T, D]
+        hidden = self.engine.runner.forward(ids, list(range(T)), [-1] * T, meta, caches, self.engine.routing_hook)   # [T, D]
         with torch.inference_mode():
             return self.model.compute_logits(hidden)
 

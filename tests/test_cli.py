@@ -105,7 +105,7 @@ def test_no_cuda_graphs_flag_reaches_the_engine(monkeypatch):
     import moe_engine.llm
     from moe_engine.cli import build_parser, load_llm
     seen = []
-    monkeypatch.setattr(moe_engine.llm, "LLM", lambda *a, **kw: seen.append((kw["cuda_graphs"], kw["compile"])))
+    monkeypatch.setattr(moe_engine.llm, "LLM", lambda *a, **kw: seen.append((kw["config"].cuda_graphs, kw["config"].compile)))
     for argv in (["generate", "--no-cuda-graphs", "hi"], ["generate", "hi"],
                  ["generate", "--compile", "--quiet", "hi"]):
         load_llm(build_parser().parse_args(argv))

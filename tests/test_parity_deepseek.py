@@ -87,7 +87,7 @@ def test_bias_matters_on_shipped_checkpoint():
 def test_cache_holds_only_latent_and_rope_key():
     llm = LLM(WEIGHTS / "tiny-deepseek", num_kv_blocks=4, block_size=16)
     a = llm.model.args
-    cache_bytes = sum(t.numel() * t.element_size() for t in llm.engine.runner.eager.kv_caches)
+    cache_bytes = sum(t.numel() * t.element_size() for t in llm.engine.runner.kv_caches)
     per_token = cache_bytes / ((4 + 1) * 16)    # the blocks asked for + one scratch block for graph padding
     assert per_token == (a.kv_lora_rank + a.qk_rope_head_dim) * a.num_hidden_layers * 4   # float32
     assert llm.model.kv_cache_bytes_per_token(torch.float32) == per_token

@@ -125,6 +125,7 @@ class DecodeRunner:
 
     def __init__(self, eager, static: StaticStep):
         self.eager, self.static = eager, static
+        self.kv_caches = eager.kv_caches
 
     def serves(self, batch: ScheduledBatch, hook) -> bool:
         return (hook is None and len(batch.seqs) <= self.static.rows
