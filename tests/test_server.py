@@ -140,7 +140,7 @@ def test_logprobs_equal_prompt_logits(llm, client):
     lp = r.choices[0].logprobs
     want = logp.gather(1, torch.tensor(ref.token_ids)[:, None])[:, 0]
     assert torch.allclose(torch.tensor(lp.token_logprobs), want, atol=1e-4)
-    assert len(lp.tokens) == len(ref.token_ids)
+    assert len(lp.tokens) == len(ref.token_ids) and "".join(lp.tokens) == ref.text
     for row, top in zip(logp, lp.top_logprobs):
         assert len(top) == 3
         assert torch.allclose(torch.tensor(sorted(top.values(), reverse=True)), row.topk(3).values, atol=1e-4)
@@ -153,6 +153,41 @@ def test_logprobs_equal_prompt_logits(llm, client):
     got = [t.logprob for t in c.choices[0].logprobs.content]
     assert torch.allclose(torch.tensor(got), clogp.gather(1, torch.tensor(cref.token_ids)[:, None])[:, 0], atol=1e-4)
     assert all(len(t.top_logprobs) == 2 for t in c.choices[0].logprobs.content)
+
+
+def test_streamed_logprobs_equal_prompt_logits(llm, client):
+    """Streaming with logprobs: each chunk carries its own tokens' log-probabilities, and together they
+    equal the log-softmax of prompt_logits at the positions that chose them."""
+    ref = greedy(llm, PROMPTS[4], max_tokens=8)
+    ids = ref.prompt_token_ids + ref.token_ids
+    logp = torch.log_softmax(llm.prompt_logits(ids[:-1]).float(), -1)[len(ref.prompt_token_ids) - 1:]  # [8, V]
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPTS[4], max_tokens=8, temperature=0,
+                                            logprobs=2, stream=True))
+    got = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    want = logp.gather(1, torch.tensor(ref.token_ids)[:, None])[:, 0]
+    assert len(got) == len(ref.token_ids)
+    assert torch.allclose(torch.tensor(got), want, atol=1e-4)
+    words = [w for c in chunks if c.choices and c.choices[0].logprobs for w in c.choices[0].logprobs.tokens]
+    assert "".join(words) == ref.text
+    messages = [{"role": "user", "content": "Hi there"}]
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=5, temperature=0,
+                                            logprobs=True, top_logprobs=3, stream=True)
+    content = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    cref = greedy(llm, ids=llm.tokenizer.encode_chat(messages), max_tokens=5)
+    assert len(content) == len(cref.token_ids)
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)
+
+
+def test_usage_counts_cached_prompt_tokens(llm, client):
+    """A prompt whose leading blocks are in the prefix cache says how many tokens it reused."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    n = len(llm.tokenizer.encode(prompt))
+    first = client.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens == n
+    block = llm.engine.blocks.block_size
+    assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // block * block > 0
+    assert again.choices[0].text == first.choices[0].text
 
 
 def test_seeded_sampling_is_reproducible(client):
@@ -254,7 +289,7 @@ def test_bad_requests_answer_clearly(llm, server):
         (chat, {"messages": "hi"}, auth, 400, "messages"),
         (chat, {"messages": []}, auth, 400, "messages"),
         (chat, {"messages": [{"role": "user"}]}, auth, 400, "content"),
-        (chat, {"messages": msgs, "logprobs": True, "stream": True}, auth, 400, "non-streaming"),
+        (chat, {"messages": msgs, "top_logprobs": 2}, auth, 400, "top_logprobs needs logprobs=true"),
         (chat, {"messages": msgs, "logprobs": True, "top_logprobs": 21}, auth, 400, "0..20"),
         (comp, {"prompt": "x", "logprobs": 30}, auth, 400, "0..20"),
         (chat, {"messages": msgs, "max_completion_tokens": -1}, auth, 400, "max_tokens"),

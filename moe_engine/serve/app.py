@@ -82,16 +82,14 @@ def top_logprobs(body: dict, chat: bool) -> int | None:
         return None
     if not 0 <= k <= 20:
         raise APIError(400, f"top_logprobs/logprobs={k} is out of range: must be 0..20", "top_logprobs")
-    if body.get("stream"):
-        raise APIError(400, "logprobs are returned for non-streaming requests only; drop stream or logprobs",
-                       "logprobs")
     return k
 
 
 def usage(req: Request) -> dict:
     completion = len(req.seq.output_ids) if req.seq is not None else 0
+    cached = req.seq.num_prompt_cached if req.seq is not None else 0
     return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": completion,
-            "total_tokens": len(req.prompt_ids) + completion}
+            "total_tokens": len(req.prompt_ids) + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def create_app(llm, served_model_name: str, api_key: str | None = None, max_waiting: int = 256,
@@ -233,7 +231,7 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
                 if event[0] == "delta":
                     text += event[1]
                 elif event[0] == "logprobs":
-                    logprobs = format_logprobs(req, *event[1:], kind == "chat.completion", len(echo))
+                    logprobs = format_logprobs(req.prompt_ids, req.seq.output_ids, *event[1:], kind == "chat.completion", len(echo))
                 else:
                     finish = event[1]
         finally:
@@ -255,34 +253,47 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
             if following[0] != "delta":
                 req.events.put_nowait(following)      # "done"/"error" comes last: putting it back keeps order
                 break
-            event = ("delta", event[1] + following[1], event[2] + following[2])
+            event = ("delta", event[1] + following[1], event[2] + following[2]) + (
+                ((event[3][0] + following[3][0], event[3][1] + following[3][1]),) if len(event) > 3 else ())
         return event
 
-    def format_logprobs(req, chosen, tops, chat_kind, offset):
-        piece = llm.tokenizer.decode if llm.tokenizer is not None else str
-        words = [piece([t]) for t in req.seq.output_ids]
+    def format_logprobs(context, token_ids, chosen, tops, chat_kind, offset):
+        """OpenAI's logprobs object for token_ids, which follow the ids in context. Each token's text is
+        read in context: sentencepiece spells a word's leading space only after another token."""
+        tok, ctxs, words = llm.tokenizer, [], []
+        context = list(context[-4:])
+        for t in token_ids:
+            ctxs.append(context)
+            context = (context + [t])[-4:]
+
+        def piece(ctx, i):
+            return str(i) if tok is None else tok.decode_continuation(ctx, [i])
+
+        words = [piece(c, t) for c, t in zip(ctxs, token_ids)]
+        alts = [[(piece(c, i), v) for i, v in top] for c, top in zip(ctxs, tops)]
         if chat_kind:
             return {"content": [{"token": w, "logprob": lp, "bytes": list(w.encode()),
-                                 "top_logprobs": [{"token": piece([i]), "logprob": v, "bytes": list(piece([i]).encode())}
-                                                  for i, v in top]}
-                                for w, lp, top in zip(words, chosen, tops)]}
+                                 "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())} for a, v in top]}
+                                for w, lp, top in zip(words, chosen, alts)]}
         offsets, at = [], offset
         for w in words:
             offsets.append(at)
             at += len(w)
         return {"tokens": words, "token_logprobs": chosen, "text_offset": offsets,
-                "top_logprobs": [{piece([i]): v for i, v in top} for top in tops]}
+                "top_logprobs": [dict(top) for top in alts]}
 
     async def sse(req, event, rid, created, kind, echo, include_usage):
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
         chat_kind = kind == "chat.completion"
 
-        def chunk(text, finish=None, role=False):
+        offset, streamed = len(echo), 0           # characters and tokens streamed so far
+
+        def chunk(text, finish=None, role=False, logprobs=None):
             if chat_kind:
                 delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text or role else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
             body = {"id": rid, "object": chunk_kind, "created": created, "model": served_model_name,
                     "choices": [choice]}
             if include_usage:
@@ -297,8 +308,14 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
                 yield chunk(echo)
             while True:
                 if event[0] == "delta":
-                    if event[1]:
-                        yield chunk(event[1])
+                    logprobs = None
+                    if len(event) > 3 and event[2]:
+                        before = req.prompt_ids + req.seq.output_ids[:streamed]
+                        logprobs = format_logprobs(before, event[2], *event[3], chat_kind, offset)
+                        offset += sum(len(w) for w in logprobs.get("tokens", []))
+                    streamed += len(event[2])
+                    if event[1] or logprobs:
+                        yield chunk(event[1], logprobs=logprobs)
                 elif event[0] == "done":
                     finish = event[1]
                     yield chunk("", finish)

@@ -6,8 +6,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from moe_engine.errors import MoeEngineError
 from moe_engine.llm import _stable_len
 from moe_engine.sampling import SamplingParams
@@ -21,7 +19,8 @@ class Busy(Exception):
 @dataclass(eq=False)
 class Request:
     """One HTTP request's generation. Events reach the handler on `events` (an asyncio queue of its
-    event loop): ("delta", text, token_ids), then ("done", finish_reason) or ("error", message)."""
+    event loop): ("delta", text, token_ids[, logprobs of those tokens when asked]), then ("logprobs", ...)
+    for a non-streaming request that asked, then ("done", finish_reason) or ("error", message)."""
     prompt_ids: list[int]
     params: SamplingParams
     stream: bool
@@ -151,6 +150,7 @@ class EngineLoop:
             req.emit("error", f"{type(e).__name__}: {e}")
             return
         req.seq.streaming = req.stream or bool(req.params.stop)
+        req.seq.logprobs = req.top_logprobs
         self.live[req.seq] = req
 
     def _update_queued(self) -> None:
@@ -184,32 +184,28 @@ class EngineLoop:
             if seq.finished:
                 if not req.stream:
                     req.emit_later(outbox, "delta", seq.text, list(seq.output_ids))
-                if req.top_logprobs is not None:
-                    req.emit_later(outbox, "logprobs", *self._logprobs(seq, req.top_logprobs))
+                if req.top_logprobs is not None and not req.stream:
+                    req.emit_later(outbox, "logprobs", *self._logprobs(seq))
                 req.emit_later(outbox, "done", seq.finish_reason)
                 self.live.pop(seq, None)
                 self.requests_done += 1
         for aio_loop, items in outbox.items():
             aio_loop.call_soon_threadsafe(_deliver, items)
 
-    def _logprobs(self, seq: Sequence, top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
-        """Each output token's log-probability and the `top` likeliest there, from one forward over the
-        finished sequence (the log-softmax of llm.prompt_logits at the positions that chose them)."""
-        n = len(seq.prompt_ids)
-        logits = self.llm.prompt_logits(seq.all_ids[:-1])[n - 1:]           # [out, V]
-        logp = torch.log_softmax(logits.float(), -1)
-        chosen = logp.gather(1, torch.tensor(seq.output_ids, device=logp.device)[:, None])[:, 0]   # [out]
-        best = logp.topk(top, -1) if top else None
-        tops = ([list(zip(i.tolist(), v.tolist())) for v, i in zip(best.values, best.indices)] if top
-                else [[] for _ in seq.output_ids])
-        return chosen.tolist(), tops
+    @staticmethod
+    def _logprobs(seq: Sequence, start: int = 0) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """Output tokens start.. : each one's log-probability and the likeliest alternatives there, as the
+        engine recorded them from the step's logits (the log-softmax of the model's distribution)."""
+        picked = seq.token_logprobs[start:]
+        return [lp for lp, _ in picked], [alts for _, alts in picked]
 
     @staticmethod
     def _send_delta(req: Request, outbox: dict) -> None:
         seq = req.seq
         ready = len(seq.text) if seq.finished else _stable_len(seq.text, seq.params.stop)
         if ready > req.sent_chars or seq.finished:
-            req.emit_later(outbox, "delta", seq.text[req.sent_chars:ready], seq.output_ids[req.sent_tokens:])
+            extra = (EngineLoop._logprobs(seq, req.sent_tokens),) if req.top_logprobs is not None else ()
+            req.emit_later(outbox, "delta", seq.text[req.sent_chars:ready], seq.output_ids[req.sent_tokens:], *extra)
             req.sent_chars, req.sent_tokens = max(ready, req.sent_chars), len(seq.output_ids)
 
     def metrics(self) -> str:
