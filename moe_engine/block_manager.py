@@ -72,6 +72,8 @@ class BlockManager:
             return False
         seq.blocks = [self._take(b) for b in hits] + [self._take() for _ in range(fresh)]
         seq.num_cached = cached
+        if seq.num_preemptions == 0 and not seq.output_ids:
+            seq.num_prompt_cached = cached
         seq.block_hashes = [self.hash_of[b] for b in hits]
         self.prefix_hits += len(hits)
         return True

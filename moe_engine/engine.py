@@ -56,8 +56,11 @@ class Engine:
             return []
         sampled = [s for s, n in zip(batch.seqs, batch.num_tokens) if s.num_cached + n == s.num_tokens]
         logits, greedy = self.forward(batch)                                 # [N, V], N = len(sampled)
+        tokens = self.sample(logits, sampled, greedy)
+        if any(s.logprobs is not None for s in sampled):
+            self._record_logprobs(logits, sampled, tokens)
         produced = []
-        for seq, token in zip(sampled, self.sample(logits, sampled, greedy)):
+        for seq, token in zip(sampled, tokens):
             seq.output_ids.append(token)
             self._check_finished(seq, token)
             if seq.finished:
@@ -78,6 +81,20 @@ class Engine:
             if not plain[i]:
                 tokens[i] = sample_token(logits[i], seq.params, seq.all_ids, seq.generator)
         return tokens
+
+    @staticmethod
+    def _record_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> None:
+        """Each chosen token's log-probability under the model (before sampling settings) and the
+        likeliest alternatives, for the sequences that asked (seq.logprobs = how many alternatives)."""
+        rows = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        logp = torch.log_softmax(logits[rows].float(), -1)                           # [R, V]
+        chosen = logp.gather(1, torch.tensor([tokens[i] for i in rows], device=logp.device)[:, None])[:, 0]
+        top = max(seqs[i].logprobs for i in rows)
+        best = logp.topk(top, -1) if top else None
+        for r, i in enumerate(rows):
+            k = seqs[i].logprobs
+            alts = (list(zip(best.indices[r, :k].tolist(), best.values[r, :k].tolist())) if k else [])
+            seqs[i].token_logprobs.append((chosen[r].item(), alts))
 
     def forward(self, batch: ScheduledBatch) -> StepOutput:
         """Feed each sequence's next num_tokens uncached tokens through the runner: logits [N, V] at the

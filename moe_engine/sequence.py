@@ -25,6 +25,9 @@ class Sequence:
     streaming: bool = False                         # someone reads .text as it grows
     text_done: int = 0                              # leading output tokens whose text is final in .text
     text_done_len: int = 0                          # ... and how many characters of .text that is
+    num_prompt_cached: int = 0                      # prompt tokens found in the prefix cache when first admitted
+    logprobs: int | None = None                     # set: record each output token's log-probability and
+    token_logprobs: list = field(default_factory=list)  # ... this many alternatives: (logp, [(id, logp)])
 
     @property
     def all_ids(self) -> list[int]:

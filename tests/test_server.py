@@ -14,6 +14,7 @@ uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from moe_engine.config import EngineConfig  # noqa: E402
 from moe_engine.llm import LLM  # noqa: E402
 from moe_engine.sampling import SamplingParams  # noqa: E402
 from moe_engine.serve.app import create_app  # noqa: E402
@@ -140,7 +141,7 @@ def test_logprobs_equal_prompt_logits(llm, client):
     lp = r.choices[0].logprobs
     want = logp.gather(1, torch.tensor(ref.token_ids)[:, None])[:, 0]
     assert torch.allclose(torch.tensor(lp.token_logprobs), want, atol=1e-4)
-    assert len(lp.tokens) == len(ref.token_ids)
+    assert len(lp.tokens) == len(ref.token_ids) and "".join(lp.tokens) == ref.text
     for row, top in zip(logp, lp.top_logprobs):
         assert len(top) == 3
         assert torch.allclose(torch.tensor(sorted(top.values(), reverse=True)), row.topk(3).values, atol=1e-4)
@@ -153,6 +154,41 @@ def test_logprobs_equal_prompt_logits(llm, client):
     got = [t.logprob for t in c.choices[0].logprobs.content]
     assert torch.allclose(torch.tensor(got), clogp.gather(1, torch.tensor(cref.token_ids)[:, None])[:, 0], atol=1e-4)
     assert all(len(t.top_logprobs) == 2 for t in c.choices[0].logprobs.content)
+
+
+def test_streamed_logprobs_equal_prompt_logits(llm, client):
+    """Streaming with logprobs: each chunk carries its own tokens' log-probabilities, and together they
+    equal the log-softmax of prompt_logits at the positions that chose them."""
+    ref = greedy(llm, PROMPTS[4], max_tokens=8)
+    ids = ref.prompt_token_ids + ref.token_ids
+    logp = torch.log_softmax(llm.prompt_logits(ids[:-1]).float(), -1)[len(ref.prompt_token_ids) - 1:]  # [8, V]
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPTS[4], max_tokens=8, temperature=0,
+                                            logprobs=2, stream=True))
+    got = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    want = logp.gather(1, torch.tensor(ref.token_ids)[:, None])[:, 0]
+    assert len(got) == len(ref.token_ids)
+    assert torch.allclose(torch.tensor(got), want, atol=1e-4)
+    words = [w for c in chunks if c.choices and c.choices[0].logprobs for w in c.choices[0].logprobs.tokens]
+    assert "".join(words) == ref.text
+    messages = [{"role": "user", "content": "Hi there"}]
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=5, temperature=0,
+                                            logprobs=True, top_logprobs=3, stream=True)
+    content = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    cref = greedy(llm, ids=llm.tokenizer.encode_chat(messages), max_tokens=5)
+    assert len(content) == len(cref.token_ids)
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)
+
+
+def test_usage_counts_cached_prompt_tokens(llm, client):
+    """A prompt whose leading blocks are in the prefix cache says how many tokens it reused."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    n = len(llm.tokenizer.encode(prompt))
+    first = client.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens == n
+    block = llm.engine.blocks.block_size
+    assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // block * block > 0
+    assert again.choices[0].text == first.choices[0].text
 
 
 def test_seeded_sampling_is_reproducible(client):
@@ -254,7 +290,7 @@ def test_bad_requests_answer_clearly(llm, server):
         (chat, {"messages": "hi"}, auth, 400, "messages"),
         (chat, {"messages": []}, auth, 400, "messages"),
         (chat, {"messages": [{"role": "user"}]}, auth, 400, "content"),
-        (chat, {"messages": msgs, "logprobs": True, "stream": True}, auth, 400, "non-streaming"),
+        (chat, {"messages": msgs, "top_logprobs": 2}, auth, 400, "top_logprobs needs logprobs=true"),
         (chat, {"messages": msgs, "logprobs": True, "top_logprobs": 21}, auth, 400, "0..20"),
         (comp, {"prompt": "x", "logprobs": 30}, auth, 400, "0..20"),
         (chat, {"messages": msgs, "max_completion_tokens": -1}, auth, 400, "max_tokens"),
@@ -316,3 +352,81 @@ def test_cli_serve_subprocess():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def process_server():
+    """The server as `moe-engine serve` runs it: the engine in a process of its own."""
+    from moe_engine.serve.process import EngineProcess
+    engine = EngineProcess(MODEL_DIR, "cpu", config=EngineConfig(max_num_seqs=32), max_waiting=64).start()
+    app = create_app(engine, NAME, api_key=KEY, max_waiting=64)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine
+    srv.should_exit = True
+    thread.join(timeout=30)
+    assert not engine.process.is_alive()         # the app's shutdown stopped the engine process
+
+
+def metric(url: str, name: str) -> float:
+    lines = [ln for ln in httpx.get(url + "/metrics").text.splitlines() if ln.startswith(name + " ")]
+    return float(lines[0].split()[1])
+
+
+def test_engine_process_serves_what_generate_gives(llm, process_server):
+    url, engine = process_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    refs = [greedy(llm, p, max_tokens=10) for p in PROMPTS]
+
+    def one(i):
+        if i % 2:
+            return client.completions.create(model=NAME, prompt=PROMPTS[i], max_tokens=10, temperature=0).choices[0].text
+        chunks = client.completions.create(model=NAME, prompt=PROMPTS[i], max_tokens=10, temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(one, range(8))) == [r.text for r in refs]
+    messages = [{"role": "user", "content": "Write a haiku about the sea."}]
+    ref = greedy(llm, ids=llm.tokenizer.encode_chat(messages))
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0, logprobs=True)
+    assert r.choices[0].message.content == ref.text
+    assert r.usage.completion_tokens == len(ref.token_ids) == len(r.choices[0].logprobs.content)
+    bad = httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                     json={"model": NAME, "prompt": "x" * 5000}, timeout=30)
+    assert bad.status_code == 400 and "shorten the prompt" in bad.json()["error"]["message"]
+
+
+def test_engine_process_frees_blocks_of_disconnected_clients(process_server):
+    url, engine = process_server
+
+    def one(_):
+        body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=60) as r:
+            assert r.status_code == 200
+            for n, _ in enumerate(r.iter_lines()):
+                if n >= 3:
+                    return True
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(one, range(8)))
+    deadline = time.time() + 20
+    while metric(url, "moe_engine_cache_blocks_used") or metric(url, "moe_engine_requests_running"):
+        assert time.time() < deadline, "blocks still in use after the clients went away"
+        time.sleep(0.1)
+    assert metric(url, "moe_engine_cache_blocks_total") > 0
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_engine_process_that_cannot_load_says_why(tmp_path):
+    from moe_engine.errors import MoeEngineError
+    from moe_engine.serve.process import EngineProcess
+    with pytest.raises(MoeEngineError) as e:
+        EngineProcess(tmp_path / "missing", "cpu").start()
+    assert "missing" in str(e.value) and "\n" not in str(e.value)

@@ -109,8 +109,8 @@ def device_and_dtype(args):
     return device, pick_dtype(args.dtype, device)
 
 
-def load_llm(args):
-    from moe_engine.llm import LLM
+def llm_settings(args):
+    """(model folder, device, dtype, EngineConfig) from the command line, as LLM(...) takes them."""
     device, dtype = device_and_dtype(args)
     graphs = False if getattr(args, "no_cuda_graphs", False) else None
     compile = getattr(args, "compile", False)
@@ -118,8 +118,13 @@ def load_llm(args):
         print("compiling the decode step with torch.compile after loading (tens of seconds the first time, "
               "a few once torch has cached it)...", file=sys.stderr, flush=True)
     from moe_engine.config import EngineConfig
-    config = EngineConfig(cuda_graphs=graphs, compile=compile)
-    return LLM(resolve_model(args.model), device, dtype, config=config, progress=show_progress(args))
+    return resolve_model(args.model), device, dtype, EngineConfig(cuda_graphs=graphs, compile=compile)
+
+
+def load_llm(args):
+    from moe_engine.llm import LLM
+    path, device, dtype, config = llm_settings(args)
+    return LLM(path, device, dtype, config=config, progress=show_progress(args))
 
 
 def show_progress(args) -> bool:

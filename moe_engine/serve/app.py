@@ -82,22 +82,21 @@ def top_logprobs(body: dict, chat: bool) -> int | None:
         return None
     if not 0 <= k <= 20:
         raise APIError(400, f"top_logprobs/logprobs={k} is out of range: must be 0..20", "top_logprobs")
-    if body.get("stream"):
-        raise APIError(400, "logprobs are returned for non-streaming requests only; drop stream or logprobs",
-                       "logprobs")
     return k
 
 
-def usage(req: Request) -> dict:
-    completion = len(req.seq.output_ids) if req.seq is not None else 0
+def usage(req: Request, counts: dict | None) -> dict:
+    completion, cached = (counts["completion_tokens"], counts["cached_tokens"]) if counts else (0, 0)
     return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": completion,
-            "total_tokens": len(req.prompt_ids) + completion}
+            "total_tokens": len(req.prompt_ids) + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def create_app(llm, served_model_name: str, api_key: str | None = None, max_waiting: int = 256,
                default_max_tokens: int = 256) -> FastAPI:
-    """The app; its EngineLoop starts with the app and is at app.state.loop."""
-    loop = EngineLoop(llm, max_waiting)
+    """The app over an LLM (its engine runs in a thread of this process) or over a loop already made
+    (an EngineProcess: the engine in a process of its own). The loop starts with the app and is at
+    app.state.loop."""
+    loop = EngineLoop(llm, max_waiting) if hasattr(llm, "engine") else llm
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -150,18 +149,18 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(loop.metrics(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await asyncio.to_thread(loop.metrics), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
         authorize(request)
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
-                                            "owned_by": "moe-engine", "max_model_len": llm.max_model_len}]}
+                                            "owned_by": "moe-engine", "max_model_len": loop.max_model_len}]}
 
     def tokenizer():
-        if llm.tokenizer is None:
-            raise APIError(400, f"the model at {llm.path} has no tokenizer; text requests need one")
-        return llm.tokenizer
+        if loop.tokenizer is None:
+            raise APIError(400, f"the model at {loop.path} has no tokenizer; text requests need one")
+        return loop.tokenizer
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -173,7 +172,7 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
             ids, text = tokenizer().encode(prompt), prompt
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
-            text = llm.tokenizer.decode(ids) if llm.tokenizer is not None and body.get("echo") else ""
+            text = loop.tokenizer.decode(ids) if loop.tokenizer is not None and body.get("echo") else ""
         else:
             raise APIError(400, "'prompt' must be a string, a list of token ids, or a list of one of those", "prompt")
         echo = text if body.get("echo") else ""
@@ -224,22 +223,24 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
                                  media_type="text/event-stream")
 
     async def collect(request, req, rid, created, kind, echo):
-        text, finish, logprobs = "", None, None
+        text, finish, logprobs, token_ids, counts = "", None, None, [], None
         try:
             while finish is None:
                 event = await req.events.get()
                 if event[0] == "error":
                     raise APIError(400, event[1], "messages" if kind == "chat.completion" else "prompt")
                 if event[0] == "delta":
-                    text += event[1]
+                    text, token_ids = text + event[1], token_ids + event[2]
                 elif event[0] == "logprobs":
-                    logprobs = format_logprobs(req, *event[1:], kind == "chat.completion", len(echo))
+                    logprobs = format_logprobs(req.prompt_ids, token_ids, *event[1:], kind == "chat.completion",
+                                               len(echo))
                 else:
-                    finish = event[1]
+                    finish, counts = event[1], event[2]
         finally:
             if finish is None:
                 loop.cancel(req)
-        base = {"id": rid, "object": kind, "created": created, "model": served_model_name, "usage": usage(req)}
+        base = {"id": rid, "object": kind, "created": created, "model": served_model_name,
+                "usage": usage(req, counts)}
         if kind == "chat.completion":
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": finish}
@@ -255,34 +256,47 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
             if following[0] != "delta":
                 req.events.put_nowait(following)      # "done"/"error" comes last: putting it back keeps order
                 break
-            event = ("delta", event[1] + following[1], event[2] + following[2])
+            event = ("delta", event[1] + following[1], event[2] + following[2]) + (
+                ((event[3][0] + following[3][0], event[3][1] + following[3][1]),) if len(event) > 3 else ())
         return event
 
-    def format_logprobs(req, chosen, tops, chat_kind, offset):
-        piece = llm.tokenizer.decode if llm.tokenizer is not None else str
-        words = [piece([t]) for t in req.seq.output_ids]
+    def format_logprobs(context, token_ids, chosen, tops, chat_kind, offset):
+        """OpenAI's logprobs object for token_ids, which follow the ids in context. Each token's text is
+        read in context: sentencepiece spells a word's leading space only after another token."""
+        tok, ctxs = loop.tokenizer, []
+        context = list(context[-4:])
+        for t in token_ids:
+            ctxs.append(context)
+            context = (context + [t])[-4:]
+
+        def piece(ctx, i):
+            return str(i) if tok is None else tok.decode_continuation(ctx, [i])
+
+        words = [piece(c, t) for c, t in zip(ctxs, token_ids)]
+        alts = [[(piece(c, i), v) for i, v in top] for c, top in zip(ctxs, tops)]
         if chat_kind:
             return {"content": [{"token": w, "logprob": lp, "bytes": list(w.encode()),
-                                 "top_logprobs": [{"token": piece([i]), "logprob": v, "bytes": list(piece([i]).encode())}
-                                                  for i, v in top]}
-                                for w, lp, top in zip(words, chosen, tops)]}
+                                 "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())} for a, v in top]}
+                                for w, lp, top in zip(words, chosen, alts)]}
         offsets, at = [], offset
         for w in words:
             offsets.append(at)
             at += len(w)
         return {"tokens": words, "token_logprobs": chosen, "text_offset": offsets,
-                "top_logprobs": [{piece([i]): v for i, v in top} for top in tops]}
+                "top_logprobs": [dict(top) for top in alts]}
 
     async def sse(req, event, rid, created, kind, echo, include_usage):
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
         chat_kind = kind == "chat.completion"
 
-        def chunk(text, finish=None, role=False):
+        offset, streamed, counts = len(echo), [], None     # characters and token ids streamed so far
+
+        def chunk(text, finish=None, role=False, logprobs=None):
             if chat_kind:
                 delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text or role else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
             body = {"id": rid, "object": chunk_kind, "created": created, "model": served_model_name,
                     "choices": [choice]}
             if include_usage:
@@ -297,10 +311,16 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
                 yield chunk(echo)
             while True:
                 if event[0] == "delta":
-                    if event[1]:
-                        yield chunk(event[1])
+                    logprobs = None
+                    if len(event) > 3 and event[2]:
+                        before = req.prompt_ids + streamed
+                        logprobs = format_logprobs(before, event[2], *event[3], chat_kind, offset)
+                        offset += sum(len(w) for w in logprobs.get("tokens", []))
+                    streamed += event[2]
+                    if event[1] or logprobs:
+                        yield chunk(event[1], logprobs=logprobs)
                 elif event[0] == "done":
-                    finish = event[1]
+                    finish, counts = event[1], event[2]
                     yield chunk("", finish)
                     break
                 else:                       # an engine failure mid-stream: say so, then end the stream
@@ -310,7 +330,7 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
                 event = await next_event(req)
             if include_usage:
                 body = {"id": rid, "object": chunk_kind, "created": created, "model": served_model_name,
-                        "choices": [], "usage": usage(req)}
+                        "choices": [], "usage": usage(req, counts)}
                 yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
         finally:

@@ -1,6 +1,7 @@
 """The `moe-engine serve` command: its flags and the function that loads the model and runs uvicorn."""
 
 import sys
+from pathlib import Path
 
 from moe_engine.errors import MoeEngineError
 
@@ -15,6 +16,8 @@ def add_arguments(parser) -> None:
                         help="requests that may wait for a place in the batch; past it, 503 (default %(default)s)")
     parser.add_argument("--default-max-tokens", type=int, default=256,
                         help="max_tokens of a request that gives none (default %(default)s)")
+    parser.add_argument("--engine-thread", action="store_true",
+                        help="run the engine in a thread of the server's process instead of a process of its own")
 
 
 def run(args) -> int:
@@ -24,12 +27,17 @@ def run(args) -> int:
     except ImportError as e:
         raise MoeEngineError(f"`moe-engine serve` needs {e.name or 'fastapi and uvicorn'}: "
                              "pip install 'moe-engine[serve]'") from None
-    from moe_engine.cli import load_llm, resolve_model
+    from moe_engine.cli import llm_settings, load_llm, show_progress
+    from moe_engine.serve.process import EngineProcess
     if args.max_waiting < 0 or args.default_max_tokens < 1:
         raise MoeEngineError("--max-waiting must be >= 0 and --default-max-tokens >= 1")
-    llm = load_llm(args)
-    name = args.served_model_name or resolve_model(args.model).resolve().name
-    app = create_app(llm, name, args.api_key, args.max_waiting, args.default_max_tokens)
+    if args.engine_thread:
+        engine = load_llm(args)
+    else:
+        path, device, dtype, config = llm_settings(args)
+        engine = EngineProcess(path, device, dtype, config, args.max_waiting, show_progress(args)).start()
+    name = args.served_model_name or Path(engine.path).resolve().name
+    app = create_app(engine, name, args.api_key, args.max_waiting, args.default_max_tokens)
     if not args.quiet:
         print(f"serving {name} on http://{args.host}:{args.port}/v1 (OpenAI API)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")

@@ -6,8 +6,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from moe_engine.errors import MoeEngineError
 from moe_engine.llm import _stable_len
 from moe_engine.sampling import SamplingParams
@@ -21,12 +19,15 @@ class Busy(Exception):
 @dataclass(eq=False)
 class Request:
     """One HTTP request's generation. Events reach the handler on `events` (an asyncio queue of its
-    event loop): ("delta", text, token_ids), then ("done", finish_reason) or ("error", message)."""
+    event loop): ("delta", text, token_ids[, logprobs of those tokens when asked]), then ("logprobs", ...)
+    for a non-streaming request that asked, then ("done", finish_reason, counts) or ("error", message);
+    counts: {"completion_tokens", "cached_tokens"}. In an engine process, aio_loop and events are None."""
     prompt_ids: list[int]
     params: SamplingParams
     stream: bool
-    aio_loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    aio_loop: asyncio.AbstractEventLoop | None
+    events: asyncio.Queue | None = field(default_factory=asyncio.Queue)
+    rid: int = 0
     seq: Sequence | None = None
     cancelled: bool = False
     sent_chars: int = 0
@@ -35,16 +36,19 @@ class Request:
     last_token: float | None = None
     top_logprobs: int | None = None       # set: the finished request also gets ("logprobs", ...)
 
-    def emit(self, *event) -> None:
-        self.aio_loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-    def emit_later(self, outbox: dict, *event) -> None:
-        """Collect an event to be sent with the others of this step (one wake-up of the event loop)."""
-        outbox.setdefault(self.aio_loop, []).append((self.events, event))
 
 
-def _deliver(items: list) -> None:
-    for events, event in items:
+def deliver_to_event_loops(items: list) -> None:
+    """Hand (request, event) pairs to their handlers: one wake-up per event loop for the lot."""
+    by_loop: dict = {}
+    for req, event in items:
+        by_loop.setdefault(req.aio_loop, []).append((req.events, event))
+    for aio_loop, batch in by_loop.items():
+        aio_loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list) -> None:
+    for events, event in batch:
         events.put_nowait(event)
 
 
@@ -72,8 +76,9 @@ class EngineLoop:
     """Runs llm.engine in one thread: every submitted request joins the running batch (continuous
     batching across clients). At most max_waiting requests wait to be admitted; past that, Busy."""
 
-    def __init__(self, llm, max_waiting: int = 256):
-        self.llm, self.engine, self.max_waiting = llm, llm.engine, max_waiting
+    def __init__(self, llm, max_waiting: int = 256, deliver=deliver_to_event_loops):
+        self.llm, self.engine, self.max_waiting, self.deliver = llm, llm.engine, max_waiting, deliver
+        self.tokenizer, self.max_model_len, self.path = llm.tokenizer, llm.max_model_len, llm.path
         self.inbox: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
         self.num_queued = 0                       # submitted, not yet running or finished (under lock)
@@ -86,6 +91,7 @@ class EngineLoop:
         self.requests_done = 0
         self.ttft = Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.per_token = Histogram((0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.on_queued = None                     # called with num_queued when it changes (an engine process)
         self.thread = threading.Thread(target=self._run, name="moe-engine-loop", daemon=True)
 
     def start(self) -> "EngineLoop":
@@ -111,6 +117,7 @@ class EngineLoop:
 
     # Engine thread from here on.
     def _run(self) -> None:
+        reported = 0
         while not self.stopping.is_set():
             idle = not self.engine.has_work() and not self.queued
             try:
@@ -130,11 +137,16 @@ class EngineLoop:
             if self.engine.has_work():
                 self._step()
             self._update_queued()
+            if self.on_queued is not None and self.num_queued != reported:
+                reported = self.num_queued
+                self.on_queued(reported)
 
     def _handle(self, item) -> None:
         kind, req = item
         if kind == "add":
             self.queued.append(req)
+        elif kind == "call":            # work that must run in the engine thread (an engine process's replies)
+            req()
         elif kind == "abort" and req.seq is not None and not req.seq.finished:
             self.engine.abort(req.seq)
             self.live.pop(req.seq, None)
@@ -145,12 +157,13 @@ class EngineLoop:
         try:
             req.seq = self.llm._new_sequence(req.prompt_ids, req.params)   # validates, then engine.add
         except MoeEngineError as e:
-            req.emit("error", str(e))
+            self.deliver([(req, ("error", str(e)))])
             return
         except Exception as e:          # never let one request take the loop down
-            req.emit("error", f"{type(e).__name__}: {e}")
+            self.deliver([(req, ("error", f"{type(e).__name__}: {e}"))])
             return
         req.seq.streaming = req.stream or bool(req.params.stop)
+        req.seq.logprobs = req.top_logprobs
         self.live[req.seq] = req
 
     def _update_queued(self) -> None:
@@ -163,12 +176,14 @@ class EngineLoop:
         try:
             produced = self.engine.step()
         except Exception as e:          # a failed step fails the requests in it, not the server
+            failed = []
             for seq, req in list(self.live.items()):
                 self.engine.abort(seq)
-                req.emit("error", f"engine step failed: {type(e).__name__}: {e}")
+                failed.append((req, ("error", f"engine step failed: {type(e).__name__}: {e}")))
             self.live.clear()
+            self.deliver(failed)
             return
-        now, outbox = time.perf_counter(), {}
+        now, outbox = time.perf_counter(), []
         for seq, _ in produced:
             req = self.live.get(seq)
             if req is None:
@@ -183,33 +198,30 @@ class EngineLoop:
                 self._send_delta(req, outbox)
             if seq.finished:
                 if not req.stream:
-                    req.emit_later(outbox, "delta", seq.text, list(seq.output_ids))
-                if req.top_logprobs is not None:
-                    req.emit_later(outbox, "logprobs", *self._logprobs(seq, req.top_logprobs))
-                req.emit_later(outbox, "done", seq.finish_reason)
+                    outbox.append((req, ("delta", seq.text, list(seq.output_ids))))
+                if req.top_logprobs is not None and not req.stream:
+                    outbox.append((req, ("logprobs", *self._logprobs(seq))))
+                counts = {"completion_tokens": len(seq.output_ids), "cached_tokens": seq.num_prompt_cached}
+                outbox.append((req, ("done", seq.finish_reason, counts)))
                 self.live.pop(seq, None)
                 self.requests_done += 1
-        for aio_loop, items in outbox.items():
-            aio_loop.call_soon_threadsafe(_deliver, items)
-
-    def _logprobs(self, seq: Sequence, top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
-        """Each output token's log-probability and the `top` likeliest there, from one forward over the
-        finished sequence (the log-softmax of llm.prompt_logits at the positions that chose them)."""
-        n = len(seq.prompt_ids)
-        logits = self.llm.prompt_logits(seq.all_ids[:-1])[n - 1:]           # [out, V]
-        logp = torch.log_softmax(logits.float(), -1)
-        chosen = logp.gather(1, torch.tensor(seq.output_ids, device=logp.device)[:, None])[:, 0]   # [out]
-        best = logp.topk(top, -1) if top else None
-        tops = ([list(zip(i.tolist(), v.tolist())) for v, i in zip(best.values, best.indices)] if top
-                else [[] for _ in seq.output_ids])
-        return chosen.tolist(), tops
+        if outbox:
+            self.deliver(outbox)
 
     @staticmethod
-    def _send_delta(req: Request, outbox: dict) -> None:
+    def _logprobs(seq: Sequence, start: int = 0) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """Output tokens start.. : each one's log-probability and the likeliest alternatives there, as the
+        engine recorded them from the step's logits (the log-softmax of the model's distribution)."""
+        picked = seq.token_logprobs[start:]
+        return [lp for lp, _ in picked], [alts for _, alts in picked]
+
+    @staticmethod
+    def _send_delta(req: Request, outbox: list) -> None:
         seq = req.seq
         ready = len(seq.text) if seq.finished else _stable_len(seq.text, seq.params.stop)
         if ready > req.sent_chars or seq.finished:
-            req.emit_later(outbox, "delta", seq.text[req.sent_chars:ready], seq.output_ids[req.sent_tokens:])
+            extra = (EngineLoop._logprobs(seq, req.sent_tokens),) if req.top_logprobs is not None else ()
+            outbox.append((req, ("delta", seq.text[req.sent_chars:ready], seq.output_ids[req.sent_tokens:], *extra)))
             req.sent_chars, req.sent_tokens = max(ready, req.sent_chars), len(seq.output_ids)
 
     def metrics(self) -> str:
