@@ -13,6 +13,7 @@ from tqdm import tqdm
 from model_defs import model_family
 from moe_engine.checkpoint import TensorInfo, index_tensors, read_config, safetensors_files
 from moe_engine.errors import MoeEngineError
+from moe_engine.quantize import QuantSpec, held_weight, quantize_weights
 
 SCALE_SUFFIX = "_scale_inv"   # FP8 block scales: "<name>.weight_scale_inv" beside "<name>.weight"
 
@@ -75,13 +76,14 @@ def check_checkpoint(model, tensors: dict[str, TensorInfo], block: tuple[int, in
 
 
 def _dest(model, param: str, index) -> torch.Tensor:
-    t = model.get_parameter(param)
+    t = held_weight(model, param)        # a parameter, or a QuantizedWeight that quantizes what it is given
     return t if index is None else t[index]
 
 
 def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.dtype,
-               progress: bool = False, **model_kwargs):
-    """(model on device in dtype, config dict). Peak memory: the model plus one tensor in float32."""
+               progress: bool = False, quant: QuantSpec | None = None, **model_kwargs):
+    """(model on device in dtype, config dict). Peak memory: the model plus one tensor in float32. quant:
+    the weights it selects are held quantized, each quantized as it is read (moe_engine.quantize)."""
     path, cfg = read_config(model_dir)
     args_cls, model_cls = model_family(cfg.get("model_type"))
     try:
@@ -97,7 +99,9 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
     files = safetensors_files(path)
     tensors = index_tensors(files)
     try:
-        with torch.device(device):
+        # Quantized, the model is built on the CPU (its empty tensors take no memory until written) and moved
+        # once the quantized weights replace theirs: a GPU never holds the full-precision model.
+        with torch.device("cpu" if quant is not None else device):
             model = model_cls(args, dtype=dtype, **model_kwargs)
     except (TypeError, ValueError, KeyError) as e:
         # Unsupported or malformed values (rope_scaling, scoring_func, n_group, ...) surface while building.
@@ -105,6 +109,9 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
                              f"({type(e).__name__}: {e}); fix config.json") from None
     check_checkpoint(model, tensors, block)
     targets = model.checkpoint_targets(tensors)
+    if quant is not None:
+        quantize_weights(model, quant, device)
+        model.to(device)
     bar = tqdm(total=len(targets), desc=f"loading {path.name}", unit="tensor", disable=not progress,
                leave=False)
     with torch.no_grad(), ExitStack() as stack:
