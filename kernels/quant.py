@@ -67,7 +67,7 @@ class QuantizedWeight(nn.Module):
             kind = "channel" if (bn, bk) == (1, self.shape[-1]) else (
                 "tensor" if (bn, bk) == tuple(self.shape[-2:]) else f"block {bn}x{bk}")
             return f"fp8 {kind}"
-        group = "channel" if bk == self.shape[-1] else f"g{bk}"
+        group = "channel" if self.format == "int8" and bk == self.shape[-1] else f"g{bk}"
         return f"{self.format} {group} {'asym' if self.asymmetric else 'sym'}"
 
     def extra_repr(self) -> str:
