@@ -75,50 +75,60 @@ class QuantizedWeight(nn.Module):
 
     def unpacked(self, index=()) -> torch.Tensor:
         """The integer (or fp8) values of weight[index] as stored: int8 [.., N, K] (fp8 as float8)."""
-        q = self.qweight[index]
-        if self.format != "int4":
-            return q
-        lo, hi = (q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8
-        return torch.stack((lo, hi), -1).flatten(-2)                                  # [.., N, K]
+        return self.values(index if isinstance(index, tuple) else (index,))[0]
 
     def dequantize(self, dtype=torch.float32, index=()) -> torch.Tensor:
         """weight[index] in dtype (index: over the lead dimensions, e.g. an expert id): [.., N, K]."""
-        q = self.unpacked(index).float()
-        scale, zero = self.scale[index], None if self.zero is None else self.zero[index]
-        N, K = q.shape[-2:]
-        bn, bk = self.block
-        if zero is not None:
-            q = q - _expand(zero.float(), bn, bk, N, K)
-        return (q * _expand(scale.float(), bn, bk, N, K)).to(dtype)
+        return dequantize_values(*self.values(index if isinstance(index, tuple) else (index,)), self.block, dtype)
 
     def __getitem__(self, index) -> "QuantizedSlot":
         return QuantizedSlot(self, index if isinstance(index, tuple) else (index,))
+
+    def _where(self, index: tuple) -> tuple[tuple, tuple]:
+        """(the index into qweight, the index into scale and zero) of weight[index]."""
+        lead, rows = _split_index(index, self.shape)
+        if rows is None:
+            return lead, lead
+        bn = self.block[0]
+        if rows.start % bn or (rows.stop % bn and rows.stop != self.shape[-2]):
+            raise ValueError(f"rows {rows.start}:{rows.stop} do not start and end on {bn}-row scale blocks")
+        return lead + (rows,), lead + (slice(rows.start // bn, math.ceil(rows.stop / bn)),)
 
     def store(self, index: tuple, w: torch.Tensor, clip_search: bool | None = None) -> None:
         """Quantize w (the full-precision values of weight[index]) into place. index: lead ids (all of them
         or a prefix), then, after all of them, optionally a row slice, which must start and end on a scale
         block boundary."""
-        lead, rows = _split_index(index, self.shape)
-        bn, bk = self.block
-        if rows is None:
-            where = swhere = lead
-        else:
-            if rows.start % bn or (rows.stop % bn and rows.stop != self.shape[-2]):
-                raise ValueError(f"rows {rows.start}:{rows.stop} do not start and end on {bn}-row scale blocks")
-            where, swhere = lead + (rows,), lead + (slice(rows.start // bn, math.ceil(rows.stop / bn)),)
         w = w.to(self.qweight.device, torch.float32)
         clip_search = self.clip_search if clip_search is None else clip_search
         zero = None
         if self.format == "fp8":
             q, scale = quantize_fp8(w, self.block, self.scale.dtype)
         else:
-            q, scale, zero = quantize_int(w, 4 if self.format == "int4" else 8, bk, self.asymmetric,
+            q, scale, zero = quantize_int(w, 4 if self.format == "int4" else 8, self.block[1], self.asymmetric,
                                           clip_search, self.scale.dtype)
-            q = pack_int4(q) if self.format == "int4" else q
+        self.store_quantized(index, q, scale, zero)
+
+    def store_quantized(self, index: tuple, q: torch.Tensor, scale: torch.Tensor,
+                        zero: torch.Tensor | None = None) -> None:
+        """Values already quantized into weight[index]: q int8 (fp8: float8) [.., n, K] unpacked, scale and
+        zero (int8, asymmetric only) in this weight's scale layout."""
+        where, swhere = self._where(index)
+        if (zero is not None) != self.asymmetric:
+            raise ValueError(f"zero points {'given to a symmetric' if zero is not None else 'missing for an asymmetric'}"
+                             " quantized weight")
+        q = pack_int4(q) if self.format == "int4" else q
         self.qweight[where] = q.to(self.qweight.device)
-        self.scale[swhere] = scale.to(self.scale.device)
+        self.scale[swhere] = scale.to(self.scale.device, self.scale.dtype)
         if zero is not None:
-            self.zero[swhere] = zero.to(self.zero.device)
+            self.zero[swhere] = zero.to(self.zero.device, torch.int8)
+
+    def values(self, index: tuple = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q unpacked [.., n, K], scale, zero or None) of weight[index], as store_quantized takes them."""
+        where, swhere = self._where(index)
+        q = self.qweight[where]
+        if self.format == "int4":
+            q = torch.stack(((q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8), -1).flatten(-2)
+        return q, self.scale[swhere], None if self.zero is None else self.zero[swhere]
 
     def copy_(self, w: torch.Tensor, clip_search: bool | None = None) -> None:
         """The whole weight from full-precision values w [*lead, N, K] (the loader's destination protocol)."""
@@ -138,6 +148,23 @@ class QuantizedSlot:
 
     def copy_(self, w: torch.Tensor, clip_search: bool | None = None) -> None:
         self.weight.store(self.index, w, clip_search)
+
+    def store_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> None:
+        self.weight.store_quantized(self.index, q, scale, zero)
+
+    def values(self):
+        return self.weight.values(self.index)
+
+
+def dequantize_values(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, block: tuple[int, int],
+                      dtype=torch.float32) -> torch.Tensor:
+    """(q - zero) * scale, each scale (and zero) spread over its (bn, bk) block: [.., N, K] in dtype."""
+    N, K = q.shape[-2:]
+    bn, bk = block
+    q = q.float()
+    if zero is not None:
+        q = q - _expand(zero.float(), bn, bk, N, K)
+    return (q * _expand(scale.float(), bn, bk, N, K)).to(dtype)
 
 
 def _split_index(index: tuple, shape: torch.Size) -> tuple[tuple, slice | None]:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from model_defs import model_family
 from moe_engine.checkpoint import TensorInfo, index_tensors, read_config, safetensors_files
+from moe_engine.compressed_tensors import read_packed
 from moe_engine.errors import MoeEngineError
 from moe_engine.quantize import QuantSpec, held_weight, quantize_weights
 
@@ -95,9 +96,12 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
     if unknown:
         raise MoeEngineError(f"unknown argument(s) {', '.join(unknown)} for LLM / the {args.model_type} model; "
                              "check the spelling (see help(LLM))")
-    block = fp8_block_size(cfg)
     files = safetensors_files(path)
     tensors = index_tensors(files)
+    packed = read_packed(cfg, tensors, files)     # compressed-tensors pack-quantized, else None
+    if packed is not None and quant is not None:
+        raise MoeEngineError(f"{path} is already quantized (compressed-tensors); load it without quantization=")
+    block = fp8_block_size(cfg) if packed is None else None
     try:
         # Quantized, the model is built on the CPU (its empty tensors take no memory until written) and moved
         # once the quantized weights replace theirs: a GPU never holds the full-precision model.
@@ -107,10 +111,13 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
         # Unsupported or malformed values (rope_scaling, scoring_func, n_group, ...) surface while building.
         raise MoeEngineError(f"cannot build the {args.model_type} model from config.json in {path} "
                              f"({type(e).__name__}: {e}); fix config.json") from None
-    check_checkpoint(model, tensors, block)
-    targets = model.checkpoint_targets(tensors)
-    if quant is not None:
-        quantize_weights(model, quant, device)
+    check_checkpoint(model, packed.tensors if packed else tensors, block)
+    targets = model.checkpoint_targets(packed.tensors if packed else tensors)
+    if quant is not None or packed is not None:
+        if packed is None:
+            quantize_weights(model, quant, device)
+        else:
+            packed.prepare(model, targets, device)
         model.to(device)
     bar = tqdm(total=len(targets), desc=f"loading {path.name}", unit="tensor", disable=not progress,
                leave=False)
@@ -119,7 +126,12 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
         handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
         for f, st in handles.items():
             for name in st.keys():
+                name = name if packed is None else packed.logical_name(name)   # X.weight_packed -> X.weight
                 if name not in targets:
+                    continue
+                if packed is not None and packed.holds(name):
+                    packed.write(name, handles, tensors, _dest(model, *targets[name]))
+                    bar.update()
                     continue
                 t = st.get_tensor(name)
                 if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):

@@ -67,7 +67,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="moe-engine", description="A Mixture-of-Experts LLM inference engine.")
     from moe_engine import __version__
     parser.add_argument("--version", action="version", version=f"moe-engine {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,info,bench,routing,serve}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,info,bench,routing,quantize,serve}")
     gen = sub.add_parser("generate", parents=[common, sampling], help="complete a prompt, streaming to stdout",
                          description="Complete a prompt; the text streams to stdout, a tokens/s line to stderr.")
     gen.add_argument("prompt", help="the prompt text, or - to read it from stdin")
@@ -86,6 +86,11 @@ def build_parser() -> Parser:
                                          "heatmaps and a Markdown summary.")
     from moe_engine.cli.routing import add_arguments
     add_arguments(routing)
+    quantize = sub.add_parser("quantize", parents=[common], help="write the model quantized (compressed-tensors)",
+                              description="Quantize the model's experts (and what the flags add) and write them as "
+                                          "a compressed-tensors pack-quantized folder, tokenizer files alongside.")
+    from moe_engine.cli.quantize import add_arguments as add_quantize_arguments
+    add_quantize_arguments(quantize)
     serve = sub.add_parser("serve", parents=[common], help="an OpenAI-compatible HTTP server",
                            description="Serve the model over HTTP with the OpenAI API (/v1/completions, "
                                        "/v1/chat/completions, /v1/models), plus /health and /metrics.")
@@ -233,6 +238,7 @@ def run_routing(args) -> int:
 
 
 COMMANDS = {"generate": run_generate, "chat": run_chat, "info": run_info, "bench": run_bench, "routing": run_routing,
+            "quantize": lambda args: importlib.import_module("moe_engine.cli.quantize").run(args),
             "serve": lambda args: importlib.import_module("moe_engine.serve.cli").run(args)}
 
 
