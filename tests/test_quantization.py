@@ -174,3 +174,8 @@ def test_cli_quantization_flags(capsys):
     assert main(["info", "--model", str(WEIGHTS / "tiny-mixtral"), "--quantization", "int4",
                  "--quant-group-size", "48"]) == 2
     assert "does not divide the input width 256 of layers.0.mlp.w13" in capsys.readouterr().err
+
+
+def test_quantized_model_refuses_compiled_steps_in_one_line():
+    with pytest.raises(MoeEngineError, match="a quantized model runs eagerly for now"):
+        LLM(WEIGHTS / "tiny-mixtral", quantization="int8", compile=True)
