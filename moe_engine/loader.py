@@ -1,5 +1,6 @@
 """Build a model from a checkpoint folder: check every tensor name and shape first, then stream weights
-one tensor at a time into preallocated parameters (stacking experts, dequantising FP8 block-scaled)."""
+one tensor at a time into preallocated parameters (stacking experts; FP8 block-scaled weights kept in FP8
+where they fit a quantized weight, dequantised elsewhere; quantized weights filled as they are read)."""
 
 import inspect
 import math
@@ -14,6 +15,7 @@ from model_defs import model_family
 from moe_engine.checkpoint import TensorInfo, index_tensors, read_config, safetensors_files
 from moe_engine.compressed_tensors import read_packed
 from moe_engine.errors import MoeEngineError
+from moe_engine.fp8_checkpoint import keep_fp8, store_fp8
 from moe_engine.quantize import QuantSpec, held_weight, quantize_weights
 
 SCALE_SUFFIX = "_scale_inv"   # FP8 block scales: "<name>.weight_scale_inv" beside "<name>.weight"
@@ -105,7 +107,7 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
     try:
         # Quantized, the model is built on the CPU (its empty tensors take no memory until written) and moved
         # once the quantized weights replace theirs: a GPU never holds the full-precision model.
-        with torch.device("cpu" if quant is not None else device):
+        with torch.device("cpu" if quant is not None or packed is not None or block is not None else device):
             model = model_cls(args, dtype=dtype, **model_kwargs)
     except (TypeError, ValueError, KeyError) as e:
         # Unsupported or malformed values (rope_scaling, scoring_func, n_group, ...) surface while building.
@@ -113,11 +115,14 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
                              f"({type(e).__name__}: {e}); fix config.json") from None
     check_checkpoint(model, packed.tensors if packed else tensors, block)
     targets = model.checkpoint_targets(packed.tensors if packed else tensors)
-    if quant is not None or packed is not None:
-        if packed is None:
+    kept = block is not None and quant is None      # an FP8 checkpoint loaded as it is: held in FP8
+    if quant is not None or packed is not None or kept:
+        if quant is not None:
             quantize_weights(model, quant, device)
-        else:
+        elif packed is not None:
             packed.prepare(model, targets, device)
+        else:
+            keep_fp8(model, targets, tensors, block, SCALE_SUFFIX, device)
         model.to(device)
     bar = tqdm(total=len(targets), desc=f"loading {path.name}", unit="tensor", disable=not progress,
                leave=False)
@@ -137,6 +142,9 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
                 if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                     scale_name = name + SCALE_SUFFIX
                     scale = handles[tensors[scale_name].file].get_tensor(scale_name)
+                    if store_fp8(_dest(model, *targets[name]), t, scale):
+                        bar.update()
+                        continue
                     # On CUDA dequantise on the card (far faster); MPS has no float8, so the CPU does it.
                     where = device if torch.device(device).type == "cuda" else "cpu"
                     t = dequantize_fp8(t.to(where), scale.to(where), block)

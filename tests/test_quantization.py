@@ -179,3 +179,20 @@ def test_cli_quantization_flags(capsys):
 def test_quantized_model_refuses_compiled_steps_in_one_line():
     with pytest.raises(MoeEngineError, match="a quantized model runs eagerly for now"):
         LLM(WEIGHTS / "tiny-mixtral", quantization="int8", compile=True)
+
+
+def test_fp8_block_checkpoint_is_kept_in_fp8(tmp_path):
+    """The DeepSeek-V3-style FP8 checkpoint of tests/test_fp8.py: experts, shared experts, the dense MLP
+    and the attention projections that lie on whole 128-row blocks stay float8 with their block scales;
+    wq_kv_a (q_a's 96 rows then kv_a's, straddling a block) and kv_b are dequantised as before."""
+    from test_fp8 import make_fp8_copy
+    make_fp8_copy(WEIGHTS / "tiny-deepseek", tmp_path / "fp8", tmp_path / "fake")
+    llm, fake = LLM(tmp_path / "fp8"), LLM(tmp_path / "fake")
+    held = quantized_weights(llm.model)
+    assert {q.describe() for q in held.values()} == {"fp8 block 128x128"}
+    assert {"layers.1.mlp.w13", "layers.1.mlp.shared.w2", "layers.0.mlp.w13", "layers.2.attn.q_b",
+            "layers.3.attn.wo"} <= set(held)
+    assert not any(n.endswith(("wq_kv_a", "kv_b")) for n in held)
+    assert held["layers.1.mlp.w13"].qweight.dtype == torch.float8_e4m3fn
+    ids = list(range(3, 70))
+    assert max_rel_error(llm.prompt_logits(ids), fake.prompt_logits(ids)) <= 1e-5
