@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import triton_available
+from kernels.quant import QuantizedWeight
 from kernels.tuning import GemmTile, linear_tuning
 
 # Products of at most this many rows on the CPU go through column_split_linear.
@@ -61,7 +62,11 @@ def gemv_tile(x: torch.Tensor, w: torch.Tensor) -> GemmTile | None:
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, bias); decode rows on CUDA go to the Triton GEMV where it was measured faster, and
     on the CPU to column_split_linear. A CPU weight held narrower than x (bf16 under compile=True) is
-    read in place by a compiled step (gathered_linear) and widened for the product otherwise."""
+    read in place by a compiled step (gathered_linear) and widened for the product otherwise. A quantized
+    weight (kernels.quant.QuantizedWeight) goes to its op (kernels.quant_ops), on every device for now."""
+    if isinstance(w, QuantizedWeight):
+        from kernels.quant_ops import quantized_linear_ref
+        return quantized_linear_ref(x, w, bias)
     if x.device.type == "cpu" and w.dtype != x.dtype:      # a weight held in another dtype (store_weights)
         if torch.compiler.is_compiling() and x.dim() == 2:
             return gathered_linear(x, w, bias)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from kernels.backend import use_triton
 from kernels.linear import row_block_matmul, swiglu
+from kernels.quant import QuantizedWeight
 from kernels.tuning import gemv_tuning
 
 
@@ -174,7 +175,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     routed one; larger batches through the tiled ones. On the CPU a compiled decode step takes the chosen
     experts in place (fused_moe_gathered); run eagerly, a decode-sized batch with large experts runs them
     densely, a larger batch goes through torch's grouped matmul where it fits; everything else, and backend
-    'torch', runs the reference (see kernels.backend). Shared experts not taken by a kernel are added after."""
+    'torch', runs the reference (see kernels.backend). Shared experts not taken by a kernel are added after.
+    Experts held quantized (kernels.quant.QuantizedWeight) go to their reference on every device for now."""
+    if isinstance(w13, QuantizedWeight) or isinstance(w2, QuantizedWeight):
+        from kernels.quant_ops import fused_moe_quantized_ref
+        _check_moe_args(x, w13, w2, topk_weights, topk_ids)
+        return add_shared(fused_moe_quantized_ref(x, w13, w2, topk_weights, topk_ids), x, shared)
     if not use_triton(backend, x, w13, w2):
         path = _cpu_path(x, w13, w2, topk_ids) if backend == "auto" and x.device.type == "cpu" else fused_moe_ref
         return add_shared(path(x, w13, w2, topk_weights, topk_ids), x, shared)

@@ -84,6 +84,24 @@ class CausalLM(nn.Module):
         projections = [p for m in self.modules() if hasattr(m, "projections") for p in m.projections()]
         return store_experts(self, dtype) + store_lossless(projections, dtype)
 
+    def quantizable_weights(self) -> dict[str, str]:
+        """{parameter name: kind} of the weights that may be held quantized (moe_engine.quantize): "experts"
+        (routed), "shared" (shared experts), "attention" (the projections attention modules list in
+        projections()) and "dense" (dense layers' MLPs). Never the embedding, LM head, router or norms."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            mlp = layer.mlp
+            if isinstance(mlp, MoEBlock):
+                out.update({f"layers.{i}.mlp.{n}": "experts" for n in ("w13", "w2")})
+                if mlp.shared is not None:
+                    out.update({f"layers.{i}.mlp.shared.{n}": "shared" for n in ("w13", "w2")})
+            else:
+                out.update({f"layers.{i}.mlp.{n}": "dense" for n in ("w13", "w2")})
+            listed = {id(p) for p in layer.attn.projections()}
+            held = [*layer.attn.named_parameters(), *layer.attn.named_children()]   # children: held quantized
+            out.update({f"layers.{i}.attn.{n}": "attention" for n, p in held if id(p) in listed})
+        return out
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden, self.lm_head)                   # [N, V]
         return logits if logits.dtype == torch.float32 else logits.float()

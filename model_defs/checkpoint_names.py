@@ -84,6 +84,12 @@ def fused_experts(hf: str, ours: str) -> tuple[Rule, ...]:
     return (Rule(f"{hf}.experts.gate_up_proj", f"{ours}.w13"), Rule(f"{hf}.experts.down_proj", f"{ours}.w2"))
 
 
+def _held(model: nn.Module, name: str):
+    """The parameter at a dotted name, or the quantized weight (a module with a shape) that replaced it."""
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)
+
+
 def _layer_kinds(layer: nn.Module) -> set[str]:
     mlp = getattr(layer, "mlp", None)
     if not isinstance(mlp, MoEBlock):
@@ -107,7 +113,7 @@ def _index(model: nn.Module, rule: Rule, ours: str, expert: int | None) -> tuple
     if rule.rows is not None:
         of = rule.rows.of
         if isinstance(of, int):
-            n = model.get_parameter(ours).shape[len(index)] // of
+            n = _held(model, ours).shape[len(index)] // of
             sizes = [n] * of
         else:
             sizes = [getattr(model.args, a) for a in of]
@@ -123,7 +129,7 @@ def _expand_rules(model: nn.Module, rules, i: int | None, kinds: set[str]) -> di
             continue
         hf, ours = rule.hf.replace("{i}", str(i)), rule.ours.replace("{i}", str(i))
         if "{e}" in rule.hf:
-            for e in range(model.get_parameter(ours).shape[0]):
+            for e in range(_held(model, ours).shape[0]):
                 out[hf.replace("{e}", str(e))] = (ours, _index(model, rule, ours, e))
         else:
             out[hf] = (ours, _index(model, rule, ours, None))

@@ -162,7 +162,7 @@ def store_lossless(params: list[nn.Parameter], dtype: torch.dtype) -> int:
     if every value is exact in dtype); how many changed dtype."""
     changed = 0
     for p in params:
-        if p.dtype == dtype or not p.dtype.is_floating_point:
+        if not isinstance(p, nn.Parameter) or p.dtype == dtype or not p.dtype.is_floating_point:   # (quantized)
             continue
         if p.element_size() < torch.finfo(dtype).bits // 8 or torch.equal(p.data.to(dtype).to(p.dtype), p.data):
             p.data = p.data.to(dtype)

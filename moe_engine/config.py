@@ -4,6 +4,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from moe_engine.errors import MoeEngineError
+from moe_engine.quantize import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,11 @@ class EngineConfig:
       CUDA runs the same static-buffer step eagerly, which is how the CPU tests check it).
     compile: on the CPU, decode steps through torch.compile (moe_engine.runners.compiled); a float32 model's
       routed experts and projections are then held in bfloat16 where every value is exact in it.
+    quantization: hold weights quantized, quantized as they load (moe_engine.quantize.QuantSpec): "int8"
+      (per output channel), "int4" (groups of quant_group_size along the input, symmetric unless
+      quant_symmetric=False), "fp8" (e4m3 per channel) or "fp8-block" (128x128). Routed and shared experts;
+      attention projections with quantize_attention, dense layers' MLPs with quantize_dense_mlp.
+      quant_clip_search=False rounds to nearest instead of searching each group's range.
     """
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -29,6 +35,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cuda_graphs: bool | None = None
     compile: bool = False
+    quantization: str | None = None
+    quant_group_size: int = 128
+    quant_symmetric: bool = True
+    quantize_attention: bool = False
+    quantize_dense_mlp: bool = False
+    quant_clip_search: bool = True
 
     def __post_init__(self):
         limits = {"block_size": 1, "max_num_seqs": 1, "max_num_batched_tokens": 1, "max_model_len": 2,
@@ -45,6 +57,13 @@ class EngineConfig:
                 raise MoeEngineError(f"bad engine setting {name}={getattr(self, name)!r}: must be True or False")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise MoeEngineError(f"bad engine setting cuda_graphs={self.cuda_graphs!r}: must be True, False or None")
+        self.quant_spec()          # checks the quantization settings
+
+    def quant_spec(self) -> QuantSpec | None:
+        if self.quantization is None:
+            return None
+        return QuantSpec(self.quantization, self.quant_group_size, self.quant_symmetric, self.quantize_attention,
+                         self.quantize_dense_mlp, self.quant_clip_search)
 
     @classmethod
     def split(cls, kwargs: dict) -> tuple["EngineConfig", dict]:

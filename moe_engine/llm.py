@@ -13,6 +13,7 @@ import torch
 
 from kernels.attention import AttentionMetadata
 from kernels.backend import triton_available
+from kernels.quant import QuantizedWeight
 from moe_engine.device import pick_device, pick_dtype
 from moe_engine.block_manager import blocks_for
 from moe_engine.config import EngineConfig
@@ -53,7 +54,7 @@ class LLM:
         if config.compile:
             check_compile(device)        # before the weights load and the cache is allocated
         path = Path(model).expanduser()
-        loaded, hf_config = load_model(path, device, dtype, progress, **model_kwargs)
+        loaded, hf_config = load_model(path, device, dtype, progress, quant=config.quant_spec(), **model_kwargs)
         self._setup(loaded, hf_config, path, load_tokenizer(path, hf_config), device, dtype, config)
 
     @classmethod
@@ -63,6 +64,9 @@ class LLM:
         if extra:
             raise MoeEngineError(f"unknown engine setting(s) {', '.join(sorted(extra))} for LLM.from_model; "
                                  "see moe_engine.EngineConfig")
+        if config.quantization is not None:
+            raise MoeEngineError("LLM.from_model takes the model as built; quantization= applies when loading a "
+                                 "checkpoint: LLM(model_dir, quantization=...)")
         llm = cls.__new__(cls)
         param = next(model.parameters())
         if config.compile:
@@ -90,8 +94,12 @@ class LLM:
         # One block more than the block manager hands out: padding rows of a graph-replayed batch write there.
         kv_caches = model.allocate_kv_cache((num_blocks + 1) * block_size, dtype, device)
         cuda_graphs = config.cuda_graphs
+        quantized = any(isinstance(m, QuantizedWeight) for m in model.modules())
+        if quantized and (cuda_graphs and device.type == "cuda" or config.compile):
+            raise MoeEngineError("a quantized model runs eagerly for now (its ops wait on the host): drop "
+                                 "cuda_graphs=True / compile=True (--compile) or the quantization")
         if cuda_graphs is None:       # captured steps need the Triton kernels: the references wait on the host
-            cuda_graphs = device.type == "cuda" and triton_available()
+            cuda_graphs = device.type == "cuda" and triton_available() and not quantized
         elif cuda_graphs and device.type == "cuda" and not triton_available():
             raise MoeEngineError("cuda_graphs=True needs the triton package on CUDA: pip install 'moe-engine[triton]', "
                                  "or leave cuda_graphs unset")

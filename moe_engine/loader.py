@@ -1,5 +1,6 @@
 """Build a model from a checkpoint folder: check every tensor name and shape first, then stream weights
-one tensor at a time into preallocated parameters (stacking experts, dequantising FP8 block-scaled)."""
+one tensor at a time into preallocated parameters (stacking experts; FP8 block-scaled weights kept in FP8
+where they fit a quantized weight, dequantised elsewhere; quantized weights filled as they are read)."""
 
 import inspect
 import math
@@ -12,7 +13,10 @@ from tqdm import tqdm
 
 from model_defs import model_family
 from moe_engine.checkpoint import TensorInfo, index_tensors, read_config, safetensors_files
+from moe_engine.compressed_tensors import read_packed
 from moe_engine.errors import MoeEngineError
+from moe_engine.fp8_checkpoint import keep_fp8, store_fp8
+from moe_engine.quantize import QuantSpec, held_weight, quantize_weights
 
 SCALE_SUFFIX = "_scale_inv"   # FP8 block scales: "<name>.weight_scale_inv" beside "<name>.weight"
 
@@ -75,13 +79,14 @@ def check_checkpoint(model, tensors: dict[str, TensorInfo], block: tuple[int, in
 
 
 def _dest(model, param: str, index) -> torch.Tensor:
-    t = model.get_parameter(param)
+    t = held_weight(model, param)        # a parameter, or a QuantizedWeight that quantizes what it is given
     return t if index is None else t[index]
 
 
 def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.dtype,
-               progress: bool = False, **model_kwargs):
-    """(model on device in dtype, config dict). Peak memory: the model plus one tensor in float32."""
+               progress: bool = False, quant: QuantSpec | None = None, **model_kwargs):
+    """(model on device in dtype, config dict). Peak memory: the model plus one tensor in float32. quant:
+    the weights it selects are held quantized, each quantized as it is read (moe_engine.quantize)."""
     path, cfg = read_config(model_dir)
     args_cls, model_cls = model_family(cfg.get("model_type"))
     try:
@@ -93,18 +98,32 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
     if unknown:
         raise MoeEngineError(f"unknown argument(s) {', '.join(unknown)} for LLM / the {args.model_type} model; "
                              "check the spelling (see help(LLM))")
-    block = fp8_block_size(cfg)
     files = safetensors_files(path)
     tensors = index_tensors(files)
+    packed = read_packed(cfg, tensors, files)     # compressed-tensors pack-quantized, else None
+    if packed is not None and quant is not None:
+        raise MoeEngineError(f"{path} is already quantized (compressed-tensors); load it without quantization=")
+    block = fp8_block_size(cfg) if packed is None else None
     try:
-        with torch.device(device):
+        # Quantized, the model is built on the CPU (its empty tensors take no memory until written) and moved
+        # once the quantized weights replace theirs: a GPU never holds the full-precision model.
+        with torch.device("cpu" if quant is not None or packed is not None or block is not None else device):
             model = model_cls(args, dtype=dtype, **model_kwargs)
     except (TypeError, ValueError, KeyError) as e:
         # Unsupported or malformed values (rope_scaling, scoring_func, n_group, ...) surface while building.
         raise MoeEngineError(f"cannot build the {args.model_type} model from config.json in {path} "
                              f"({type(e).__name__}: {e}); fix config.json") from None
-    check_checkpoint(model, tensors, block)
-    targets = model.checkpoint_targets(tensors)
+    check_checkpoint(model, packed.tensors if packed else tensors, block)
+    targets = model.checkpoint_targets(packed.tensors if packed else tensors)
+    kept = block is not None and quant is None      # an FP8 checkpoint loaded as it is: held in FP8
+    if quant is not None or packed is not None or kept:
+        if quant is not None:
+            quantize_weights(model, quant, device)
+        elif packed is not None:
+            packed.prepare(model, targets, device)
+        else:
+            keep_fp8(model, targets, tensors, block, SCALE_SUFFIX, device)
+        model.to(device)
     bar = tqdm(total=len(targets), desc=f"loading {path.name}", unit="tensor", disable=not progress,
                leave=False)
     with torch.no_grad(), ExitStack() as stack:
@@ -112,12 +131,20 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
         handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
         for f, st in handles.items():
             for name in st.keys():
+                name = name if packed is None else packed.logical_name(name)   # X.weight_packed -> X.weight
                 if name not in targets:
+                    continue
+                if packed is not None and packed.holds(name):
+                    packed.write(name, handles, tensors, _dest(model, *targets[name]))
+                    bar.update()
                     continue
                 t = st.get_tensor(name)
                 if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                     scale_name = name + SCALE_SUFFIX
                     scale = handles[tensors[scale_name].file].get_tensor(scale_name)
+                    if store_fp8(_dest(model, *targets[name]), t, scale):
+                        bar.update()
+                        continue
                     # On CUDA dequantise on the card (far faster); MPS has no float8, so the CPU does it.
                     where = device if torch.device(device).type == "cuda" else "cpu"
                     t = dequantize_fp8(t.to(where), scale.to(where), block)

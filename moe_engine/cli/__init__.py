@@ -14,7 +14,8 @@ DEFAULT_MODEL = "weights/tiny-mixtral"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 BENCHMARKS = {"decode": "moe_engine.bench.decode", "kernels": "moe_engine.bench.kernels",
-              "tune": "moe_engine.bench.tune", "serve": "moe_engine.bench.serve"}
+              "tune": "moe_engine.bench.tune", "serve": "moe_engine.bench.serve",
+              "quant": "moe_engine.bench.quant_quality"}
 
 
 class UsageError(Exception):
@@ -48,6 +49,7 @@ def build_parser() -> Parser:
     common.add_argument("--compile", action="store_true",
                         help="on the CPU, compile decode steps with torch.compile: faster steps after a compile "
                              "of tens of seconds (cached on disk: seconds in later runs)")
+    add_quant_arguments(common)
     common.add_argument("--quiet", action="store_true", help="no loading bar (shown on a terminal) and no stats line")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
@@ -65,7 +67,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="moe-engine", description="A Mixture-of-Experts LLM inference engine.")
     from moe_engine import __version__
     parser.add_argument("--version", action="version", version=f"moe-engine {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,info,bench,routing,serve}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,info,bench,routing,quantize,serve}")
     gen = sub.add_parser("generate", parents=[common, sampling], help="complete a prompt, streaming to stdout",
                          description="Complete a prompt; the text streams to stdout, a tokens/s line to stderr.")
     gen.add_argument("prompt", help="the prompt text, or - to read it from stdin")
@@ -84,12 +86,41 @@ def build_parser() -> Parser:
                                          "heatmaps and a Markdown summary.")
     from moe_engine.cli.routing import add_arguments
     add_arguments(routing)
+    quantize = sub.add_parser("quantize", parents=[common], help="write the model quantized (compressed-tensors)",
+                              description="Quantize the model's experts (and what the flags add) and write them as "
+                                          "a compressed-tensors pack-quantized folder, tokenizer files alongside.")
+    from moe_engine.cli.quantize import add_arguments as add_quantize_arguments
+    add_quantize_arguments(quantize)
     serve = sub.add_parser("serve", parents=[common], help="an OpenAI-compatible HTTP server",
                            description="Serve the model over HTTP with the OpenAI API (/v1/completions, "
                                        "/v1/chat/completions, /v1/models), plus /health and /metrics.")
     from moe_engine.serve.cli import add_arguments as add_serve_arguments
     add_serve_arguments(serve)
     return parser
+
+
+def add_quant_arguments(parser, required: bool = False) -> None:
+    """--quantization and its settings (moe_engine.config.EngineConfig's quantization fields)."""
+    from moe_engine.quantize import METHODS
+    parser.add_argument("--quantization", choices=METHODS, default=None, required=required,
+                        help="hold weights quantized, quantized as they load: int8 (per channel), int4 (groups), "
+                             "fp8 (e4m3 per channel) or fp8-block (128x128); routed and shared experts")
+    parser.add_argument("--quant-group-size", "--group-size", type=int, default=128, metavar="N",
+                        help="int4 group size along the input (default %(default)s; 32 or 64 are finer)")
+    parser.add_argument("--quant-asymmetric", action="store_true", help="int4 with a zero point per group")
+    parser.add_argument("--quantize-attention", action="store_true", help="quantize the attention projections too")
+    parser.add_argument("--quantize-dense-mlp", action="store_true", help="quantize dense layers' MLPs too")
+    parser.add_argument("--no-clip-search", action="store_true",
+                        help="round to nearest instead of searching each group's clipping range")
+
+
+def quant_settings(args) -> dict:
+    """EngineConfig keyword arguments from add_quant_arguments' flags."""
+    if getattr(args, "quantization", None) is None:
+        return {}
+    return {"quantization": args.quantization, "quant_group_size": args.quant_group_size,
+            "quant_symmetric": not args.quant_asymmetric, "quantize_attention": args.quantize_attention,
+            "quantize_dense_mlp": args.quantize_dense_mlp, "quant_clip_search": not args.no_clip_search}
 
 
 def sampling_params(args):
@@ -118,7 +149,8 @@ def llm_settings(args):
         print("compiling the decode step with torch.compile after loading (tens of seconds the first time, "
               "a few once torch has cached it)...", file=sys.stderr, flush=True)
     from moe_engine.config import EngineConfig
-    return resolve_model(args.model), device, dtype, EngineConfig(cuda_graphs=graphs, compile=compile)
+    config = EngineConfig(cuda_graphs=graphs, compile=compile, **quant_settings(args))
+    return resolve_model(args.model), device, dtype, config
 
 
 def load_llm(args):
@@ -181,7 +213,9 @@ def run_chat(args) -> int:
 def run_info(args) -> int:
     from moe_engine.cli.info import describe
     device, dtype = device_and_dtype(args)
-    rows = describe(resolve_model(args.model), device, dtype, progress=show_progress(args))
+    from moe_engine.config import EngineConfig
+    quant = EngineConfig(**quant_settings(args)).quant_spec()
+    rows = describe(resolve_model(args.model), device, dtype, progress=show_progress(args), quant=quant)
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
@@ -210,6 +244,7 @@ def run_routing(args) -> int:
 
 
 COMMANDS = {"generate": run_generate, "chat": run_chat, "info": run_info, "bench": run_bench, "routing": run_routing,
+            "quantize": lambda args: importlib.import_module("moe_engine.cli.quantize").run(args),
             "serve": lambda args: importlib.import_module("moe_engine.serve.cli").run(args)}
 
 

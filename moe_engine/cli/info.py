@@ -5,24 +5,35 @@ from pathlib import Path
 
 import torch
 
+from kernels.quant import QuantizedWeight
 from model_defs.moe import MoEBlock
 from moe_engine.checkpoint import safetensors_files
 from moe_engine.loader import load_model
+from moe_engine.quantize import QuantSpec, held_weight, quantized_weights
+
+GROUP_TITLES = {"experts": "routed experts", "shared": "shared experts", "attention": "attention",
+                "dense": "dense MLPs", "router": "routers", "embedding": "embedding + LM head", "norms": "norms"}
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(total, active per token) over the loaded parameters. A token runs top_k of a block's E routed
-    experts, so (E - top_k) / E of each stacked expert weight sits idle; everything else is active."""
+    """(total, active per token) over the loaded parameters (a quantized weight counts its logical
+    elements). A token runs top_k of a block's E routed experts, so (E - top_k) / E of each stacked expert
+    weight sits idle; everything else is active."""
     return _total_and_active(model, lambda p: p.numel())
 
 
 def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """parameter_counts in bytes, each tensor at the dtype it is held in."""
-    return _total_and_active(model, lambda p: p.numel() * p.element_size())
+    """parameter_counts in bytes, each tensor as it is held (a quantized weight: its values, scales, zeros)."""
+    return _total_and_active(model, held_bytes)
+
+
+def held_bytes(t) -> int:
+    return t.held_bytes() if isinstance(t, QuantizedWeight) else t.numel() * t.element_size()
 
 
 def _total_and_active(model: torch.nn.Module, size) -> tuple[int, int]:
     total = sum(size(p) for p in model.parameters())      # parameters() counts a tied tensor once
+    total += sum(size(q) for q in quantized_weights(model).values())
     idle = 0
     for module in model.modules():
         if isinstance(module, MoEBlock):
@@ -51,9 +62,40 @@ def _attention_line(args) -> str:
     return f"{kind}, {heads} query heads, {kv_heads} KV heads, head dim {head_dim}"
 
 
-def describe(model_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool) -> list[tuple[str, str]]:
+def tensor_groups(model: torch.nn.Module) -> dict[str, dict[str, list]]:
+    """{group: {format: [tensors]}} over every weight the model holds, a tied tensor once; groups are the
+    kinds of CausalLM.quantizable_weights() plus routers, the embedding and LM head, and norms."""
+    kinds = model.quantizable_weights()
+    groups: dict[str, dict[str, list]] = {}
+    seen = set()
+    named = [(n, held_weight(model, n)) for n in kinds] + list(model.named_parameters())
+    for name, t in named:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        group = kinds.get(name) or ("norms" if "norm" in name else "embedding" if name in ("embed", "lm_head")
+                                    else "router" if ".mlp." in name else "attention")
+        fmt = t.describe() if isinstance(t, QuantizedWeight) else str(t.dtype).removeprefix("torch.")
+        groups.setdefault(group, {}).setdefault(fmt, []).append(t)
+    return groups
+
+
+def group_rows(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """One ('weights: <group>', '<format>: <bytes held> (<ratio> of bf16)') row per tensor group."""
+    rows = []
+    for group, formats in tensor_groups(model).items():
+        parts = []
+        for fmt, ts in formats.items():
+            held, elems = sum(held_bytes(t) for t in ts), sum(t.numel() for t in ts)
+            parts.append(f"{fmt} {_human(held, 'B')} held ({held / (2 * elems):.3f}x bf16)")
+        rows.append((f"  {GROUP_TITLES.get(group, group)}", "; ".join(parts)))
+    return rows
+
+
+def describe(model_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool,
+             quant: QuantSpec | None = None) -> list[tuple[str, str]]:
     """(label, value) rows for `moe-engine info`; the model is loaded so the counts are of real tensors."""
-    model, cfg = load_model(model_dir, device, dtype, progress)
+    model, cfg = load_model(model_dir, device, dtype, progress, quant=quant)
     args = model.args
     moe_blocks = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoEBlock)]
     total, active = parameter_counts(model)
@@ -76,9 +118,12 @@ def describe(model_dir: Path, device: torch.device, dtype: torch.dtype, progress
     dtype_name = str(dtype).removeprefix("torch.")
     rows.append(("kv cache", f"{kv:,} bytes per token in {dtype_name} "
                              f"({_human(kv * context, 'B')} for a full {context}-token context)"))
+    held = parameter_bytes(model)[0]
     rows.append(("dtype", f"{dtype_name} on {device.type} "
                           f"(checkpoint: {cfg.get('torch_dtype', 'not stated')}), "
-                          f"{_human(total * torch.finfo(dtype).bits // 8, 'B')} of weights"))
+                          f"{_human(held, 'B')} of weights held"))
+    rows.append(("weights", "format and bytes held per group of tensors:"))
+    rows.extend(group_rows(model))
     files = safetensors_files(model_dir)
     size = sum(f.stat().st_size for f in files)
     others = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p not in files)

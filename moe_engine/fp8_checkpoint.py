@@ -1,0 +1,61 @@
+"""FP8 block-scaled checkpoints (DeepSeek-V3 / Qwen3-FP8: `X.weight` float8_e4m3fn with `X.weight_scale_inv`
+per block) kept in FP8: each quantizable weight whose checkpoint tensors are all e4m3 and lie on whole
+scale blocks is held as a kernels.quant.QuantizedWeight of that block, its values and scales as stored."""
+
+import torch
+
+from kernels.quant import QuantizedSlot, QuantizedWeight
+from moe_engine.checkpoint import TensorInfo
+from moe_engine.quantize import held_weight
+
+SCALE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _on_blocks(param_shape, index, bn: int) -> bool:
+    """Whether a checkpoint tensor's rows in the stacked weight start and end on scale block boundaries."""
+    rows = [i for i in (index or ()) if isinstance(i, slice)]
+    if not rows:
+        return True
+    start, stop, _ = rows[0].indices(param_shape[-2])
+    return start % bn == 0 and (stop % bn == 0 or stop == param_shape[-2])
+
+
+def keep_fp8(model, targets: dict, tensors: dict[str, TensorInfo], block: tuple[int, int], scale_suffix: str,
+             device) -> list[str]:
+    """Swap in an fp8 QuantizedWeight for every weight that can hold its checkpoint tensors as stored; the
+    names swapped. Others (a stack whose parts straddle a block, e5m2, a non-quantizable weight such as
+    MLA's kv_b) keep their full-precision parameter and are dequantised into it, as before."""
+    if torch.device(device).type not in ("cpu", "cuda"):
+        return []                                    # MPS has no float8
+    sources: dict[str, list] = {}
+    for name, (param, index) in targets.items():
+        sources.setdefault(param, []).append((name, index))
+    swapped = []
+    for param in model.quantizable_weights():
+        parts = sources.get(param, [])
+        p = held_weight(model, param)
+        if not parts or not isinstance(p, torch.nn.Parameter) or p.dim() < 2:
+            continue
+        scales = {tensors[n + scale_suffix].dtype if n + scale_suffix in tensors else None for n, _ in parts}
+        if (any(tensors[n].dtype != "F8_E4M3" for n, _ in parts) or len(scales) != 1 or None in scales
+                or not all(_on_blocks(p.shape, index, block[0]) for _, index in parts)):
+            continue
+        qw = QuantizedWeight("fp8", p.shape, block, scale_dtype=SCALE_DTYPES.get(scales.pop(), torch.float32),
+                             device=device)
+        owner, _, attr = param.rpartition(".")
+        module = model.get_submodule(owner)
+        delattr(module, attr)
+        setattr(module, attr, qw)
+        swapped.append(param)
+    return swapped
+
+
+def store_fp8(dest, q: torch.Tensor, scale_inv: torch.Tensor) -> bool:
+    """Store float8 values and their block scales as they are when dest is a kept-fp8 weight (or part of
+    one); False when dest is a full-precision parameter (the caller dequantises)."""
+    if isinstance(dest, QuantizedWeight):
+        dest = dest[()]
+    if not isinstance(dest, QuantizedSlot) or q.dtype != torch.float8_e4m3fn:
+        return False
+    dest.store_quantized(q, scale_inv)
+    return True

@@ -1,0 +1,84 @@
+"""Quantizing a model's weights at load: which tensors, in which format, swapped in before streaming."""
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.quant import QuantizedWeight
+from moe_engine.errors import MoeEngineError
+
+METHODS = ("int8", "int4", "fp8", "fp8-block")
+FP8_BLOCK = (128, 128)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What `quantization=` asks for. method: int8 (symmetric, per output channel), int4 (groups of
+    group_size along the input; symmetric or not), fp8 (e4m3, per output channel) or fp8-block (128x128
+    blocks). Routed and shared experts always; attention projections and dense-layer MLPs when asked.
+    clip_search: each group's range shrunk to the least squared error (else round to nearest)."""
+    method: str
+    group_size: int = 128
+    symmetric: bool = True
+    quantize_attention: bool = False
+    quantize_dense_mlp: bool = False
+    clip_search: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise MoeEngineError(f"quantization={self.method!r} is not supported; choose one of {', '.join(METHODS)}")
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 8 or g % 8:
+            raise MoeEngineError(f"bad quant_group_size={g!r}: must be a positive multiple of 8 (e.g. 32, 64, 128)")
+        for name in ("symmetric", "quantize_attention", "quantize_dense_mlp", "clip_search"):
+            if not isinstance(getattr(self, name), bool):
+                raise MoeEngineError(f"bad setting {name}={getattr(self, name)!r}: must be True or False")
+        if not self.symmetric and self.method != "int4":
+            raise MoeEngineError(f"asymmetric quantization is for int4 only, not {self.method}; drop the "
+                                 "asymmetric setting or use quantization='int4'")
+
+    @property
+    def kinds(self) -> set[str]:
+        """The kinds of CausalLM.quantizable_weights() this spec quantizes."""
+        return {"experts", "shared"} | ({"attention"} if self.quantize_attention else set()) | (
+            {"dense"} if self.quantize_dense_mlp else set())
+
+    def block(self, shape) -> tuple[int, int]:
+        N, K = shape[-2:]
+        return {"int8": (1, K), "int4": (1, self.group_size), "fp8": (1, K), "fp8-block": FP8_BLOCK}[self.method]
+
+    @property
+    def format(self) -> str:
+        return "fp8" if self.method.startswith("fp8") else self.method
+
+
+def held_weight(model: torch.nn.Module, name: str):
+    """The parameter, or the QuantizedWeight that replaced it, at a dotted name."""
+    module, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module) if module else model, attr)
+
+
+def quantize_weights(model: torch.nn.Module, spec: QuantSpec, device) -> list[str]:
+    """Replace each weight spec selects by an empty QuantizedWeight on device (the full-precision tensor is
+    dropped), for the loader to fill one checkpoint tensor at a time; the names replaced. A group size
+    that does not divide a tensor's input width is refused, naming the tensor."""
+    names = [n for n, kind in model.quantizable_weights().items() if kind in spec.kinds]
+    for name in names:
+        p = held_weight(model, name)
+        K = p.shape[-1]
+        if spec.format == "int4" and K % spec.group_size:
+            raise MoeEngineError(f"quant_group_size={spec.group_size} does not divide the input width {K} of "
+                                 f"{name}; pick a group size dividing {K} (e.g. 32) or leave that tensor out")
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        owner = model.get_submodule(module)
+        p = getattr(owner, attr)
+        qw = QuantizedWeight(spec.format, p.shape, spec.block(p.shape), not spec.symmetric, device=device)
+        delattr(owner, attr)
+        setattr(owner, attr, qw)
+        qw.clip_search = spec.clip_search
+    return names
+
+
+def quantized_weights(model: torch.nn.Module) -> dict[str, QuantizedWeight]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedWeight)}
