@@ -1,5 +1,7 @@
 """Grouped expert MLP (SwiGLU experts): the fused_moe entry point and its pure-torch reference."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -20,16 +22,32 @@ def _check_moe_args(x, w13, w2, topk_weights, topk_ids):
                          f"{tuple(topk_weights.shape)} should both be [{T}, k]")
 
 
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation of the gate and up halves: the gate clamped above at `limit`, up to
+    [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate)."""
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+
+
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, b13: torch.Tensor | None = None,
+                  b2: torch.Tensor | None = None, activation: ClampedSwiGLU | None = None) -> torch.Tensor:
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]).
 
+    An expert is down(act(gate(x), up(x))) with act silu(gate) * up, or `activation` when given; b13
+    [E, 2I] (gate biases, then up) and b2 [E, D] are the experts' biases, when they have them.
     Tokens are sorted by expert so each expert runs one dense matmul over its rows;
     experts that received no token cost nothing.
     """
     _check_moe_args(x, w13, w2, topk_weights, topk_ids)
     T, D = x.shape
-    if T == 1:
+    plain = b13 is None and b2 is None and activation is None
+    if T == 1 and plain:
         return _single_token_moe(x, w13, w2, topk_weights, topk_ids)
     k = topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1)                          # [T*k]
@@ -39,9 +57,13 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     xs = x[token_of]                                         # [T*k, D]
     outs = []
     for e, rows in enumerate(xs.split(counts)):              # rows [n_e, D], in expert order
-        if len(rows):                                        # (experts stored narrower are widened here)
+        if len(rows) and plain:                              # (experts stored narrower are widened here)
             gate, up = F.linear(rows, w13[e].to(x.dtype)).chunk(2, dim=-1)    # [n_e, I] each
             outs.append(F.linear(F.silu(gate) * up, w2[e].to(x.dtype)))      # [n_e, D]
+        elif len(rows):
+            gate, up = F.linear(rows, w13[e].to(x.dtype), _row(b13, e, x.dtype)).chunk(2, dim=-1)
+            act = F.silu(gate) * up if activation is None else activation(gate, up)
+            outs.append(F.linear(act, w2[e].to(x.dtype), _row(b2, e, x.dtype)))
     if not outs:                                             # no tokens at all
         return torch.zeros_like(x)
     ys = torch.cat(outs)                                     # [T*k, D]
@@ -49,6 +71,10 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     out = torch.zeros_like(x)
     out.index_add_(0, token_of, ys * weights[:, None])
     return out
+
+
+def _row(b: torch.Tensor | None, e: int, dtype) -> torch.Tensor | None:
+    return None if b is None else b[e].to(dtype)
 
 
 def _single_token_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
@@ -165,7 +191,8 @@ def _cpu_path(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: to
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, backend: str = "auto",
-              shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              shared: tuple[torch.Tensor, torch.Tensor] | None = None, b13: torch.Tensor | None = None,
+              b2: torch.Tensor | None = None, activation: ClampedSwiGLU | None = None) -> torch.Tensor:
     """Mixture of SwiGLU experts: x [T, D], w13 [E, 2I, D], w2 [E, D, I], topk_* [T, k] -> [T, D], plus
     the shared experts' SwiGLU (w13s [2*I_s, D], w2s [D, I_s]) when `shared` is given.
 
@@ -174,7 +201,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     routed one; larger batches through the tiled ones. On the CPU a compiled decode step takes the chosen
     experts in place (fused_moe_gathered); run eagerly, a decode-sized batch with large experts runs them
     densely, a larger batch goes through torch's grouped matmul where it fits; everything else, and backend
-    'torch', runs the reference (see kernels.backend). Shared experts not taken by a kernel are added after."""
+    'torch', runs the reference (see kernels.backend). Shared experts not taken by a kernel are added after.
+    Experts with biases (b13, b2) or another activation (gpt-oss) run the reference on every device."""
+    if b13 is not None or b2 is not None or activation is not None:
+        return add_shared(fused_moe_ref(x, w13, w2, topk_weights, topk_ids, b13, b2, activation), x, shared)
     if not use_triton(backend, x, w13, w2):
         path = _cpu_path(x, w13, w2, topk_ids) if backend == "auto" and x.device.type == "cpu" else fused_moe_ref
         return add_shared(path(x, w13, w2, topk_weights, topk_ids), x, shared)
