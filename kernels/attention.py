@@ -272,8 +272,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     sinks [H] and window as there).
 
     A decode batch (one token per sequence) runs the Triton kernel on CUDA tensors (backend 'auto') or
-    when forced ('triton'); prefill, and layers with sinks or a window, run the reference either way."""
-    if not (use_triton(backend, q, k_cache, v_cache) and meta.is_decode) or sinks is not None or window is not None:
+    when forced ('triton'), sinks and window included; prefill runs the reference either way."""
+    if not (use_triton(backend, q, k_cache, v_cache) and meta.is_decode):
         return paged_attention_ref(q, k_cache, v_cache, meta, scale, sinks, window)
     H, Hkv = q.shape[1], k_cache.shape[1]
     if H % Hkv or k_cache.shape[:2] != v_cache.shape[:2] or q.shape[2] != k_cache.shape[2]:
@@ -281,4 +281,5 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                          f"{tuple(v_cache.shape)} want [T, H, Dk], [S, Hkv, Dk], [S, Hkv, Dv] with Hkv dividing H")
     from kernels.triton_attention import paged_decode_triton   # lazily: the package works without triton
     return paged_decode_triton(q, k_cache, v_cache, meta.block_tables, meta.device_context_lens(q.device),
-                               meta.block_size, scale, meta.max_context or max(meta.context_lens))
+                               meta.block_size, scale, meta.max_context or max(meta.context_lens), sinks=sinks,
+                               window=window)
