@@ -142,6 +142,27 @@ def fused_moe_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return torch.bmm(w2, h).sum(0).t().contiguous()                                      # [E, D, T] -> [T, D]
 
 
+def fused_moe_dense_biased(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                           topk_ids: torch.Tensor, b13: torch.Tensor | None, b2: torch.Tensor | None,
+                           activation: ClampedSwiGLU | None) -> torch.Tensor:
+    """fused_moe_ref's experts with biases / another activation run as fused_moe_dense does (every expert
+    over every token, weighted 0 where not chosen): no expert ids go to the host, so a captured CUDA graph
+    or a compiled step can hold it. E/k times the arithmetic; for decode-sized batches."""
+    _check_moe_args(x, w13, w2, topk_weights, topk_ids)
+    T, D = x.shape
+    E = w13.shape[0]
+    dense_weights = x.new_zeros(T, E).scatter_add_(1, topk_ids, topk_weights.to(x.dtype)).t()[:, None, :]  # [E, 1, T]
+    h = torch.bmm(w13.to(x.dtype), x.t().expand(E, D, T))                                # [E, 2I, T]
+    if b13 is not None:
+        h = h + b13.to(x.dtype)[:, :, None]
+    gate, up = h.chunk(2, dim=1)                                                         # [E, I, T] each
+    act = (F.silu(gate) * up if activation is None else activation(gate, up)) * dense_weights
+    out = torch.bmm(w2.to(x.dtype), act)                                                 # [E, D, T]
+    if b2 is not None:
+        out = out + b2.to(x.dtype)[:, :, None] * dense_weights
+    return out.sum(0).t().contiguous()                                                   # [T, D]
+
+
 # The gathered MoE computes each reduction's rows in this many chunks (see fused_moe_gathered).
 GATHER_ROW_CHUNKS = 2
 
@@ -202,9 +223,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     experts in place (fused_moe_gathered); run eagerly, a decode-sized batch with large experts runs them
     densely, a larger batch goes through torch's grouped matmul where it fits; everything else, and backend
     'torch', runs the reference (see kernels.backend). Shared experts not taken by a kernel are added after.
-    Experts with biases (b13, b2) or another activation (gpt-oss) run the reference on every device."""
+    Experts with biases (b13, b2) or another activation (gpt-oss) run the reference, or where no host sync
+    may happen (a compiled step, a CUDA graph being captured) and for decode-sized batches on CUDA,
+    fused_moe_dense_biased."""
     if b13 is not None or b2 is not None or activation is not None:
-        return add_shared(fused_moe_ref(x, w13, w2, topk_weights, topk_ids, b13, b2, activation), x, shared)
+        no_sync = torch.compiler.is_compiling() or (x.is_cuda and (
+            x.shape[0] <= DENSE_MAX_TOKENS or torch.cuda.is_current_stream_capturing()))
+        path = fused_moe_dense_biased if no_sync else fused_moe_ref
+        return add_shared(path(x, w13, w2, topk_weights, topk_ids, b13, b2, activation), x, shared)
     if not use_triton(backend, x, w13, w2):
         path = _cpu_path(x, w13, w2, topk_ids) if backend == "auto" and x.device.type == "cpu" else fused_moe_ref
         return add_shared(path(x, w13, w2, topk_weights, topk_ids), x, shared)
