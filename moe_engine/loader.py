@@ -47,7 +47,8 @@ def check_checkpoint(model, tensors: dict[str, TensorInfo], block: tuple[int, in
             want = tuple(_dest(model, param, index).shape)
             have = tuple(model.arrange_checkpoint_tensor(name, torch.empty(info.shape, device="meta")).shape)
             if have != want:
-                shown = list(info.shape) if have == tuple(info.shape) else f"{list(info.shape)} (arranged {list(have)})"
+                shown = (list(info.shape) if have == tuple(info.shape)
+                         else f"{list(info.shape)} (arranged {list(have)})")
                 problems.append(f"{name} has shape {shown}, expected {list(want)}")
             if info.dtype.startswith("F8"):
                 scale = tensors.get(name + SCALE_SUFFIX)

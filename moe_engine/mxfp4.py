@@ -4,6 +4,7 @@ exponent per 32 values) stand for the tensor `<name>`, dequantised while loading
 import torch
 
 from moe_engine.checkpoint import TensorInfo
+from moe_engine.errors import MoeEngineError
 
 BLOCKS, SCALES = "_blocks", "_scales"
 # The 16 e2m1 codes: sign bit 3, then 0, 0.5, 1, 1.5, 2, 3, 4, 6.
@@ -35,6 +36,9 @@ def logical_tensors(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
         base = name[: -len(BLOCKS)] if name.endswith(BLOCKS) else None
         if base is not None and base + SCALES in tensors and len(info.shape) >= 3:
             *prefix, N, G, B = info.shape
+            if tensors[base + SCALES].shape != (*prefix, N, G):
+                raise MoeEngineError(f"{base + SCALES} has shape {list(tensors[base + SCALES].shape)}, but "
+                                     f"{name} {list(info.shape)} wants {[*prefix, N, G]}; re-download the checkpoint")
             out[base] = TensorInfo(info.file, (*prefix, G * 2 * B, N), "MXFP4")
         elif not (name.endswith(SCALES) and name[: -len(SCALES)] + BLOCKS in tensors):
             out[name] = info

@@ -232,6 +232,19 @@ def test_mxfp4_checkpoint_matches_transformers(mxfp4_checkpoint):
     assert ours[0].token_ids == greedy
 
 
+def test_mxfp4_checkpoint_without_its_scales_is_one_clear_error(mxfp4_checkpoint, tmp_path):
+    import shutil
+    from moe_engine import MoeEngineError
+    broken = tmp_path / "broken"
+    shutil.copytree(mxfp4_checkpoint, broken)
+    state = load_file(broken / "model.safetensors")
+    del state["model.layers.1.mlp.experts.down_proj_scales"]
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MoeEngineError, match="missing 1: model.layers.1.mlp.experts.down_proj .*unexpected 1: "
+                                             "model.layers.1.mlp.experts.down_proj_blocks"):
+        LLM(broken)
+
+
 def test_info_reports_gpt_oss(saved, capsys):
     from moe_engine.cli import main     # in process: a subprocess would spend its time importing torch
     assert main(["info", "--model", str(saved["window8-yarn"]), *CPU, "--quiet"]) == 0
