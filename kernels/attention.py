@@ -139,11 +139,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, H, Dk], k_cache [S, Hkv, Dk], v_cache [S, Hkv, Dv] -> [T, H, Dv], causal per sequence."""
+                        meta: AttentionMetadata, scale: float, sinks: torch.Tensor | None = None,
+                        window: int | None = None) -> torch.Tensor:
+    """q [T, H, Dk], k_cache [S, Hkv, Dk], v_cache [S, Hkv, Dv] -> [T, H, Dv], causal per sequence.
+    sinks [H]: one learned logit per head that joins the softmax and takes probability mass but adds no
+    value (gpt-oss). window: each query sees only the newest `window` positions up to and including its
+    own (keys j with q - window < j <= q, as transformers' sliding window)."""
     T, H, _ = q.shape
     if meta.is_decode:
-        return _decode_attention_ref(q, k_cache, v_cache, meta, scale)
+        return _decode_attention_ref(q, k_cache, v_cache, meta, scale, sinks, window)
     out = q.new_empty(T, H, v_cache.shape[-1])
     for b in range(meta.num_seqs):
         lo, hi = meta.query_start_loc[b], meta.query_start_loc[b + 1]
@@ -152,10 +156,39 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         slots = meta.context_slots[b]
         k = k_cache[slots].transpose(0, 1)               # [Hkv, ctx, Dk]
         v = v_cache[slots].transpose(0, 1)               # [Hkv, ctx, Dv]
-        o = causal_attention(q[lo:hi].transpose(0, 1), k.to(q.dtype), v.to(q.dtype), scale,
-                             enable_gqa=k.shape[0] != H)   # [H, n, Dv]
+        if sinks is None and window is None:
+            o = causal_attention(q[lo:hi].transpose(0, 1), k.to(q.dtype), v.to(q.dtype), scale,
+                                 enable_gqa=k.shape[0] != H)   # [H, n, Dv]
+        else:
+            o = sink_window_attention(q[lo:hi].transpose(0, 1), k.to(q.dtype), v.to(q.dtype), scale,
+                                      sinks, window)
         out[lo:hi] = o.transpose(0, 1)                   # [n, H, Dv]
     return out
+
+
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last axis of scores with one extra logit per row (sinks, broadcast to scores[..., :1]),
+    whose probability is dropped: the weights then sum to less than one."""
+    if sinks is None:
+        return scores.softmax(-1)
+    sink = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)
+    return torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
+
+
+def sink_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          sinks: torch.Tensor | None, window: int | None) -> torch.Tensor:
+    """causal_attention with sinks [H] and a sliding window (see paged_attention_ref), written out:
+    q [H, n, Dk] as the newest n positions of k [Hkv, ctx, Dk] / v [Hkv, ctx, Dv] -> [H, n, Dv]."""
+    H, n, _ = q.shape
+    Hkv, ctx = k.shape[0], k.shape[1]
+    q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]           # [n, 1]
+    k_pos = torch.arange(ctx, device=q.device)[None, :]                    # [1, ctx]
+    seen = k_pos <= q_pos if window is None else (k_pos <= q_pos) & (k_pos > q_pos - window)   # [n, ctx]
+    qg = q.view(Hkv, H // Hkv, n, -1)                                      # [Hkv, G, n, Dk]
+    scores = torch.matmul(qg, k[:, None].transpose(-1, -2)) * scale        # [Hkv, G, n, ctx]
+    scores = scores.masked_fill(~seen, float("-inf"))
+    weights = softmax_with_sinks(scores, None if sinks is None else sinks.view(Hkv, -1, 1, 1))
+    return torch.matmul(weights, v[:, None]).reshape(H, n, -1)             # [H, n, Dv]
 
 
 def value_inside_key(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -167,9 +200,12 @@ def value_inside_key(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
             and v_cache.shape[2] <= k_cache.shape[2])
 
 
-def _decode_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sinks=None,
+                          window: int | None = None) -> torch.Tensor:
     """One new token per sequence: the whole batch in one masked attention over padded contexts."""
     slots, valid = meta.padded_context()                       # [B, L], [B, L] or None
+    if sinks is not None or window is not None:
+        return _decode_sink_window(q, k_cache, v_cache, meta, slots, valid, scale, sinks, window)
     if torch.compiler.is_compiling():
         return _decode_attention_reductions(q, k_cache, v_cache, slots, valid, scale)
     B, L = slots.shape
@@ -194,6 +230,25 @@ def _decode_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
     return out[:, :, 0, :]
 
 
+def _decode_sink_window(q, k_cache, v_cache, meta: AttentionMetadata, slots, valid, scale: float, sinks,
+                        window: int | None) -> torch.Tensor:
+    """The decode reference with sinks [H] and/or a sliding window, written out: q [B, H, Dk], slots [B, L],
+    valid [B, L] or None -> [B, H, Dv]."""
+    B, H, Dk = q.shape
+    Hkv = k_cache.shape[1]
+    if window is not None:   # positions ctx - window .. ctx - 1 (the newest token is at ctx - 1)
+        pos = torch.arange(slots.shape[1], device=q.device)[None, :]                         # [1, L]
+        lens = meta.device_context_lens(q.device).long()[:, None]                          # [B, 1]
+        valid = (pos < lens) & (pos >= lens - window)
+    k = k_cache[slots].to(q.dtype).permute(0, 2, 3, 1)                       # [B, Hkv, Dk, L]
+    scores = torch.matmul(q.view(B, Hkv, H // Hkv, Dk), k) * scale           # [B, Hkv, G, L]
+    if valid is not None:
+        scores = scores.masked_fill(valid.logical_not()[:, None, None, :], float("-inf"))
+    weights = softmax_with_sinks(scores, None if sinks is None else sinks.view(1, Hkv, -1, 1))
+    v = v_cache[slots].to(q.dtype).transpose(1, 2)                           # [B, Hkv, L, Dv]
+    return torch.matmul(weights, v).reshape(B, H, -1)                        # [B, H, Dv]
+
+
 def _decode_attention_reductions(q, k_cache, v_cache, slots, valid, scale: float) -> torch.Tensor:
     """_decode_attention_ref's result written as gathers, multiplies and sums, for torch.compile on the CPU:
     the compiler reads each sequence's cached keys and values in place inside its reductions, where the
@@ -211,17 +266,20 @@ def _decode_attention_reductions(q, k_cache, v_cache, slots, valid, scale: float
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, backend: str = "auto") -> torch.Tensor:
-    """Causal attention of new tokens over their sequences' paged context (see paged_attention_ref).
+                    meta: AttentionMetadata, scale: float, backend: str = "auto",
+                    sinks: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+    """Causal attention of new tokens over their sequences' paged context (see paged_attention_ref;
+    sinks [H] and window as there).
 
     A decode batch (one token per sequence) runs the Triton kernel on CUDA tensors (backend 'auto') or
-    when forced ('triton'); prefill runs the reference either way."""
+    when forced ('triton'), sinks and window included; prefill runs the reference either way."""
     if not (use_triton(backend, q, k_cache, v_cache) and meta.is_decode):
-        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale, sinks, window)
     H, Hkv = q.shape[1], k_cache.shape[1]
     if H % Hkv or k_cache.shape[:2] != v_cache.shape[:2] or q.shape[2] != k_cache.shape[2]:
         raise ValueError(f"paged_attention: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache "
                          f"{tuple(v_cache.shape)} want [T, H, Dk], [S, Hkv, Dk], [S, Hkv, Dv] with Hkv dividing H")
     from kernels.triton_attention import paged_decode_triton   # lazily: the package works without triton
     return paged_decode_triton(q, k_cache, v_cache, meta.block_tables, meta.device_context_lens(q.device),
-                               meta.block_size, scale, meta.max_context or max(meta.context_lens))
+                               meta.block_size, scale, meta.max_context or max(meta.context_lens), sinks=sinks,
+                               window=window)

@@ -1,5 +1,7 @@
 """Grouped expert MLP (SwiGLU experts): the fused_moe entry point and its pure-torch reference."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -21,16 +23,32 @@ def _check_moe_args(x, w13, w2, topk_weights, topk_ids):
                          f"{tuple(topk_weights.shape)} should both be [{T}, k]")
 
 
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation of the gate and up halves: the gate clamped above at `limit`, up to
+    [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate)."""
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+
+
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, b13: torch.Tensor | None = None,
+                  b2: torch.Tensor | None = None, activation: ClampedSwiGLU | None = None) -> torch.Tensor:
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]).
 
+    An expert is down(act(gate(x), up(x))) with act silu(gate) * up, or `activation` when given; b13
+    [E, 2I] (gate biases, then up) and b2 [E, D] are the experts' biases, when they have them.
     Tokens are sorted by expert so each expert runs one dense matmul over its rows;
     experts that received no token cost nothing.
     """
     _check_moe_args(x, w13, w2, topk_weights, topk_ids)
     T, D = x.shape
-    if T == 1:
+    plain = b13 is None and b2 is None and activation is None
+    if T == 1 and plain:
         return _single_token_moe(x, w13, w2, topk_weights, topk_ids)
     k = topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1)                          # [T*k]
@@ -40,9 +58,13 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     xs = x[token_of]                                         # [T*k, D]
     outs = []
     for e, rows in enumerate(xs.split(counts)):              # rows [n_e, D], in expert order
-        if len(rows):                                        # (experts stored narrower are widened here)
+        if len(rows) and plain:                              # (experts stored narrower are widened here)
             gate, up = F.linear(rows, w13[e].to(x.dtype)).chunk(2, dim=-1)    # [n_e, I] each
             outs.append(F.linear(F.silu(gate) * up, w2[e].to(x.dtype)))      # [n_e, D]
+        elif len(rows):
+            gate, up = F.linear(rows, w13[e].to(x.dtype), _row(b13, e, x.dtype)).chunk(2, dim=-1)
+            act = F.silu(gate) * up if activation is None else activation(gate, up)
+            outs.append(F.linear(act, w2[e].to(x.dtype), _row(b2, e, x.dtype)))
     if not outs:                                             # no tokens at all
         return torch.zeros_like(x)
     ys = torch.cat(outs)                                     # [T*k, D]
@@ -50,6 +72,10 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     out = torch.zeros_like(x)
     out.index_add_(0, token_of, ys * weights[:, None])
     return out
+
+
+def _row(b: torch.Tensor | None, e: int, dtype) -> torch.Tensor | None:
+    return None if b is None else b[e].to(dtype)
 
 
 def _single_token_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
@@ -117,6 +143,27 @@ def fused_moe_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return torch.bmm(w2, h).sum(0).t().contiguous()                                      # [E, D, T] -> [T, D]
 
 
+def fused_moe_dense_biased(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                           topk_ids: torch.Tensor, b13: torch.Tensor | None, b2: torch.Tensor | None,
+                           activation: ClampedSwiGLU | None) -> torch.Tensor:
+    """fused_moe_ref's experts with biases / another activation run as fused_moe_dense does (every expert
+    over every token, weighted 0 where not chosen): no expert ids go to the host, so a captured CUDA graph
+    or a compiled step can hold it. E/k times the arithmetic; for decode-sized batches."""
+    _check_moe_args(x, w13, w2, topk_weights, topk_ids)
+    T, D = x.shape
+    E = w13.shape[0]
+    dense_weights = x.new_zeros(T, E).scatter_add_(1, topk_ids, topk_weights.to(x.dtype)).t()[:, None, :]  # [E, 1, T]
+    h = torch.bmm(w13.to(x.dtype), x.t().expand(E, D, T))                                # [E, 2I, T]
+    if b13 is not None:
+        h = h + b13.to(x.dtype)[:, :, None]
+    gate, up = h.chunk(2, dim=1)                                                         # [E, I, T] each
+    act = (F.silu(gate) * up if activation is None else activation(gate, up)) * dense_weights
+    out = torch.bmm(w2.to(x.dtype), act)                                                 # [E, D, T]
+    if b2 is not None:
+        out = out + b2.to(x.dtype)[:, :, None] * dense_weights
+    return out.sum(0).t().contiguous()                                                   # [T, D]
+
+
 # The gathered MoE computes each reduction's rows in this many chunks (see fused_moe_gathered).
 GATHER_ROW_CHUNKS = 2
 
@@ -166,7 +213,8 @@ def _cpu_path(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: to
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, backend: str = "auto",
-              shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              shared: tuple[torch.Tensor, torch.Tensor] | None = None, b13: torch.Tensor | None = None,
+              b2: torch.Tensor | None = None, activation: ClampedSwiGLU | None = None) -> torch.Tensor:
     """Mixture of SwiGLU experts: x [T, D], w13 [E, 2I, D], w2 [E, D, I], topk_* [T, k] -> [T, D], plus
     the shared experts' SwiGLU (w13s [2*I_s, D], w2s [D, I_s]) when `shared` is given.
 
@@ -176,11 +224,19 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     experts in place (fused_moe_gathered); run eagerly, a decode-sized batch with large experts runs them
     densely, a larger batch goes through torch's grouped matmul where it fits; everything else, and backend
     'torch', runs the reference (see kernels.backend). Shared experts not taken by a kernel are added after.
-    Experts held quantized (kernels.quant.QuantizedWeight) go to their reference on every device for now."""
+    Experts held quantized (kernels.quant.QuantizedWeight) go to their reference on every device for now.
+    Experts with biases (b13, b2) or another activation (gpt-oss) run the reference, or where no host sync
+    may happen (a compiled step, a CUDA graph being captured) and for decode-sized batches on CUDA,
+    fused_moe_dense_biased."""
     if isinstance(w13, QuantizedWeight) or isinstance(w2, QuantizedWeight):
         from kernels.quant_ops import fused_moe_quantized_ref
         _check_moe_args(x, w13, w2, topk_weights, topk_ids)
         return add_shared(fused_moe_quantized_ref(x, w13, w2, topk_weights, topk_ids), x, shared)
+    if b13 is not None or b2 is not None or activation is not None:
+        no_sync = torch.compiler.is_compiling() or (x.is_cuda and (
+            x.shape[0] <= DENSE_MAX_TOKENS or torch.cuda.is_current_stream_capturing()))
+        path = fused_moe_dense_biased if no_sync else fused_moe_ref
+        return add_shared(path(x, w13, w2, topk_weights, topk_ids, b13, b2, activation), x, shared)
     if not use_triton(backend, x, w13, w2):
         path = _cpu_path(x, w13, w2, topk_ids) if backend == "auto" and x.device.type == "cpu" else fused_moe_ref
         return add_shared(path(x, w13, w2, topk_weights, topk_ids), x, shared)

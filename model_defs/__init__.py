@@ -2,6 +2,7 @@
 
 from model_defs.deepseek import DeepseekArgs, DeepseekModel
 from model_defs.errors import MoeEngineError
+from model_defs.gpt_oss import GptOssArgs, GptOssModel
 from model_defs.mixtral import MixtralArgs, MixtralModel
 from model_defs.qwen3_moe import Qwen3MoeArgs, Qwen3MoeModel
 
@@ -12,6 +13,7 @@ REGISTRY = {
     "deepseek_v3": (DeepseekArgs, DeepseekModel),
     "kimi_k2": (DeepseekArgs, DeepseekModel),        # DeepSeek-V3's architecture (its config says so)
     "qwen3_moe": (Qwen3MoeArgs, Qwen3MoeModel),
+    "gpt_oss": (GptOssArgs, GptOssModel),
 }
 
 
@@ -24,4 +26,4 @@ def model_family(model_type: str | None):
 
 
 __all__ = ["REGISTRY", "model_family", "MoeEngineError", "MixtralArgs", "MixtralModel",
-           "DeepseekArgs", "DeepseekModel", "Qwen3MoeArgs", "Qwen3MoeModel"]
+           "DeepseekArgs", "DeepseekModel", "Qwen3MoeArgs", "Qwen3MoeModel", "GptOssArgs", "GptOssModel"]

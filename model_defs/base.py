@@ -111,6 +111,12 @@ class CausalLM(nn.Module):
         MoE layer's expert layout (model_defs.checkpoint_names.expand)."""
         return expand(self, self.name_table, names)
 
+    def arrange_checkpoint_tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Checkpoint tensor `name` in the layout of its Target (families whose checkpoints store a tensor
+        transposed or with rows permuted override this; a view where it can be). Applied to meta tensors
+        too, to check shapes before loading."""
+        return t
+
     def ignored_checkpoint_name(self, name: str) -> bool:
         """Tensors a checkpoint may carry that inference does not use (e.g. multi-token-prediction layers)."""
         if name.endswith("rotary_emb.inv_freq"):

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from model_defs import model_family
+from moe_engine import mxfp4
 from moe_engine.checkpoint import TensorInfo, index_tensors, read_config, safetensors_files
 from moe_engine.compressed_tensors import read_packed
 from moe_engine.errors import MoeEngineError
@@ -23,11 +24,11 @@ SCALE_SUFFIX = "_scale_inv"   # FP8 block scales: "<name>.weight_scale_inv" besi
 
 def fp8_block_size(cfg: dict) -> tuple[int, int] | None:
     q = cfg.get("quantization_config")
-    if not q:
+    if not q or mxfp4.is_mxfp4(cfg):
         return None
     if q.get("quant_method") != "fp8":
         raise MoeEngineError(f"quantization method {q.get('quant_method')!r} is not supported (only fp8 "
-                             "block-scaled); use an unquantised or fp8 checkpoint")
+                             "block-scaled, and mxfp4); use an unquantised, fp8 or mxfp4 checkpoint")
     block = q.get("weight_block_size") or [128, 128]
     return int(block[0]), int(block[1])
 
@@ -48,8 +49,11 @@ def check_checkpoint(model, tensors: dict[str, TensorInfo], block: tuple[int, in
         if name in targets:
             param, index = targets[name]
             want = tuple(_dest(model, param, index).shape)
-            if info.shape != want:
-                problems.append(f"{name} has shape {list(info.shape)}, expected {list(want)}")
+            have = tuple(model.arrange_checkpoint_tensor(name, torch.empty(info.shape, device="meta")).shape)
+            if have != want:
+                shown = (list(info.shape) if have == tuple(info.shape)
+                         else f"{list(info.shape)} (arranged {list(have)})")
+                problems.append(f"{name} has shape {shown}, expected {list(want)}")
             if info.dtype.startswith("F8"):
                 scale = tensors.get(name + SCALE_SUFFIX)
                 if block is None:
@@ -99,7 +103,9 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
         raise MoeEngineError(f"unknown argument(s) {', '.join(unknown)} for LLM / the {args.model_type} model; "
                              "check the spelling (see help(LLM))")
     files = safetensors_files(path)
-    tensors = index_tensors(files)
+    raw = index_tensors(files)
+    # MXFP4: each <name>_blocks / <name>_scales pair stands for the tensor <name>.
+    tensors = mxfp4.logical_tensors(raw) if mxfp4.is_mxfp4(cfg) else raw
     packed = read_packed(cfg, tensors, files)     # compressed-tensors pack-quantized, else None
     if packed is not None and quant is not None:
         raise MoeEngineError(f"{path} is already quantized (compressed-tensors); load it without quantization=")
@@ -131,6 +137,15 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
         handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
         for f, st in handles.items():
             for name in st.keys():
+                base = name.removesuffix(mxfp4.BLOCKS)
+                if base != name and base in tensors and tensors[base].dtype == "MXFP4":
+                    name = base
+                    dest = _dest(model, *targets[name])
+                    where = device if torch.device(device).type == "cuda" else "cpu"
+                    for e, t in mxfp4.read_dequantized(handles, raw, name, dest.dtype, where):
+                        dest[e].copy_(model.arrange_checkpoint_tensor(name, t))
+                    bar.update()
+                    continue
                 name = name if packed is None else packed.logical_name(name)   # X.weight_packed -> X.weight
                 if name not in targets:
                     continue
@@ -148,7 +163,7 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
                     # On CUDA dequantise on the card (far faster); MPS has no float8, so the CPU does it.
                     where = device if torch.device(device).type == "cuda" else "cpu"
                     t = dequantize_fp8(t.to(where), scale.to(where), block)
-                _dest(model, *targets[name]).copy_(t)
+                _dest(model, *targets[name]).copy_(model.arrange_checkpoint_tensor(name, t))
                 bar.update()
     bar.close()
     model.post_load()

@@ -142,6 +142,39 @@ def test_paged_decode_gqa_matches_reference(case, dtype):
     assert_close(out, expected, TOL[dtype])
 
 
+# (H, Hkv, page_size, context_lens, window, sinks, num_splits): gpt-oss's sinks and sliding windows, one
+# split and several (the sink then joins in the combine), windows shorter and longer than the contexts.
+SINK_CASES = [
+    (4, 2, 4, [5, 13, 1, 30], 8, True, 1),
+    (4, 2, 4, [5, 13, 1, 30], 8, True, 3),
+    (8, 1, 16, [37, 16, 3], None, True, 2),
+    (4, 4, 8, [1, 50, 9], 6, False, 3),
+    (6, 2, 4, [29, 7], 64, True, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", SINK_CASES, ids=lambda c: "H{}-Hkv{}-page{}-w{}-sinks{}-splits{}".format(
+    *c[:3], *c[4:]))
+def test_paged_decode_sinks_and_window_match_reference(case, dtype):
+    from kernels.triton_attention import paged_decode_triton
+    H, Hkv, page, ctx, window, has_sinks, splits = case
+    num_pages = sum(-(-n // page) for n in ctx) + 3
+    meta, S = paged_batch(ctx, page, num_pages, seed=2), num_pages * page
+    q = torch.randn(len(ctx), H, 16).to(dtype)
+    k_cache, v_cache = torch.randn(S, Hkv, 16).to(dtype), torch.randn(S, Hkv, 16).to(dtype)
+    sinks = 2 * torch.randn(H) if has_sinks else None
+    expected = kernels.paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, 0.25, sinks,
+                                           window).to(dtype)
+    assert_close(kernels.paged_attention(q, k_cache, v_cache, meta, 0.25, backend="triton", sinks=sinks,
+                                         window=window), expected, TOL[dtype])
+    out = paged_decode_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens_tensor, page, 0.25,
+                              max(ctx), num_splits=splits, sinks=sinks, window=window)
+    assert_close(out, expected, TOL[dtype])
+    plain = kernels.paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, 0.25).to(dtype)
+    assert (expected - plain).abs().max() > 0.05          # the sinks / window really change the answer
+
+
 # (H, L, R, page_size, context_lens): heads within one block, heads over two blocks, ragged rope width
 MLA_CASES = [(4, 16, 4, 4, [9, 1, 22]), (20, 32, 8, 16, [40, 17]), (16, 32, 16, 8, [3])]
 

@@ -38,7 +38,9 @@ def _total_and_active(model: torch.nn.Module, size) -> tuple[int, int]:
     for module in model.modules():
         if isinstance(module, MoEBlock):
             routing = module.routing
-            per_expert = (size(module.w13) + size(module.w2)) // routing.num_experts
+            experts = [p for p in (module.w13, module.w2, getattr(module, "b13", None), getattr(module, "b2", None))
+                       if p is not None]                   # b13, b2: the experts' biases (gpt-oss)
+            per_expert = sum(size(p) for p in experts) // routing.num_experts
             idle += (routing.num_experts - routing.top_k) * per_expert
     return total, total - idle
 
@@ -59,7 +61,12 @@ def _attention_line(args) -> str:
     kv_heads = getattr(args, "num_key_value_heads", None) or heads
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
     kind = "MHA" if kv_heads == heads else "GQA"
-    return f"{kind}, {heads} query heads, {kv_heads} KV heads, head dim {head_dim}"
+    line = f"{kind}, {heads} query heads, {kv_heads} KV heads, head dim {head_dim}"
+    if hasattr(args, "window"):                           # gpt-oss: sliding windows on some layers, sinks
+        windows = [args.window(i) for i in range(args.num_hidden_layers)]
+        sliding = sum(w is not None for w in windows)
+        line += f"; sliding window {args.sliding_window} on {sliding} of {len(windows)} layers, sinks"
+    return line
 
 
 def tensor_groups(model: torch.nn.Module) -> dict[str, dict[str, list]]:
