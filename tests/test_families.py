@@ -123,3 +123,23 @@ def test_unknown_model_type_names_the_new_families(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and "olmoe_v9" in msg
     assert all(f in msg for f in ("qwen2_moe", "olmoe", "glm4_moe", "qwen3_moe", "mixtral", "deepseek_v3"))
+
+
+def test_glm_hub_style_config(tmp_path):
+    """GLM-4.5's hub config.json gives partial_rotary_factor and rope_theta at the top level (transformers 5
+    writes them in rope_parameters): the same model either way, and an odd rotary width is refused clearly."""
+    import json
+    path = tiny(tmp_path, "glm-quarter-headdim-shared2-nonorm")
+    cfg = json.loads((path / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    assert rope["partial_rotary_factor"] == 0.25
+    (path / "config.json").write_text(json.dumps({**cfg, "partial_rotary_factor": 0.25,
+                                                  "rope_theta": rope["rope_theta"]}))
+    llm = LLM(path)
+    assert llm.model.rotary.dim == 4
+    ids = prompt()
+    assert max_rel_error(llm.prompt_logits(ids), hf_logits(path, ids)) <= 1e-4
+    (path / "config.json").write_text(json.dumps({**cfg, "partial_rotary_factor": 0.2}))
+    with pytest.raises(MoeEngineError, match="partial_rotary_factor=0.2 .* rotary channels") as e:
+        LLM(path)
+    assert "\n" not in str(e.value)
