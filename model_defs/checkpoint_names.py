@@ -79,6 +79,24 @@ def swiglu_rules(hf: str, ours: str, names=("gate_proj", "up_proj", "down_proj")
             Rule(f"{hf}.{down}.weight", f"{ours}.w2", None, when))
 
 
+def gqa_rules(hf: str, ours: str, qkv_bias: tuple[str, ...] | None = None, o_bias: tuple[str, ...] | None = None,
+              qk_norm: bool = False) -> tuple[Rule, ...]:
+    """Grouped-query attention (mixtral.GQAttention): q/k/v projections stacked into wqkv by the Args' q_rows
+    and kv_rows, o_proj into wo; their biases (wqkv_bias, wo_bias) under the `when` conditions given (None:
+    no bias); q_norm / k_norm weights when qk_norm."""
+    qkv = ("q_rows", "kv_rows", "kv_rows")
+    rules = tuple(Rule(f"{hf}.{n}_proj.weight", f"{ours}.wqkv", Rows(k, qkv)) for k, n in enumerate("qkv"))
+    rules += (Rule(f"{hf}.o_proj.weight", f"{ours}.wo"),)
+    if qkv_bias is not None:
+        rules += tuple(Rule(f"{hf}.{n}_proj.bias", f"{ours}.wqkv_bias", Rows(k, qkv), qkv_bias)
+                       for k, n in enumerate("qkv"))
+    if o_bias is not None:
+        rules += (Rule(f"{hf}.o_proj.bias", f"{ours}.wo_bias", when=o_bias),)
+    if qk_norm:
+        rules += (Rule(f"{hf}.q_norm.weight", f"{ours}.q_norm.weight"), Rule(f"{hf}.k_norm.weight", f"{ours}.k_norm.weight"))
+    return rules
+
+
 def fused_experts(hf: str, ours: str) -> tuple[Rule, ...]:
     """transformers 5's in-memory expert tensors: gate_up_proj [E, 2I, D] (gate rows first) and down_proj."""
     return (Rule(f"{hf}.experts.gate_up_proj", f"{ours}.w13"), Rule(f"{hf}.experts.down_proj", f"{ours}.w2"))

@@ -40,13 +40,14 @@ class Rotary(nn.Module):
     """Rotary position embedding over `dim` channels; `scaling` is a HF rope_scaling dict or None.
 
     `interleave` rotates channel pairs (0,1), (2,3), ... (DeepSeek's layout); otherwise the two halves
-    (Llama/Mixtral's rotate_half layout).
+    (Llama/Mixtral's rotate_half layout). Heads wider than `dim` are rotated in their first `dim`
+    channels and the rest pass through (GLM's partial_rotary_factor).
     """
 
     def __init__(self, dim: int, theta: float, scaling: dict | None, interleave: bool = False,
                  max_position_embeddings: int | None = None):
         super().__init__()
-        self.interleave = interleave
+        self.interleave, self.dim = interleave, dim
         pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)   # [dim/2]
         inv_freq = 1.0 / pos_freqs
         self.attention_factor = 1.0
@@ -97,7 +98,9 @@ class Rotary(nn.Module):
         return kernels.rotary_angles(cos, sin, self.interleave)
 
     def forward(self, x: torch.Tensor, angles: kernels.RotaryAngles) -> torch.Tensor:
-        """x [T, H, dim] rotated by the step's angles."""
+        """x [T, H, dim] rotated by the step's angles; x [T, H, > dim]: its first dim channels rotated."""
+        if x.shape[-1] != self.dim:
+            return torch.cat([kernels.rotate(x[..., :self.dim], angles, self.interleave), x[..., self.dim:]], -1)
         return kernels.rotate(x, angles, self.interleave)
 
 

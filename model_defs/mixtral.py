@@ -15,8 +15,29 @@ from model_defs.layers import RMSNorm, Rotary, weight
 from model_defs.moe import MoEBlock, RoutingConfig
 
 
+class GQAShape:
+    """Head geometry of a grouped-query-attention Args (fields num_attention_heads, num_key_value_heads,
+    head_dim, hidden_size), and the row counts its q/k/v Rows name."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def q_rows(self) -> int:
+        return self.num_attention_heads * self.dim_per_head
+
+    @property
+    def kv_rows(self) -> int:
+        return self.kv_heads * self.dim_per_head
+
+
 @dataclass(frozen=True)
-class MixtralArgs:
+class MixtralArgs(GQAShape):
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -38,22 +59,6 @@ class MixtralArgs:
     def from_hf_config(cls, cfg: dict) -> "MixtralArgs":
         return args_from_hf_config(cls, cfg)
 
-    @property
-    def kv_heads(self) -> int:
-        return self.num_key_value_heads or self.num_attention_heads
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @property
-    def q_rows(self) -> int:
-        return self.num_attention_heads * self.dim_per_head
-
-    @property
-    def kv_rows(self) -> int:
-        return self.kv_heads * self.dim_per_head
-
 
 _ATTN, _QKV = "model.layers.{i}.self_attn", ("q_rows", "kv_rows", "kv_rows")
 # Hub checkpoints name the block block_sparse_moe, one tensor per expert; transformers 5 holds it as mlp
@@ -72,31 +77,51 @@ MIXTRAL_NAMES = NameTable(
 
 class GQAttention(nn.Module):
     """Grouped-query attention; q, k and v projections stacked in one weight wqkv [(H + 2 Hkv) Dh, D].
-    qk_norm: a per-head RMSNorm of q and k before RoPE (Qwen3); args then needs rms_norm_eps."""
+    qk_norm: "head" (or True): a per-head RMSNorm of q and k before RoPE (Qwen3, GLM); "full": one RMSNorm
+    over the whole q and the whole k projection, before the head split (OLMoE); args then needs rms_norm_eps.
+    qkv_bias / o_bias: biases of the stacked projection (wqkv_bias, stacked like wqkv) and of wo (wo_bias).
+    clip_qkv: q, k (after their norm) and v clamped to [-clip_qkv, clip_qkv] (OLMoE). A partial rotary
+    (GLM) is the Rotary's: it rotates the first channels of each head."""
 
-    def __init__(self, args: MixtralArgs, rotary: Rotary, dtype, qk_norm: bool = False):
+    def __init__(self, args: MixtralArgs, rotary: Rotary, dtype, qk_norm: bool | str = False,
+                 qkv_bias: bool = False, o_bias: bool = False, clip_qkv: float | None = None):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.kv_heads, args.dim_per_head
-        self.wqkv = weight((self.n_heads + 2 * self.n_kv) * self.head_dim, args.hidden_size, dtype=dtype)
+        rows = (self.n_heads + 2 * self.n_kv) * self.head_dim
+        self.wqkv = weight(rows, args.hidden_size, dtype=dtype)
         self.wo = weight(args.hidden_size, self.n_heads * self.head_dim, dtype=dtype)
+        self.wqkv_bias = weight(rows, dtype=dtype) if qkv_bias else None
+        self.wo_bias = weight(args.hidden_size, dtype=dtype) if o_bias else None
         self.rotary = rotary
         self.scale = self.head_dim ** -0.5
-        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, dtype) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, dtype) if qk_norm else None
+        self.qk_norm = "head" if qk_norm is True else (qk_norm or None)
+        if self.qk_norm not in (None, "head", "full"):
+            raise ValueError(f"qk_norm={qk_norm!r} is not one of head, full")
+        full = self.qk_norm == "full"
+        q_dim, k_dim = (self.n_heads * self.head_dim, self.n_kv * self.head_dim) if full else (self.head_dim,) * 2
+        self.q_norm = RMSNorm(q_dim, args.rms_norm_eps, dtype) if self.qk_norm else None
+        self.k_norm = RMSNorm(k_dim, args.rms_norm_eps, dtype) if self.qk_norm else None
+        self.clip_qkv = clip_qkv
 
     def forward(self, x: torch.Tensor, angles, kv_cache, meta: AttentionMetadata):
         """kv_cache: keys at [0], values at [1] (the [2, S, Hkv, Dh] tensor, or its halves from cache_parts)."""
-        T, H = x.shape[0], self.n_heads
-        qkv = linear(x, self.wqkv).view(T, H + 2 * self.n_kv, self.head_dim)   # [T, H + 2 Hkv, Dh]
+        T, H, Dh = x.shape[0], self.n_heads, self.head_dim
+        qkv = linear(x, self.wqkv, self.wqkv_bias)                             # [T, (H + 2 Hkv) Dh]
+        if self.qk_norm == "full":
+            q, k, v = qkv.split([H * Dh, self.n_kv * Dh, self.n_kv * Dh], -1)
+            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], -1)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        qkv = qkv.view(T, H + 2 * self.n_kv, Dh)                               # [T, H + 2 Hkv, Dh]
         qk = qkv[:, :H + self.n_kv]                                           # [T, H + Hkv, Dh]
-        if self.q_norm is not None:
+        if self.qk_norm == "head":
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], 1)
         qk = self.rotary(qk, angles)                                           # q and k heads at once
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + self.n_kv:]
         kernels.write_cache(kv_cache[0], k, meta.slot_mapping)
         kernels.write_cache(kv_cache[1], v, meta.slot_mapping)
         out = kernels.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)   # [T, H, Dh]
-        return linear(out.reshape(T, -1), self.wo)
+        return linear(out.reshape(T, -1), self.wo, self.wo_bias)
 
     def projections(self) -> list[nn.Parameter]:
         """The weights this module uses only through kernels.linear.linear (see CausalLM.store_weights)."""

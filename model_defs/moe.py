@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import kernels
-from kernels.linear import router_logits as compute_router_logits
+from kernels.linear import linear, router_logits as compute_router_logits
 from model_defs.layers import SwiGLU, weight
 
 
@@ -119,11 +119,12 @@ class RoutingHook(Protocol):
 
 
 class MoEBlock(nn.Module):
-    """Routed SwiGLU experts stacked as w13 [E, 2I, D] and w2 [E, D, I], plus optional shared experts.
+    """Routed SwiGLU experts stacked as w13 [E, 2I, D] and w2 [E, D, I], plus optional shared experts,
+    whose output shared_gate (Qwen2-MoE) scales by sigmoid(shared_gate x) per token.
     moe_index numbers the model's MoE layers 0, 1, ... (set by CausalLM)."""
 
     def __init__(self, dim: int, intermediate: int, routing: RoutingConfig, shared_intermediate: int = 0,
-                 dtype=None):
+                 dtype=None, shared_gate: bool = False):
         super().__init__()
         E = routing.num_experts
         self.routing = routing
@@ -133,6 +134,7 @@ class MoEBlock(nn.Module):
         self.w13 = weight(E, 2 * intermediate, dim, dtype=dtype)
         self.w2 = weight(E, dim, intermediate, dtype=dtype)
         self.shared = SwiGLU(dim, shared_intermediate, dtype=dtype) if shared_intermediate else None
+        self.shared_gate = weight(1, dim, dtype=dtype) if shared_gate and shared_intermediate else None
 
     def forward(self, x: torch.Tensor, hook: RoutingHook | None = None) -> torch.Tensor:
         router_logits = compute_router_logits(x, self.gate)          # [T, E] float32
@@ -142,6 +144,9 @@ class MoEBlock(nn.Module):
                                            ranked=kernels.ranking_is_free(router_logits))
         else:
             topk_weights, topk_ids = hook.route(self.moe_index, router_logits, self.routing, self.bias)
+        if self.shared_gate is not None:       # the gated shared expert, added after the routed ones
+            routed = kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)            # [T, D]
+            return routed + torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)       # [T, 1] * [T, D]
         shared = None if self.shared is None else (self.shared.w13, self.shared.w2)
         return kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, shared=shared)   # [T, D]
 

@@ -8,12 +8,12 @@ from model_defs.base import DecoderLayer
 from model_defs.checkpoint_names import COMMON_RULES, Layout, NameTable, Rows, Rule, fused_experts, swiglu_rules
 from model_defs.hf_config import args_from_hf_config
 from model_defs.layers import Rotary, SwiGLU
-from model_defs.mixtral import GQAttention, MixtralModel
+from model_defs.mixtral import GQAShape, GQAttention, MixtralModel
 from model_defs.moe import MoEBlock, RoutingConfig
 
 
 @dataclass(frozen=True)
-class Qwen3MoeArgs:
+class Qwen3MoeArgs(GQAShape):
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -42,22 +42,6 @@ class Qwen3MoeArgs:
         # Hub configs say num_experts; transformers 5 writes it as num_local_experts.
         return args_from_hf_config(cls, {"num_experts": cfg.get("num_local_experts"), **cfg})
 
-    @property
-    def kv_heads(self) -> int:
-        return self.num_key_value_heads or self.num_attention_heads
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @property
-    def q_rows(self) -> int:
-        return self.num_attention_heads * self.dim_per_head
-
-    @property
-    def kv_rows(self) -> int:
-        return self.kv_heads * self.dim_per_head
-
     def is_moe_layer(self, i: int) -> bool:
         """As transformers' Qwen3Moe: sparse every decoder_sparse_step-th layer, except mlp_only_layers."""
         return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
@@ -77,22 +61,31 @@ QWEN3_MOE_NAMES = NameTable(
 
 
 class Qwen3MoeModel(MixtralModel):
-    """Mixtral's model (KV cache, window) with Qwen3's layers: qk-norm attention, dense layers among MoE ones."""
+    """Mixtral's model (KV cache, window) with Qwen3's layers: qk-norm attention, dense layers among MoE ones.
+    Families built the same way (Qwen2-MoE) override attention() and moe()."""
     name_table = QWEN3_MOE_NAMES
 
     def __init__(self, args: Qwen3MoeArgs, dtype=torch.float32):
-        if args.attention_bias:
-            raise ValueError("attention_bias=true is not supported for qwen3_moe")
         rotary = Rotary(args.dim_per_head, args.rope_theta, args.rope_scaling,
                         max_position_embeddings=args.max_position_embeddings)
-        routing = RoutingConfig(num_experts=args.num_experts, top_k=args.num_experts_per_tok,
-                                norm_topk_prob=args.norm_topk_prob)
-        layers = [DecoderLayer(GQAttention(args, rotary, dtype, qk_norm=True),
-                               MoEBlock(args.hidden_size, args.moe_intermediate_size, routing, dtype=dtype)
-                               if args.is_moe_layer(i) else SwiGLU(args.hidden_size, args.intermediate_size, dtype),
+        layers = [DecoderLayer(self.attention(args, rotary, dtype),
+                               self.moe(args, dtype) if args.is_moe_layer(i)
+                               else SwiGLU(args.hidden_size, args.intermediate_size, dtype),
                                args.hidden_size, args.rms_norm_eps, dtype)
                   for i in range(args.num_hidden_layers)]
         super(MixtralModel, self).__init__(args, layers, rotary, dtype)
+
+    @staticmethod
+    def attention(args, rotary: Rotary, dtype) -> GQAttention:
+        if args.attention_bias:
+            raise ValueError("attention_bias=true is not supported for qwen3_moe")
+        return GQAttention(args, rotary, dtype, qk_norm=True)
+
+    @staticmethod
+    def moe(args, dtype) -> MoEBlock:
+        routing = RoutingConfig(num_experts=args.num_experts, top_k=args.num_experts_per_tok,
+                                norm_topk_prob=args.norm_topk_prob)
+        return MoEBlock(args.hidden_size, args.moe_intermediate_size, routing, dtype=dtype)
 
     @property
     def max_model_len(self) -> int:
