@@ -129,7 +129,7 @@ def check_layers(args, cfg: dict, tensors: dict[str, TensorInfo], path) -> None:
                              f"in {path} has num_hidden_layers={n}"
                              f"{f' (+{extra} num_nextn_predict_layers)' if extra else ''}; fix num_hidden_layers "
                              "or use the config.json that came with these weights")
-    absent = next(i for i in range(n + 1) if i not in first)
+    absent = next((i for i in range(n) if i not in first), n)
     if absent < n:
         held = sum(1 for i in first if i < n)
         raise MoeEngineError(f"config.json in {path} has num_hidden_layers={n} but the checkpoint holds tensors "
