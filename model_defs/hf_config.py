@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Any, TypeVar
 
+from model_defs.config_checks import check_args
 from model_defs.errors import MoeEngineError
 
 A = TypeVar("A")
@@ -25,7 +26,9 @@ def rope_fields(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def args_from_hf_config(cls: type[A], cfg: dict[str, Any], defaults: dict[str, Any] | None = None) -> A:
-    """cls(**known keys of cfg): unknown keys are ignored, a missing required key is a clear error."""
+    """cls(**known keys of cfg): unknown keys are ignored, a missing required key is a clear error, and a
+    value of the wrong type or range (NaN, 0 heads, top-k above the experts) a TypeError / ValueError
+    naming the field (model_defs.config_checks)."""
     merged = {**(defaults or {}), **{k: v for k, v in cfg.items() if v is not None}, **rope_fields(cfg)}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     missing = [name for name, f in fields.items()
@@ -35,4 +38,6 @@ def args_from_hf_config(cls: type[A], cfg: dict[str, Any], defaults: dict[str, A
         raise MoeEngineError(
             f"config.json ({cfg.get('model_type', '?')}) lacks required field(s) {', '.join(missing)}; "
             "add them from the model's original config.json")
-    return cls(**{k: v for k, v in merged.items() if k in fields})
+    args = cls(**{k: v for k, v in merged.items() if k in fields})
+    check_args(args)
+    return args

@@ -3,7 +3,7 @@
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from safetensors import safe_open
 
@@ -19,6 +19,19 @@ class TensorInfo:
     dtype: str          # safetensors dtype name, e.g. "BF16", "F8_E4M3"
 
 
+def read_text(path: Path) -> str:
+    """A side file's text; an unreadable one says why (permission denied), not that it is damaged."""
+    try:
+        return path.read_text()
+    except PermissionError:
+        raise MoeEngineError(f"cannot read {path}: permission denied; make it readable (chmod a+r) or run "
+                             "as a user who may read it") from None
+    except UnicodeDecodeError as e:
+        raise MoeEngineError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-download it") from None
+    except OSError as e:
+        raise MoeEngineError(f"cannot read {path}: {e.strerror or e}; check the file") from None
+
+
 def read_config(model_dir: str | os.PathLike) -> tuple[Path, dict]:
     path = Path(model_dir).expanduser()
     if not path.exists():
@@ -32,9 +45,10 @@ def read_config(model_dir: str | os.PathLike) -> tuple[Path, dict]:
         hint = f"; models inside it: {', '.join(inside[:5])}" if inside else ""
         raise MoeEngineError(f"{str(path)!r} is not a model folder: it has no config.json; pass a Hugging "
                              f"Face-format folder (config.json + *.safetensors){hint}")
+    text = read_text(cfg_path)
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
         raise MoeEngineError(f"{cfg_path} is not valid JSON ({e}); re-download the model's config.json") from None
     if not isinstance(cfg, dict):
         raise MoeEngineError(f"{cfg_path} should hold a JSON object; re-download the model's config.json")
@@ -45,11 +59,15 @@ def safetensors_files(path: Path) -> list[Path]:
     """The checkpoint's safetensors files; pickle checkpoints are refused, never opened."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
+        text = read_text(index)
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(text)["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise MoeEngineError(f"{index} is not a valid safetensors index ({e!r}); re-download it") from None
-        files = sorted({path / f for f in weight_map.values()})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise MoeEngineError(f"{index} is not a valid safetensors index (weight_map must map tensor names "
+                                 "to file names); re-download it")
+        files = sorted({path / _shard_name(index, f) for f in weight_map.values()})
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise MoeEngineError(f"shard(s) {', '.join(absent)} named in {index.name} are missing from {path}; "
@@ -66,10 +84,32 @@ def safetensors_files(path: Path) -> list[Path]:
     raise MoeEngineError(f"{path} has no *.safetensors weights; download the model's safetensors files")
 
 
+def _shard_name(index: Path, name: str) -> str:
+    """A file name from the index, which must name a .safetensors file inside the model folder: relative,
+    without `..` (checked on the name, not its target: a symlinked file, as in the Hugging Face cache, is fine)."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if (not name or PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute()
+            or PureWindowsPath(name).drive or ".." in parts or "\0" in name):
+        raise MoeEngineError(f"{index.name} names the file {name!r}, outside the model folder {index.parent}; "
+                             "shards must be files inside it: re-download the index")
+    if not name.endswith(".safetensors"):
+        raise MoeEngineError(f"{index.name} names the file {name!r}, which is not a .safetensors file; "
+                             "safetensors is required: re-download the model's *.safetensors files and index")
+    return name
+
+
 def index_tensors(files: list[Path]) -> dict[str, TensorInfo]:
     """Name -> file, shape and dtype for every tensor, read from the headers only (nothing is loaded)."""
     out: dict[str, TensorInfo] = {}
     for f in files:
+        try:
+            with open(f, "rb") as fh:
+                fh.read(1)
+        except PermissionError:
+            raise MoeEngineError(f"cannot read {f}: permission denied; make it readable (chmod a+r) or run as a "
+                                 "user who may read it") from None
+        except OSError as e:
+            raise MoeEngineError(f"cannot read {f}: {e.strerror or e}; check the file") from None
         try:
             with safe_open(f, framework="pt") as st:
                 for name in st.keys():

@@ -25,7 +25,7 @@ def keep_fp8(model, targets: dict, tensors: dict[str, TensorInfo], block: tuple[
     """Swap in an fp8 QuantizedWeight for every weight that can hold its checkpoint tensors as stored; the
     names swapped. Others (a stack whose parts straddle a block, e5m2, a non-quantizable weight such as
     MLA's kv_b) keep their full-precision parameter and are dequantised into it, as before."""
-    if torch.device(device).type not in ("cpu", "cuda"):
+    if torch.device(device).type == "mps":
         return []                                    # MPS has no float8
     sources: dict[str, list] = {}
     for name, (param, index) in targets.items():

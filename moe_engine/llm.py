@@ -54,7 +54,8 @@ class LLM:
         if config.compile:
             check_compile(device)        # before the weights load and the cache is allocated
         path = Path(model).expanduser()
-        loaded, hf_config = load_model(path, device, dtype, progress, quant=config.quant_spec(), **model_kwargs)
+        loaded, hf_config = load_model(path, device, dtype, progress, quant=config.quant_spec(), engine=config,
+                                       **model_kwargs)
         self._setup(loaded, hf_config, path, load_tokenizer(path, hf_config), device, dtype, config)
 
     @classmethod

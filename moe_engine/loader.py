@@ -2,9 +2,12 @@
 one tensor at a time into preallocated parameters (stacking experts; FP8 block-scaled weights kept in FP8
 where they fit a quantized weight, dequantised elsewhere; quantized weights filled as they are read)."""
 
+import dataclasses
 import inspect
 import math
 import os
+import re
+import warnings
 from contextlib import ExitStack
 
 import torch
@@ -17,9 +20,13 @@ from moe_engine.checkpoint import TensorInfo, index_tensors, read_config, safete
 from moe_engine.compressed_tensors import read_packed
 from moe_engine.errors import MoeEngineError
 from moe_engine.fp8_checkpoint import keep_fp8, store_fp8
+from moe_engine.preflight import available_bytes, check_memory
 from moe_engine.quantize import QuantSpec, held_weight, quantize_weights
 
 SCALE_SUFFIX = "_scale_inv"   # FP8 block scales: "<name>.weight_scale_inv" beside "<name>.weight"
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}     # safetensors dtype names
+HALF_NAMES = {"bfloat16": "BF16", "float16": "F16"}     # config.json torch_dtype -> safetensors name
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def fp8_block_size(cfg: dict) -> tuple[int, int] | None:
@@ -40,20 +47,42 @@ def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     return w.float() * s
 
 
-def check_checkpoint(model, tensors: dict[str, TensorInfo], block: tuple[int, int] | None) -> None:
-    """One error naming every missing, unexpected and mis-shaped tensor, before anything is read."""
+def _dtype_problem(name: str, info: TensorInfo, dest: torch.Tensor, cfg: dict) -> str | None:
+    """A float weight stored as an integer type, or as the other 16-bit float than config.json declares:
+    the same bytes read as another type give a wrong model without an error."""
+    if not dest.is_floating_point():
+        return None            # an integer destination (a quantized form) takes what its translator gives
+    quant = cfg.get("quantization_config")
+    if info.dtype not in FLOAT_DTYPES:
+        if isinstance(quant, dict) and quant.get("quant_method") not in (None, "fp8"):
+            return None        # packed integer weights of a quantized format
+        return f"{name} has dtype {info.dtype}, expected a float type (this weight is not quantized)"
+    declared = HALF_NAMES.get(str(cfg.get("torch_dtype") or cfg.get("dtype")))
+    if declared and info.dtype in HALF_NAMES.values() and info.dtype != declared:
+        return (f"{name} has dtype {info.dtype} but config.json declares torch_dtype "
+                f"{cfg.get('torch_dtype') or cfg.get('dtype')}")
+    return None
+
+
+def check_checkpoint(model, tensors: dict[str, TensorInfo], block: tuple[int, int] | None,
+                     cfg: dict | None = None) -> None:
+    """One error naming every missing, unexpected, mis-shaped and mis-typed tensor, before anything is read."""
     targets = model.checkpoint_targets(tensors)   # the tensor names pick each MoE layer's expert layout
     missing = sorted(set(targets) - set(tensors))
     problems, unexpected = [], []
     for name, info in tensors.items():
         if name in targets:
             param, index = targets[name]
-            want = tuple(_dest(model, param, index).shape)
+            dest = _dest(model, param, index)
+            want = tuple(dest.shape)
             have = tuple(model.arrange_checkpoint_tensor(name, torch.empty(info.shape, device="meta")).shape)
             if have != want:
                 shown = (list(info.shape) if have == tuple(info.shape)
                          else f"{list(info.shape)} (arranged {list(have)})")
                 problems.append(f"{name} has shape {shown}, expected {list(want)}")
+            typed = _dtype_problem(name, info, dest, cfg or {})
+            if typed:
+                problems.append(typed)
             if info.dtype.startswith("F8"):
                 scale = tensors.get(name + SCALE_SUFFIX)
                 if block is None:
@@ -87,16 +116,101 @@ def _dest(model, param: str, index) -> torch.Tensor:
     return t if index is None else t[index]
 
 
+def check_layers(args, cfg: dict, tensors: dict[str, TensorInfo], path) -> None:
+    """The checkpoint's decoder layers against num_hidden_layers, from the names alone (so a config claiming
+    a million layers fails at once): none missing, none beyond, except multi-token-prediction layers
+    (DeepSeek's num_nextn_predict_layers, which inference does not use)."""
+    n, extra = args.num_hidden_layers, cfg.get("num_nextn_predict_layers") or 0
+    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+        raise MoeEngineError(f"config.json in {path} has a bad value (num_nextn_predict_layers={extra!r} must be "
+                             "an integer >= 0); fix config.json")
+    first: dict[int, str] = {}
+    for name in tensors:
+        m = _LAYER.match(name)
+        if m:
+            first.setdefault(int(m[1]), name)
+    if not first:
+        return
+    beyond = sorted(i for i in first if i >= n + extra)
+    if beyond:
+        raise MoeEngineError(f"checkpoint tensor {first[beyond[0]]} belongs to layer {beyond[0]}, but config.json "
+                             f"in {path} has num_hidden_layers={n}"
+                             f"{f' (+{extra} num_nextn_predict_layers)' if extra else ''}; fix num_hidden_layers "
+                             "or use the config.json that came with these weights")
+    absent = next((i for i in range(n) if i not in first), n)
+    if absent < n:
+        held = sum(1 for i in first if i < n)
+        raise MoeEngineError(f"config.json in {path} has num_hidden_layers={n} but the checkpoint holds tensors "
+                             f"for {held} layer(s) (none for layer {absent}); fix num_hidden_layers or finish "
+                             "the download")
+
+
+def _same_values(a: TensorInfo, b: TensorInfo, a_name: str, b_name: str, rows: int = 4096) -> bool:
+    if a.shape != b.shape:
+        return False
+    with safe_open(a.file, framework="pt") as fa, safe_open(b.file, framework="pt") as fb:
+        sa, sb = fa.get_slice(a_name), fb.get_slice(b_name)
+        for start in range(0, a.shape[0] if a.shape else 1, rows):   # row chunks: two embeddings never whole
+            if not torch.equal(sa[start:start + rows].float(), sb[start:start + rows].float()):
+                return False
+    return True
+
+
+def untie_separate_head(args, tensors: dict[str, TensorInfo], path):
+    """As transformers 5 does: a config that ties the embeddings while the checkpoint holds its own,
+    different lm_head.weight is wrong about the checkpoint, so the head is loaded untied (with a warning)."""
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    if not getattr(args, "tie_word_embeddings", False) or head not in tensors or embed not in tensors:
+        return args
+    if _same_values(tensors[head], tensors[embed], head, embed):
+        return args
+    warnings.warn(f"config.json in {path} ties the embeddings (tie_word_embeddings: true) but the checkpoint "
+                  f"holds its own, different {head}: loading it as an untied LM head, as transformers does; "
+                  "set tie_word_embeddings to false in config.json to silence this", stacklevel=3)
+    return dataclasses.replace(args, tie_word_embeddings=False)
+
+
+def _build(model_cls, args, dtype, device, path, model_kwargs):
+    try:
+        with torch.device(device):
+            return model_cls(args, dtype=dtype, **model_kwargs)
+    except (TypeError, ValueError, KeyError) as e:
+        # Unsupported or malformed values (rope_scaling, scoring_func, n_group, ...) surface while building.
+        raise MoeEngineError(f"cannot build the {args.model_type} model from config.json in {path} "
+                             f"({type(e).__name__}: {e}); fix config.json") from None
+
+
+class _Holding:
+    """Which weights are held quantized, and how: quantized at load (quant), a compressed-tensors checkpoint
+    (packed), or an FP8 block-scaled checkpoint kept in FP8 (block without quant)."""
+
+    def __init__(self, quant, packed, block, tensors):
+        self.quant, self.packed, self.block, self.tensors = quant, packed, block, tensors
+        self.active = quant is not None or packed is not None or block is not None
+
+    def apply(self, model, targets: dict, where, device) -> None:
+        """Swap the quantized weights in on `where` (the meta device for the preflight); device: the one
+        the model will run on (MPS keeps no FP8)."""
+        if self.quant is not None:
+            quantize_weights(model, self.quant, where)
+        elif self.packed is not None:
+            self.packed.prepare(model, targets, where)
+        elif self.block is not None and torch.device(device).type != "mps":
+            keep_fp8(model, targets, self.tensors, self.block, SCALE_SUFFIX, where)
+
+
 def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.dtype,
-               progress: bool = False, quant: QuantSpec | None = None, **model_kwargs):
+               progress: bool = False, quant: QuantSpec | None = None, engine=None, **model_kwargs):
     """(model on device in dtype, config dict). Peak memory: the model plus one tensor in float32. quant:
-    the weights it selects are held quantized, each quantized as it is read (moe_engine.quantize)."""
+    the weights it selects are held quantized, each quantized as it is read (moe_engine.quantize).
+    engine: the EngineConfig the model will run under, for the memory preflight's KV cache (None: weights)."""
     path, cfg = read_config(model_dir)
     args_cls, model_cls = model_family(cfg.get("model_type"))
     try:
         args = args_cls.from_hf_config(cfg)
     except (TypeError, ValueError) as e:
-        raise MoeEngineError(f"config.json in {path} has a bad value ({e}); fix config.json") from None
+        raise MoeEngineError(f"config.json in {path} has a bad value ({type(e).__name__}: {e}); "
+                             "fix config.json") from None
     accepted = inspect.signature(model_cls).parameters
     unknown = sorted(set(model_kwargs) - set(accepted))
     if unknown:
@@ -110,25 +224,24 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
     if packed is not None and quant is not None:
         raise MoeEngineError(f"{path} is already quantized (compressed-tensors); load it without quantization=")
     block = fp8_block_size(cfg) if packed is None else None
-    try:
-        # Quantized, the model is built on the CPU (its empty tensors take no memory until written) and moved
-        # once the quantized weights replace theirs: a GPU never holds the full-precision model.
-        with torch.device("cpu" if quant is not None or packed is not None or block is not None else device):
-            model = model_cls(args, dtype=dtype, **model_kwargs)
-    except (TypeError, ValueError, KeyError) as e:
-        # Unsupported or malformed values (rope_scaling, scoring_func, n_group, ...) surface while building.
-        raise MoeEngineError(f"cannot build the {args.model_type} model from config.json in {path} "
-                             f"({type(e).__name__}: {e}); fix config.json") from None
-    check_checkpoint(model, packed.tensors if packed else tensors, block)
-    targets = model.checkpoint_targets(packed.tensors if packed else tensors)
-    kept = block is not None and quant is None      # an FP8 checkpoint loaded as it is: held in FP8
-    if quant is not None or packed is not None or kept:
-        if quant is not None:
-            quantize_weights(model, quant, device)
-        elif packed is not None:
-            packed.prepare(model, targets, device)
-        else:
-            keep_fp8(model, targets, tensors, block, SCALE_SUFFIX, device)
+    logical = packed.tensors if packed else tensors
+    check_layers(args, cfg, logical, path)
+    args = untie_separate_head(args, logical, path)
+    held = _Holding(quant, packed, block, tensors)
+    # Everything is checked on a meta-device model (shapes, no memory) before the real one is allocated; the
+    # memory preflight counts the weights as they will be held (quantized ones in their quantized form).
+    shape_model = _build(model_cls, args, dtype, "meta", path, model_kwargs)
+    check_checkpoint(shape_model, logical, block, cfg)
+    largest = max((math.prod(t.shape) for t in tensors.values()), default=0)
+    held.apply(shape_model, shape_model.checkpoint_targets(logical), "meta", device)
+    check_memory(shape_model, torch.device(device), dtype, engine, largest, available_bytes(torch.device(device)))
+    del shape_model
+    # Quantized, the model is built on the CPU (its empty tensors take no memory until written) and moved
+    # once the quantized weights replace theirs: a GPU never holds the full-precision model.
+    model = _build(model_cls, args, dtype, "cpu" if held.active else device, path, model_kwargs)
+    targets = model.checkpoint_targets(logical)
+    if held.active:
+        held.apply(model, targets, device, device)
         model.to(device)
     bar = tqdm(total=len(targets), desc=f"loading {path.name}", unit="tensor", disable=not progress,
                leave=False)

@@ -1,19 +1,75 @@
 """Tokenizers behind one interface: sentencepiece `tokenizer.model` or `tokenizer.json` (tokenizers
-library), with special tokens and the chat template from tokenizer_config.json."""
+library), with special tokens and the chat template from tokenizer_config.json (or chat_template.jinja).
+A broken side file is a one-line MoeEngineError naming the file and what is wrong with it."""
 
 import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
+from moe_engine.chat_template import LimitedEnvironment, compile_template
+from moe_engine.checkpoint import read_text
 from moe_engine.errors import MoeEngineError
 
 
 def _token_text(value) -> str | None:
     """tokenizer_config stores special tokens as strings or as {"content": ...} objects."""
     return value.get("content") if isinstance(value, dict) else value
+
+
+def read_json(path: Path) -> dict:
+    """A side file's JSON object ({} when the file is absent)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise MoeEngineError(f"{path} is not valid JSON ({e}); re-download it") from None
+    if not isinstance(data, dict):
+        raise MoeEngineError(f"{path} should hold a JSON object, not a {type(data).__name__}; re-download it")
+    return data
+
+
+def _check_tokenizer_config(path: Path, cfg: dict) -> None:
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        v = cfg.get(key)
+        if v is not None and not isinstance(_token_text(v), str):
+            raise MoeEngineError(f"{path} has a bad {key} {v!r}: it must be a string or an object with a string "
+                                 "\"content\"; fix or re-download the file")
+    for key in ("add_bos_token", "add_eos_token"):
+        if key in cfg and cfg[key] is not None and not isinstance(cfg[key], bool):
+            raise MoeEngineError(f"{path} has {key}={cfg[key]!r}; it must be true or false")
+
+
+def _pick_template(path: Path, cfg: dict) -> tuple[str | None, str]:
+    """(the chat template, where it came from): chat_template.jinja first (transformers 5 writes it),
+    then tokenizer_config.json's chat_template, a string or a list of {name, template} (the "default")."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return read_text(jinja), str(jinja)
+    source, value = str(path / "tokenizer_config.json"), cfg.get("chat_template")
+    if value is None or isinstance(value, str):
+        return value, source
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        named = {t["name"]: t["template"] for t in value}
+        if "default" in named:
+            return named["default"], source
+        raise MoeEngineError(f"{source} has named chat templates ({', '.join(sorted(named))}) but none named "
+                             "\"default\"; name one default")
+    raise MoeEngineError(f"{source} has a bad chat_template (a {type(value).__name__}): it must be a string or a "
+                         "list of {\"name\", \"template\"} objects; fix or re-download the file")
+
+
+def _special_id(value, source: str, key: str, vocab: int | None) -> None:
+    """Each id of a bos/eos setting: an integer inside the model's vocabulary."""
+    for i in value if isinstance(value, list) else [value]:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise MoeEngineError(f"{source} has a bad {key} {value!r}: it must be a token id (an integer) or a "
+                                 "list of them; fix the file")
+        if i < 0 or (vocab is not None and i >= vocab):
+            raise MoeEngineError(f"{source} has {key} {i}, outside the model's vocabulary [0, {vocab}); fix the "
+                                 "file (the id is the tokenizer's, not the prompt's)")
 
 
 class Tokenizer(ABC):
@@ -23,11 +79,20 @@ class Tokenizer(ABC):
     eos_ids: set[int]
 
     def __init__(self, path: Path, model_cfg: dict):
-        cfg_path = path / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        self.chat_template = self.config.get("chat_template")
+        self.path = path
+        self.config = read_json(path / "tokenizer_config.json")
+        _check_tokenizer_config(path / "tokenizer_config.json", self.config)
+        self.chat_template, self.template_source = _pick_template(path, self.config)
+        self._env = self._template = None
         gen_path = path / "generation_config.json"
-        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        gen = read_json(gen_path)
+        vocab = model_cfg.get("vocab_size")
+        vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+        for key in ("eos_token_id", "bos_token_id"):
+            source = gen_path if gen.get(key) is not None else path / "config.json"
+            value = gen.get(key, model_cfg.get(key))
+            if value is not None:
+                _special_id(value, str(source), key, vocab)
         eos = gen.get("eos_token_id", model_cfg.get("eos_token_id"))
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.bos_id = gen.get("bos_token_id", model_cfg.get("bos_token_id"))
@@ -83,17 +148,25 @@ class Tokenizer(ABC):
         if not self.chat_template:
             lines = [f"{m['role']}: {m['content']}" for m in messages]
             return "\n".join(lines) + ("\nassistant:" if add_generation_prompt else "")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.special_text("bos_token"), eos_token=self.special_text("eos_token"))
+        if self._template is None:      # compiled once; a syntax error names the file
+            self._env = LimitedEnvironment()
+            self._template = compile_template(self._env, self.chat_template, self.template_source)
+        return self._env.render(self._template, self.template_source, messages=messages, tools=None,
+                                documents=None, add_generation_prompt=add_generation_prompt,
+                                bos_token=self.special_text("bos_token"), eos_token=self.special_text("eos_token"))
 
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: Path, model_cfg: dict):
         import sentencepiece
         super().__init__(path, model_cfg)
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+        file = path / "tokenizer.model"
+        read_text_check(file)
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(file))
+        except Exception as e:    # sentencepiece raises OSError / RuntimeError for a damaged file
+            raise MoeEngineError(f"{file} is not a valid sentencepiece model ({_first_line(e)}); "
+                                 "re-download it") from None
         if self.bos_id is None and self.sp.bos_id() >= 0:
             self.bos_id = self.sp.bos_id()
         if not self.eos_ids and self.sp.eos_id() >= 0:
@@ -114,7 +187,12 @@ class HFTokenizer(Tokenizer):
     def __init__(self, path: Path, model_cfg: dict):
         from tokenizers import Tokenizer as Backend
         super().__init__(path, model_cfg)
-        self.tk = Backend.from_file(str(path / "tokenizer.json"))
+        file = path / "tokenizer.json"
+        read_text_check(file)
+        try:
+            self.tk = Backend.from_file(str(file))
+        except Exception as e:    # the tokenizers library raises a bare Exception for a bad file
+            raise MoeEngineError(f"{file} is not a valid tokenizer.json ({_first_line(e)}); re-download it") from None
         self.vocab_size = self.tk.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
@@ -123,6 +201,20 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode(ids, skip_special_tokens=True)
+
+
+def read_text_check(file: Path) -> None:
+    """An unreadable tokenizer file says so (permission denied) before a library calls it damaged."""
+    try:
+        with open(file, "rb") as fh:
+            fh.read(1)
+    except PermissionError:
+        raise MoeEngineError(f"cannot read {file}: permission denied; make it readable (chmod a+r)") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
 
 
 def load_tokenizer(path: Path, model_cfg: dict) -> Tokenizer | None:
