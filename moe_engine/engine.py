@@ -47,7 +47,8 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[tuple[Sequence, int]]:
-        """One forward over the scheduled batch; (sequence, new token) for each that produced one."""
+        """One forward over the scheduled batch; (sequence, new token) for each that produced one, and
+        (sequence, None) for one whose sampling or text failed: it alone ends, finish_reason "error"."""
         batch = self.scheduler.schedule()
         if not batch:
             if self.has_work():   # never spin: a stuck queue is a bug to report, not a hang
@@ -58,17 +59,29 @@ class Engine:
         logits, greedy = self.forward(batch)                                 # [N, V], N = len(sampled)
         produced = []
         for seq, token in zip(sampled, self.sample(logits, sampled, greedy)):
-            seq.output_ids.append(token)
-            self._check_finished(seq, token)
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                seq.output_ids.append(token)
+                self._check_finished(seq, token)
+            except Exception as e:          # this request alone fails; the rest of the batch goes on
+                self.fail(seq, e)
+                token = None
             if seq.finished:
                 self.scheduler.finish(seq)
             produced.append((seq, token))
         return produced
 
+    def fail(self, seq: Sequence, error: Exception) -> None:
+        """End one request with finish_reason "error" and the reason (its blocks are freed by the caller)."""
+        seq.finish_reason = "error"
+        seq.error = f"request failed while generating: {type(error).__name__}: {' '.join(str(error).split())}"
+
     @staticmethod
-    def sample(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None) -> list[int]:
+    def sample(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None
+               ) -> list[int | Exception]:
         """Next token per row of logits [N, V]: plain greedy rows in one argmax (or from `greedy` [N], the
-        argmax the step took already), the rest one by one."""
+        argmax the step took already), the rest one by one; a row whose sampling failed gets the exception."""
         plain = [s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs]
         if not any(plain):
             tokens = [0] * len(seqs)
@@ -76,7 +89,10 @@ class Engine:
             tokens = (greedy if greedy is not None else logits.argmax(-1)).tolist()
         for i, seq in enumerate(seqs):
             if not plain[i]:
-                tokens[i] = sample_token(logits[i], seq.params, seq.all_ids, seq.generator)
+                try:
+                    tokens[i] = sample_token(logits[i], seq.params, seq.all_ids, seq.generator)
+                except Exception as e:
+                    tokens[i] = e
         return tokens
 
     def forward(self, batch: ScheduledBatch) -> StepOutput:
@@ -110,12 +126,12 @@ class Engine:
         live_text = self.tokenizer is not None and (p.stop or seq.streaming)
         if live_text:
             self._extend_text(seq)
-            for stop in p.stop:
-                cut = seq.text.find(stop)
-                if cut >= 0:
-                    seq.text = seq.text[:cut]
-                    seq.finish_reason = "stop"
-                    return
+            # The stop string that starts first in the text wins, whatever its place in the list.
+            cuts = [cut for cut in (seq.text.find(stop) for stop in p.stop) if cut >= 0]
+            if cuts:
+                seq.text = seq.text[:min(cuts)]
+                seq.finish_reason = "stop"
+                return
         if token in self.eos_ids and not p.ignore_eos:
             seq.finish_reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= seq.max_len:
