@@ -138,6 +138,7 @@ class LLM:
         return seq
 
     def _encode(self, prompt: str) -> list[int]:
+        check_text("prompt", prompt)
         return require_tokenizer(self.tokenizer, self.path).encode(prompt)
 
     def _prompt_ids(self, prompt, text_ok: bool = True) -> list:
@@ -360,7 +361,17 @@ def _conversations(messages) -> list[list[dict]]:
         for m in c:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise MoeEngineError(f"{how}; each message needs text role and content, got {str(m)[:60]}")
+            check_text("message content", m["content"])
     return [list(c) for c in conversations]
+
+
+def check_text(what: str, text: str) -> None:
+    """Refuse lone surrogates (bytes that were not UTF-8, smuggled in by surrogateescape): no tokenizer
+    can encode them."""
+    bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+    if bad is not None:
+        raise MoeEngineError(f"{what} is not valid text: a lone surrogate {text[bad]!r} at character {bad} "
+                             "(bytes that were not UTF-8?); give UTF-8 text")
 
 
 def _check_bool(name: str, value) -> None:

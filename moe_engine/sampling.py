@@ -61,7 +61,8 @@ class SamplingParams:
              "a number > 0 (1 = off)"),
             ("seed", self.seed is None or _integer(self.seed) and 0 <= self.seed < SEED_LIMIT,
              "None or an integer in [0, 2**64) (larger or negative seeds would alias others)"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+            ("stop", all(isinstance(s, str) and s and not any("\ud800" <= c <= "\udfff" for c in s)
+                         for s in self.stop), "non-empty strings of valid text (no lone surrogates)"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "True or False"),
         ]
         for name, ok, allowed in checks:
