@@ -273,6 +273,7 @@ class LLM:
         """`with llm.trace_routing() as trace:` records each MoE layer's top-k experts and weights (and with
         scores=True the router logits) for every token processed inside; see moe_engine.routing.Trace."""
         from moe_engine.routing import trace_routing
+        _check_bool("trace_routing scores", scores)
         return trace_routing(self, scores)
 
     def override_routing(self, top_k: int | None = None, disabled_experts: dict[int, list[int]] | None = None,

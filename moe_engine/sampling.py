@@ -98,7 +98,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: flo
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor | None:
     """float64 CPU logits / temperature, shifted so the best is 0: never inf or NaN whatever the values
     (a NaN logit is never drawn; +inf ones share all the mass). None when every token is -inf/NaN."""
-    logits = torch.nan_to_num(logits.detach().to("cpu", torch.float64), nan=-math.inf, posinf=math.inf)
+    logits = torch.nan_to_num(logits.detach().to("cpu", torch.float64), nan=-math.inf, posinf=math.inf,
+                              neginf=-math.inf)
     top = logits.max()
     if top == -math.inf:
         return None
@@ -120,12 +121,14 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, seen: list[int],
     if params.top_k:
         kth = scaled.topk(min(params.top_k, scaled.numel())).values[-1]
         scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    if params.min_p > 0:     # p < min_p * p_max, in log space: exact even where the probabilities all round equal
+        scaled = scaled.masked_fill(scaled < math.log(params.min_p), -math.inf)
     probs = scaled.softmax(-1)                                         # the best token has mass > 0
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        # Ranked by the logits (probabilities of a huge temperature tie), keep the smallest prefix whose
+        # mass reaches top_p; the first token always stays.
+        order = scaled.argsort(descending=True, stable=True)
+        sorted_probs = probs[order]
         drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p * sorted_probs.sum()
         drop[0] = False
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
