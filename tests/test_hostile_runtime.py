@@ -66,8 +66,10 @@ def test_generate_during_a_stream_keeps_the_streams_tail(llm):
     assert_clean(llm)
 
 
-def test_interleaved_streams_each_give_their_solo_text(llm):
-    short, long = SamplingParams(max_tokens=5, ignore_eos=True), SamplingParams(max_tokens=20, ignore_eos=True)
+@pytest.mark.parametrize("short_tokens", [5, 6])     # the short stream ends in its own step, or in the other's
+def test_interleaved_streams_each_give_their_solo_text(llm, short_tokens):
+    short = SamplingParams(max_tokens=short_tokens, ignore_eos=True)
+    long = SamplingParams(max_tokens=20, ignore_eos=True)
     want_a, want_b = solo(llm, "class Stack:", short).text, solo(llm, "import os\n", long).text
     a, b = llm.stream("class Stack:", short), llm.stream("import os\n", long)
     got = {"a": [], "b": []}
