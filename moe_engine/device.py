@@ -6,6 +6,7 @@ from moe_engine.errors import MoeEngineError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+RUN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -36,7 +37,10 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float16 if device.type == "mps" else torch.float32
     if isinstance(dtype, torch.dtype):
+        if dtype not in RUN_DTYPES:      # integer, bool, complex or float8: no run dtype for the model's math
+            raise MoeEngineError(f"dtype {dtype} cannot run the model; use torch.float32, torch.bfloat16 or "
+                                 "torch.float16 (or the strings float32, bfloat16, float16)")
         return dtype
-    if dtype not in DTYPES:
-        raise MoeEngineError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise MoeEngineError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} (or a torch float dtype)")
     return DTYPES[dtype]

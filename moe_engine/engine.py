@@ -47,7 +47,8 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[tuple[Sequence, int]]:
-        """One forward over the scheduled batch; (sequence, new token) for each that produced one."""
+        """One forward over the scheduled batch; (sequence, new token) for each that produced one, and
+        (sequence, None) for one whose sampling or text failed: it alone ends, finish_reason "error"."""
         batch = self.scheduler.schedule()
         if not batch:
             if self.has_work():   # never spin: a stuck queue is a bug to report, not a hang
@@ -58,20 +59,32 @@ class Engine:
         logits, greedy = self.forward(batch)                                 # [N, V], N = len(sampled)
         tokens = self.sample(logits, sampled, greedy)
         if any(s.logprobs is not None for s in sampled):
-            self._record_logprobs(logits, sampled, tokens)
+            self._record_logprobs(logits, sampled, tokens)      # a failed sample (an Exception) records nothing
         produced = []
         for seq, token in zip(sampled, tokens):
-            seq.output_ids.append(token)
-            self._check_finished(seq, token)
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                seq.output_ids.append(token)
+                self._check_finished(seq, token)
+            except Exception as e:          # this request alone fails; the rest of the batch goes on
+                self.fail(seq, e)
+                token = None
             if seq.finished:
                 self.scheduler.finish(seq)
             produced.append((seq, token))
         return produced
 
+    def fail(self, seq: Sequence, error: Exception) -> None:
+        """End one request with finish_reason "error" and the reason (its blocks are freed by the caller)."""
+        seq.finish_reason = "error"
+        seq.error = f"request failed while generating: {type(error).__name__}: {' '.join(str(error).split())}"
+
     @staticmethod
-    def sample(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None) -> list[int]:
+    def sample(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None
+               ) -> list[int | Exception]:
         """Next token per row of logits [N, V]: plain greedy rows in one argmax (or from `greedy` [N], the
-        argmax the step took already), the rest one by one."""
+        argmax the step took already), the rest one by one; a row whose sampling failed gets the exception."""
         plain = [s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs]
         if not any(plain):
             tokens = [0] * len(seqs)
@@ -79,14 +92,19 @@ class Engine:
             tokens = (greedy if greedy is not None else logits.argmax(-1)).tolist()
         for i, seq in enumerate(seqs):
             if not plain[i]:
-                tokens[i] = sample_token(logits[i], seq.params, seq.all_ids, seq.generator)
+                try:
+                    tokens[i] = sample_token(logits[i], seq.params, seq.all_ids, seq.generator)
+                except Exception as e:
+                    tokens[i] = e
         return tokens
 
     @staticmethod
     def _record_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> None:
         """Each chosen token's log-probability under the model (before sampling settings) and the
         likeliest alternatives, for the sequences that asked (seq.logprobs = how many alternatives)."""
-        rows = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        rows = [i for i, s in enumerate(seqs) if s.logprobs is not None and not isinstance(tokens[i], Exception)]
+        if not rows:
+            return
         logp = torch.log_softmax(logits[rows].float(), -1)                           # [R, V]
         chosen = logp.gather(1, torch.tensor([tokens[i] for i in rows], device=logp.device)[:, None])[:, 0]
         top = max(seqs[i].logprobs for i in rows)
@@ -127,12 +145,12 @@ class Engine:
         live_text = self.tokenizer is not None and (p.stop or seq.streaming)
         if live_text:
             self._extend_text(seq)
-            for stop in p.stop:
-                cut = seq.text.find(stop)
-                if cut >= 0:
-                    seq.text = seq.text[:cut]
-                    seq.finish_reason = "stop"
-                    return
+            # The stop string that starts first in the text wins, whatever its place in the list.
+            cuts = [cut for cut in (seq.text.find(stop) for stop in p.stop) if cut >= 0]
+            if cuts:
+                seq.text = seq.text[:min(cuts)]
+                seq.finish_reason = "stop"
+                return
         if token in self.eos_ids and not p.ignore_eos:
             seq.finish_reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= seq.max_len:

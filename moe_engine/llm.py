@@ -48,6 +48,10 @@ class LLM:
         """kwargs: EngineConfig's fields (block_size, num_kv_blocks, kv_cache_bytes, gpu_memory_utilization,
         max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, cuda_graphs, compile),
         or a whole `config`; any other keyword goes to the model (e.g. absorb="never" for MLA)."""
+        if not isinstance(model, (str, os.PathLike)):
+            raise MoeEngineError(f"model must be a folder path (str or Path), got {type(model).__name__}; "
+                                 "for a model object use LLM.from_model")
+        _check_bool("progress", progress)
         config, model_kwargs = _engine_config(config, kwargs)
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
@@ -65,11 +69,17 @@ class LLM:
         if extra:
             raise MoeEngineError(f"unknown engine setting(s) {', '.join(sorted(extra))} for LLM.from_model; "
                                  "see moe_engine.EngineConfig")
+        param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        if param is None:
+            raise MoeEngineError(f"LLM.from_model takes a built model (a torch.nn.Module with weights), got "
+                                 f"{type(model).__name__}; for a checkpoint folder use LLM(path)")
+        if param.device.type == "meta":
+            raise MoeEngineError("LLM.from_model: the model's weights are on the meta device (shapes, no values); "
+                                 "load or initialise them on a real device first (e.g. model.to_empty(device='cpu'))")
         if config.quantization is not None:
             raise MoeEngineError("LLM.from_model takes the model as built; quantization= applies when loading a "
                                  "checkpoint: LLM(model_dir, quantization=...)")
         llm = cls.__new__(cls)
-        param = next(model.parameters())
         if config.compile:
             check_compile(param.device)
         llm._setup(model, {}, Path("<in-memory>"), tokenizer, param.device, param.dtype, config)
@@ -137,15 +147,21 @@ class LLM:
         return seq
 
     def _encode(self, prompt: str) -> list[int]:
+        check_text("prompt", prompt)
         return require_tokenizer(self.tokenizer, self.path).encode(prompt)
 
-    def _prompt_ids(self, prompt) -> list:
+    def _prompt_ids(self, prompt, text_ok: bool = True) -> list:
         """Text -> token ids; a sequence of ids -> a list of them (checked by _new_sequence)."""
         if isinstance(prompt, str):
+            if not text_ok:
+                raise MoeEngineError(f"prompt_token_ids holds text ({prompt[:20]!r}), not token ids; "
+                                     "pass text as prompts=..., or lists of ints as prompt_token_ids")
             return self._encode(prompt)
         if isinstance(prompt, (list, tuple, torch.Tensor)) or hasattr(prompt, "__array__"):
-            return list(prompt)
-        raise MoeEngineError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
+            return _token_list(prompt, "prompt token ids")
+        raise MoeEngineError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}"
+                             + ("; decode bytes to str first" if isinstance(prompt, (bytes, bytearray)) else
+                                "; for one token id pass [id] as prompt_token_ids" if _is_integer(prompt) else ""))
 
     def generate(self, prompts: str | list[str] | None = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -157,8 +173,11 @@ class LLM:
             raise MoeEngineError("give either prompts or prompt_token_ids")
         if isinstance(prompts, str):
             prompts = [prompts]
-        if prompt_token_ids is not None and len(prompt_token_ids) and _is_integer(prompt_token_ids[0]):
-            prompt_token_ids = [prompt_token_ids]          # one prompt given as a flat sequence of ids
+        if prompts is not None and not isinstance(prompts, (list, tuple)):
+            raise MoeEngineError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}"
+                                 + ("; pass list(...) of it" if isinstance(prompts, Iterator) else ""))
+        if prompt_token_ids is not None:
+            prompt_token_ids = _token_batch(prompt_token_ids)
         n = len(prompts) if prompts is not None else len(prompt_token_ids)
         if n == 0:
             return []
@@ -175,7 +194,7 @@ class LLM:
         for source, p in zip(sources, params):
             ids = []
             try:
-                ids = self._prompt_ids(source)
+                ids = self._prompt_ids(source, text_ok=prompts is not None)
                 seqs.append(self._new_sequence(ids, p))
             except MoeEngineError as e:
                 seqs.append(e)
@@ -189,14 +208,14 @@ class LLM:
                 outputs.append(RequestOutput(-1, text, list(ids), "", [], "error", str(s)))
             else:
                 outputs.append(RequestOutput(s.request_id, text, s.prompt_ids, s.text, s.output_ids,
-                                             s.finish_reason, num_preemptions=s.num_preemptions))
+                                             s.finish_reason, s.error, num_preemptions=s.num_preemptions))
         return outputs
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None) -> list[RequestOutput]:
         """Answer one conversation ([{"role": ..., "content": ...}, ...]) or a list of them, each rendered
         through the model's chat template; one RequestOutput per conversation."""
         tokenizer = require_tokenizer(self.tokenizer, self.path)
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = _conversations(messages)
         return self.generate(prompt_token_ids=[tokenizer.encode_chat(c) for c in conversations],
                              sampling_params=sampling_params)
 
@@ -216,19 +235,28 @@ class LLM:
                ) -> Iterator[str]:
         """Yield the generated text piece by piece as tokens arrive. Closing the generator early
         (or Ctrl-C) cancels the request and frees its cache blocks."""
+        if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
+            raise MoeEngineError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
         seq = self._new_sequence(self._prompt_ids(prompt), sampling_params or SamplingParams())
         ids = seq.prompt_ids
         seq.streaming = True
         self.last_stats = stats = {"prompt_tokens": len(ids), "generated_tokens": 0, "seconds": 0.0}
         start, sent = time.perf_counter(), 0
         try:
-            while not seq.finished:
-                self.engine.step()
+            # Text first, then a step: whoever else steps the engine meanwhile (a generate, another
+            # stream) may have moved this sequence on, or finished it; its text is shown all the same.
+            while True:
                 stats["generated_tokens"] = len(seq.output_ids)
                 ready = len(seq.text) if seq.finished else _stable_len(seq.text, seq.params.stop)
                 if ready > sent:
                     yield seq.text[sent:ready]
                     sent = ready
+                    continue            # the caller may have stepped the engine while it held the piece
+                if seq.finished:
+                    break
+                self.engine.step()
+            if seq.finish_reason == "error":
+                raise MoeEngineError(seq.error)
         finally:
             stats["seconds"] = time.perf_counter() - start
             if not seq.finished:
@@ -237,7 +265,7 @@ class LLM:
 
     def prompt_logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """float32 [T, vocab]: the next-token logits at every position of one sequence (a fresh cache)."""
-        ids = [int(t) for t in token_ids]
+        ids = [int(t) for t in _token_list(token_ids, "prompt_logits token ids")]
         if not ids or len(ids) > self.max_model_len or not all(0 <= t < self.model.args.vocab_size for t in ids):
             raise MoeEngineError(f"prompt_logits takes 1..{self.max_model_len} token ids in "
                                  f"[0, {self.model.args.vocab_size}); check the input")
@@ -254,6 +282,7 @@ class LLM:
         """`with llm.trace_routing() as trace:` records each MoE layer's top-k experts and weights (and with
         scores=True the router logits) for every token processed inside; see moe_engine.routing.Trace."""
         from moe_engine.routing import trace_routing
+        _check_bool("trace_routing scores", scores)
         return trace_routing(self, scores)
 
     def override_routing(self, top_k: int | None = None, disabled_experts: dict[int, list[int]] | None = None,
@@ -292,6 +321,72 @@ def _is_integer(t) -> bool:
     if isinstance(t, torch.Tensor):
         return t.ndim == 0 and not t.is_floating_point() and t.dtype != torch.bool
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
+def _token_list(ids, what: str) -> list:
+    """A 1-d sequence of token ids (list, tuple, tensor, array) -> a list; refuses what has no integer
+    values to give (a meta tensor, floats, text, nesting) with a line naming `what`."""
+    if isinstance(ids, str):
+        raise MoeEngineError(f"{what} must be integers, got text {ids[:20]!r}; encode it first or pass it as a prompt")
+    if isinstance(ids, torch.Tensor):
+        if ids.device.type == "meta":
+            raise MoeEngineError(f"{what} are a meta tensor (a shape without values); pass a tensor with values")
+        if ids.ndim != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise MoeEngineError(f"{what} must be a 1-d integer tensor, got {ids.dtype} of shape {list(ids.shape)}")
+        return ids.tolist()
+    if not isinstance(ids, (list, tuple)) and not hasattr(ids, "__array__"):
+        raise MoeEngineError(f"{what} must be a list of integers, got {type(ids).__name__}")
+    ids = list(ids)
+    if not all(_is_integer(t) for t in ids):
+        raise MoeEngineError(f"{what} must be integers, got {[type(t).__name__ for t in ids][:3]}; "
+                             "pass text as prompts or lists of ints as prompt_token_ids")
+    return ids
+
+
+def _token_batch(batch) -> list:
+    """prompt_token_ids: one flat sequence of ids or a list of them -> a list of per-prompt sources."""
+    if isinstance(batch, str) or not (isinstance(batch, (list, tuple, torch.Tensor)) or hasattr(batch, "__array__")):
+        raise MoeEngineError(f"prompt_token_ids must be a list of token ids or a list of such lists, got "
+                             f"{type(batch).__name__}" + ("; pass text as prompts=..." if isinstance(batch, str) else ""))
+    if isinstance(batch, torch.Tensor) and batch.device.type == "meta":
+        raise MoeEngineError("prompt_token_ids are a meta tensor (a shape without values); pass a tensor with values")
+    if isinstance(batch, torch.Tensor) and batch.ndim == 1:
+        return [batch]
+    if len(batch) and _is_integer(batch[0]):
+        return [batch]                       # one prompt given as a flat sequence of ids
+    return list(batch)
+
+
+def _conversations(messages) -> list[list[dict]]:
+    """chat's argument: one conversation (a list of messages) or a list of them, each message a dict with
+    text "role" and "content"; anything else is refused naming what is wrong."""
+    how = 'chat takes a conversation [{"role": "user", "content": "..."}, ...] or a list of them'
+    if not isinstance(messages, (list, tuple)) or not messages:
+        got = "an empty list" if isinstance(messages, (list, tuple)) else type(messages).__name__
+        raise MoeEngineError(f"{how}, got {got}" + ("; for plain text use generate" if isinstance(messages, str) else ""))
+    conversations = [messages] if isinstance(messages[0], dict) else messages
+    for c in conversations:
+        if not isinstance(c, (list, tuple)) or not c:
+            raise MoeEngineError(f"{how}, got a {type(c).__name__ if c else 'empty conversation'} in it")
+        for m in c:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise MoeEngineError(f"{how}; each message needs text role and content, got {str(m)[:60]}")
+            check_text("message content", m["content"])
+    return [list(c) for c in conversations]
+
+
+def check_text(what: str, text: str) -> None:
+    """Refuse lone surrogates (bytes that were not UTF-8, smuggled in by surrogateescape): no tokenizer
+    can encode them."""
+    bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+    if bad is not None:
+        raise MoeEngineError(f"{what} is not valid text: a lone surrogate {text[bad]!r} at character {bad} "
+                             "(bytes that were not UTF-8?); give UTF-8 text")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise MoeEngineError(f"{name}={value!r}: must be True or False")
 
 
 def _engine_config(config: EngineConfig | None, kwargs: dict) -> tuple[EngineConfig, dict]:

@@ -8,26 +8,49 @@ import torch
 from moe_engine.errors import MoeEngineError
 
 
-@dataclass
+class StopList(list):
+    """SamplingParams.stop: a list that cannot change once validated (a new one goes through
+    dataclasses.replace(params, stop=[...]), which validates it again)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise MoeEngineError("SamplingParams.stop cannot be changed once made; "
+                             "use dataclasses.replace(params, stop=[...]) for other stop strings")
+
+    append = extend = insert = remove = pop = clear = sort = reverse = _refuse
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+
+    def __hash__(self):
+        return hash(tuple(self))
+
+    def __reduce__(self):              # copy/pickle rebuild it whole, not by append
+        return StopList, (list(self),)
+
+
+SEED_LIMIT = 1 << 64                   # torch generators take 64-bit seeds; a larger one would alias
+
+
+@dataclass(frozen=True)
 class SamplingParams:
+    """Validated when made and read-only after (dataclasses.replace makes a changed, validated copy)."""
     max_tokens: int = 64
     temperature: float = 0.0          # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0                    # 0 = off
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    seed: int | None = None
+    seed: int | None = None           # in [0, 2**64)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if self.stop is None:
-            self.stop = []
-        elif isinstance(self.stop, str):
-            self.stop = [self.stop]
-        elif not isinstance(self.stop, (list, tuple)):
-            raise MoeEngineError(f"bad sampling value stop={self.stop!r}: must be a string or a list of strings")
-        self.stop = list(self.stop)
+        stop = self.stop
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        elif not isinstance(stop, (list, tuple)):
+            raise MoeEngineError(f"bad sampling value stop={stop!r}: must be a string or a list of strings")
+        object.__setattr__(self, "stop", StopList(stop))
         checks = [
             ("max_tokens", _integer(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
             ("temperature", _finite(self.temperature) and self.temperature >= 0, "a number >= 0 (0 = greedy)"),
@@ -36,8 +59,11 @@ class SamplingParams:
             ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
             ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0,
              "a number > 0 (1 = off)"),
-            ("seed", self.seed is None or _integer(self.seed), "an integer or None"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+            ("seed", self.seed is None or _integer(self.seed) and 0 <= self.seed < SEED_LIMIT,
+             "None or an integer in [0, 2**64) (larger or negative seeds would alias others)"),
+            ("stop", all(isinstance(s, str) and s and not any("\ud800" <= c <= "\udfff" for c in s)
+                         for s in self.stop), "non-empty strings of valid text (no lone surrogates)"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "True or False"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -58,32 +84,54 @@ def _finite(x) -> bool:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
-    """CTRL-style: divide positive logits of seen tokens by the penalty, multiply negative ones."""
+    """CTRL-style: divide positive logits of seen tokens by the penalty, multiply negative ones (a zero
+    logit stays zero whatever the penalty, even one that rounds to 0 or inf in the logits' dtype)."""
     if penalty == 1.0 or not seen:
         return logits
     ids = torch.tensor(sorted(set(seen)), device=logits.device)
     picked = logits[ids]
     logits = logits.clone()
-    logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    logits[ids] = torch.where(picked > 0, picked / penalty, torch.where(picked < 0, picked * penalty, picked))
     return logits
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor | None:
+    """float64 CPU logits / temperature, shifted so the best is 0: never inf or NaN whatever the values
+    (a NaN logit is never drawn; +inf ones share all the mass). None when every token is -inf/NaN."""
+    logits = torch.nan_to_num(logits.detach().to("cpu", torch.float64), nan=-math.inf, posinf=math.inf,
+                              neginf=-math.inf)
+    top = logits.max()
+    if top == -math.inf:
+        return None
+    if top == math.inf:
+        return torch.where(logits == math.inf, 0.0, -math.inf)
+    return torch.where(logits == -math.inf, -math.inf, (logits - top) / temperature)
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, seen: list[int],
                  generator: torch.Generator | None) -> int:
-    """logits [V] float32 -> one token id."""
+    """logits [V] float32 -> one token id. Safe for every value SamplingParams accepts: a filter that
+    would drop every token keeps the likeliest one."""
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
-        return int(logits.argmax())
-    logits = logits / params.temperature
+        return int(torch.nan_to_num(logits, nan=-math.inf).argmax())
+    scaled = _scaled(logits, params.temperature)                       # [V] float64, max 0
+    if scaled is None:
+        return 0
     if params.top_k:
-        kth = logits.topk(min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        kth = scaled.topk(min(params.top_k, scaled.numel())).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    if params.min_p > 0:     # p < min_p * p_max, in log space: exact even where the probabilities all round equal
+        scaled = scaled.masked_fill(scaled < math.log(params.min_p), -math.inf)
+    probs = scaled.softmax(-1)                                         # the best token has mass > 0
     if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        # Ranked by the logits (probabilities of a huge temperature tie), keep the smallest prefix whose
+        # mass reaches top_p; the first token always stays.
+        order = scaled.argsort(descending=True, stable=True)
+        sorted_probs = probs[order]
         drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p * sorted_probs.sum()
+        drop[0] = False
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    if not (torch.isfinite(probs).all() and probs.sum() > 0):          # never expected; never a raise
+        return int(scaled.argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -203,6 +203,8 @@ def main(argv=None) -> int:
                    help="also time the batch's prompts one after another (default: on the CPU only)")
     p.add_argument("--out", default=str(REPO / "bench_results" / "decode.json"))
     a = p.parse_args(argv)
+    from moe_engine.cli import check_output_path
+    check_output_path(a.out, folder=False)          # before minutes of timing, not after
     device = pick_device(a.device)
     gpu = device.type == "cuda"
     models = (a.models or ("mixtral-8x7b,deepseek-v2-lite" if gpu else "tiny-mixtral,tiny-deepseek")).split(",")

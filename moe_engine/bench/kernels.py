@@ -259,6 +259,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32, help="sequences per decode-attention call")
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timed calls per measurement")
     args = p.parse_args(argv)
+    from moe_engine.cli import check_output_path
+    check_output_path(args.out, folder=False)       # before the measurements, not after
     if not torch.cuda.is_available():
         print("bench_kernels: a CUDA GPU is needed to measure the kernels, and none is visible; nothing was run")
         return 1

@@ -64,6 +64,9 @@ def main(argv=None) -> int:
                    help="torch CPU threads (default: torch's own); 1 is steadier on a busy machine")
     p.add_argument("--out", default=None, help="also write the numbers as JSON here")
     a = p.parse_args(argv)
+    if a.out:
+        from moe_engine.cli import check_output_path
+        check_output_path(a.out, folder=False)
     if a.threads:
         torch.set_num_threads(a.threads)
     # No prefix cache: a repeat would otherwise skip the prefill that an earlier repeat cached (a trace

@@ -104,6 +104,8 @@ def main(argv=None) -> int:
                         "MoE), linear (the GEMV of projections and routers), absorb (MLA's absorbed query); "
                         "default all")
     a = p.parse_args(argv)
+    from moe_engine.cli import check_output_path
+    check_output_path(a.out, folder=False)          # before the tuning, not after
     kinds = {kind.strip() for kind in a.only.split(",")}
     if not kinds <= set(TUNED_KINDS):
         p.error(f"--only {a.only}: choose among {', '.join(TUNED_KINDS)}")

@@ -8,8 +8,6 @@ import time
 import traceback
 from pathlib import Path
 
-from moe_engine.errors import MoeEngineError
-
 DEFAULT_MODEL = "weights/tiny-mixtral"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -164,9 +162,46 @@ def show_progress(args) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
+def read_stdin(what: str) -> str:
+    """All of stdin as UTF-8 text; a closed stdin or bytes that are not UTF-8 are one-line errors."""
+    from moe_engine.errors import MoeEngineError
+    if sys.stdin is None:
+        raise MoeEngineError(f"stdin is closed but {what} reads it; pipe text in, or pass it as an argument")
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MoeEngineError(f"stdin is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                             "convert it first, e.g. with iconv -t utf-8") from None
+
+
+def check_output_path(path, folder: bool, flag: str = "--out") -> Path:
+    """Before any work: `path` can become the folder (folder=True) or the file that will be written; the
+    nearest existing ancestor must be a folder. MoeEngineError naming the flag otherwise."""
+    from moe_engine.errors import MoeEngineError
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise MoeEngineError(f"{flag} {path} is a file but a folder is wanted; give a folder path (new or existing)")
+    if not folder and path.is_dir():
+        raise MoeEngineError(f"{flag} {path} is a folder but a file is wanted; give a file path such as {path}/out.json")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise MoeEngineError(f"{flag} {path}: {parent} is a file, so nothing can be written under it; give another path")
+    return path
+
+
 def run_generate(args) -> int:
+    from moe_engine.errors import MoeEngineError
     params = sampling_params(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin("`generate -`") if args.prompt == "-" else args.prompt
+    bad = next((i for i, c in enumerate(prompt) if "\ud800" <= c <= "\udfff"), None)
+    if bad is not None:         # argv bytes the locale could not decode reach Python as lone surrogates
+        raise MoeEngineError(f"the prompt is not UTF-8 text (an undecodable byte at character {bad}); "
+                             "pass UTF-8 text, or pipe a UTF-8 file in with `-` as the prompt")
     if not prompt:
         raise MoeEngineError("empty prompt; pass the prompt text, or pipe it in with `-` as the prompt")
     llm = load_llm(args)
@@ -202,7 +237,10 @@ def run_generate(args) -> int:
 def run_chat(args) -> int:
     from moe_engine.cli.repl import Chat, banner, enable_line_editing
     from moe_engine.tokenizer import require_tokenizer
+    from moe_engine.errors import MoeEngineError
     params = sampling_params(args)
+    if sys.stdin is None:
+        raise MoeEngineError("stdin is closed but chat reads your turns from it; run it on a terminal or pipe text in")
     llm = load_llm(args)
     require_tokenizer(llm.tokenizer, llm.path)
     enable_line_editing()
@@ -252,30 +290,49 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split()) or "(no message)"
 
 
+def _say(line: str) -> None:
+    """A line on stderr, if there is one (a process may be started with it closed)."""
+    if sys.stderr is not None:
+        print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """The command; returns its exit code: 0, 1 (failed while running), 2 (bad input), 130 (Ctrl-C)."""
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:        # also while torch and the model load, before anything else ran
+        _say("\ninterrupted")
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list) -> int:
+    from moe_engine.errors import MoeEngineError     # imports torch: after main's Ctrl-C handler is in place
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        if sys.stdout is None:
+            raise MoeEngineError("stdout is closed, so there is nowhere to write the output; "
+                                 "redirect it to a file or /dev/null instead of closing it")
         return COMMANDS[args.command](args)
     except UsageError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        _say(f"error: {_one_line(e)}")
         return EXIT_USAGE
     except MoeEngineError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        _say(f"error: {_one_line(e)}")
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): stop quietly, and keep Python from complaining at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):    # no real file behind stdout (e.g. captured)
+            pass
         return 0
     except Exception as e:
         if debug:
             traceback.print_exc()
         hint = "" if debug else " (run with --debug for the traceback)"
-        print(f"error: {type(e).__name__}: {_one_line(e)}{hint}", file=sys.stderr)
+        _say(f"error: {type(e).__name__}: {_one_line(e)}{hint}")
         return EXIT_RUNTIME
+

@@ -9,6 +9,7 @@ import time
 import traceback
 
 from moe_engine.errors import MoeEngineError
+from moe_engine.llm import check_text
 from moe_engine.sampling import SamplingParams
 from moe_engine.tokenizer import Tokenizer
 
@@ -165,6 +166,7 @@ class Chat:
                 self.say()
                 return 0
             try:
+                check_text("the line", line)          # bytes that were not UTF-8 (a pipe, another locale)
                 if line.startswith("/"):
                     if not self.command(line):
                         return 0

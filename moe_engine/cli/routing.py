@@ -29,6 +29,8 @@ def run(args) -> int:
     text_file, out = Path(args.text_file), Path(args.out)
     if not text_file.is_file():
         raise MoeEngineError(f"text file {text_file} not found; pass an existing file to --text-file")
+    from moe_engine.cli import check_output_path
+    check_output_path(out, folder=True)              # before the model loads and the text runs
     if args.max_tokens < 2:
         raise MoeEngineError(f"--max-tokens {args.max_tokens} is too small; give at least 2")
     text = text_file.read_text(errors="replace")

@@ -188,6 +188,10 @@ class EngineLoop:
             req = self.live.get(seq)
             if req is None:
                 continue
+            if seq.finish_reason == "error":        # this request alone failed (see Engine.step)
+                req.emit_later(outbox, "error", seq.error)
+                self.live.pop(seq, None)
+                continue
             self.tokens_generated += 1
             if req.last_token is None:
                 self.ttft.observe(now - req.submitted)
