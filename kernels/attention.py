@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import use_triton
+from kernels.backend import form
 
 
 @dataclass
@@ -147,6 +147,9 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     own (keys j with q - window < j <= q, as transformers' sliding window)."""
     T, H, _ = q.shape
     if meta.is_decode:
+        if sinks is None and window is None and form("auto", q, k_cache, v_cache) == "compiled":
+            slots, valid = meta.padded_context()               # [B, L], [B, L] or None
+            return _decode_attention_reductions(q, k_cache, v_cache, slots, valid, scale)
         return _decode_attention_ref(q, k_cache, v_cache, meta, scale, sinks, window)
     out = q.new_empty(T, H, v_cache.shape[-1])
     for b in range(meta.num_seqs):
@@ -193,9 +196,9 @@ def sink_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
 
 def value_inside_key(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """True when v_cache is the leading columns of k_cache itself (MLA: the latent is both key and value).
-    Never while torch.compile traces, which cannot compare data pointers: the values are then read on their
-    own, to the same result."""
-    return (not torch.compiler.is_compiling() and v_cache.data_ptr() == k_cache.data_ptr()
+    Asked eagerly only: torch.compile cannot compare data pointers, and a compiled step's attention is
+    _decode_attention_reductions, which reads the values on their own, to the same result."""
+    return (v_cache.data_ptr() == k_cache.data_ptr()
             and v_cache.shape[:2] == k_cache.shape[:2] and v_cache.stride() == k_cache.stride()
             and v_cache.shape[2] <= k_cache.shape[2])
 
@@ -206,8 +209,6 @@ def _decode_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
     slots, valid = meta.padded_context()                       # [B, L], [B, L] or None
     if sinks is not None or window is not None:
         return _decode_sink_window(q, k_cache, v_cache, meta, slots, valid, scale, sinks, window)
-    if torch.compiler.is_compiling():
-        return _decode_attention_reductions(q, k_cache, v_cache, slots, valid, scale)
     B, L = slots.shape
     flat = slots.reshape(-1)                                   # index_select: 2-3x cheaper than k_cache[slots]
     k = k_cache.index_select(0, flat).view(B, L, *k_cache.shape[1:]).transpose(1, 2)   # [B, Hkv, L, Dk]
@@ -273,7 +274,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     A decode batch (one token per sequence) runs the Triton kernel on CUDA tensors (backend 'auto') or
     when forced ('triton'), sinks and window included; prefill runs the reference either way."""
-    if not (use_triton(backend, q, k_cache, v_cache) and meta.is_decode):
+    if not (form(backend, q, k_cache, v_cache) == "triton" and meta.is_decode):
         return paged_attention_ref(q, k_cache, v_cache, meta, scale, sinks, window)
     H, Hkv = q.shape[1], k_cache.shape[1]
     if H % Hkv or k_cache.shape[:2] != v_cache.shape[:2] or q.shape[2] != k_cache.shape[2]:

@@ -1,4 +1,4 @@
-"""Choosing between a Triton kernel and its torch reference: 'auto', 'triton' or 'torch'."""
+"""Choosing an op's form: a Triton kernel, a torch formulation for the CPU (eager or compiled), or the reference."""
 
 import functools
 import importlib
@@ -28,4 +28,23 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package: pip install 'moe-engine[triton]'")
         return True
-    return all(t.is_cuda for t in tensors) and triton_available()
+    for t in tensors:        # a loop, not all(...): asked by every op of a decode step
+        if not t.is_cuda:
+            return False
+    return triton_available()
+
+
+FORMS = ("triton", "compiled", "cpu", "torch")
+
+
+def form(backend: str, *tensors: torch.Tensor) -> str:
+    """The one dispatch decision of a kernel entry point, for the tensors it would hand a kernel: 'triton'
+    where use_triton says so; else, for CPU tensors (the first one's device) under backend 'auto',
+    'compiled' while torch.compile traces (the formulations it fuses: gathers inside reductions, no host
+    round trip, no data-pointer test) and 'cpu' when run eagerly (the few-call forms measured faster
+    there); else 'torch', the reference. The only place kernels/ asks whether torch.compile is tracing."""
+    if use_triton(backend, *tensors):
+        return "triton"
+    if backend != "auto" or tensors[0].device.type != "cpu":
+        return "torch"
+    return "compiled" if torch.compiler.is_compiling() else "cpu"

@@ -1,10 +1,10 @@
 """Matrix products for few-row inputs (decode): on CPUs where the default route is slow, on CUDA through
-the Triton GEMV for the weights where it was measured faster (kernels.tuning.LINEAR_TABLE)."""
+the Triton GEMV for the weights where it was measured faster (the "linear" entries of kernels/tuning_data)."""
 
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import triton_available
+from kernels.backend import form, triton_available
 from kernels.quant import QuantizedWeight
 from kernels.tuning import GemmTile, linear_tuning
 
@@ -42,12 +42,11 @@ def gathered_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     return out if bias is None else out + bias
 
 
-def splits_columns(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether column_split_linear serves x @ w.T: on the CPU, an even and not tiny row count of w, and few
-    rows of x, or any number while torch.compile traces (a compiled step is a decode step whose batch
-    size is left dynamic, which a test of it would specialise; at 16-64 rows the split was no slower)."""
-    few_rows = torch.compiler.is_compiling() or x.shape[0] <= COLUMN_SPLIT_MAX_ROWS
-    return (x.device.type == "cpu" and x.dim() == 2 and w.dim() == 2 and few_rows
+def splits_columns(x: torch.Tensor, w: torch.Tensor, compiled: bool = False) -> bool:
+    """Whether column_split_linear serves x @ w.T for CPU tensors: an even and not tiny row count of w,
+    and few rows of x, or any number in a compiled step (compiled: a compiled step is a decode step whose
+    batch size is left dynamic, which a test of it would specialise; at 16-64 rows the split was no slower)."""
+    return (x.dim() == 2 and w.dim() == 2 and (compiled or x.shape[0] <= COLUMN_SPLIT_MAX_ROWS)
             and w.shape[0] % 2 == 0 and w.shape[0] >= 64 and x.dtype == w.dtype and w.is_contiguous())
 
 
@@ -67,18 +66,23 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     if isinstance(w, QuantizedWeight):
         from kernels.quant_ops import quantized_linear_ref
         return quantized_linear_ref(x, w, bias)
-    if x.device.type == "cpu" and w.dtype != x.dtype:      # a weight held in another dtype (store_weights)
-        if torch.compiler.is_compiling() and x.dim() == 2:
+    f = form("auto", x, w)
+    if f == "triton":
+        tile = gemv_tile(x, w) if x.dtype == w.dtype else None
+        if tile is None:
+            return F.linear(x, w, bias)
+        from kernels.triton_gemv import gemv_triton
+        return gemv_triton(x, w, tile, bias)
+    if f == "torch":
+        return F.linear(x, w, bias)
+    if w.dtype != x.dtype:                 # a weight held in another dtype (store_weights)
+        if f == "compiled" and x.dim() == 2:
             return gathered_linear(x, w, bias)
-        w = w.to(x.dtype)                                     # eager: widen it for this product
-    if splits_columns(x, w):
+        w = w.to(x.dtype)                  # eager: widen it for this product
+    if splits_columns(x, w, f == "compiled"):
         out = column_split_linear(x, w)
         return out if bias is None else out + bias
-    tile = gemv_tile(x, w) if x.dtype == w.dtype else None
-    if tile is None:
-        return F.linear(x, w, bias)
-    from kernels.triton_gemv import gemv_triton
-    return gemv_triton(x, w, tile, bias)
+    return F.linear(x, w, bias)
 
 
 def router_logits(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import use_triton
+from kernels.backend import form
 from kernels.linear import row_block_matmul, swiglu
 from kernels.quant import QuantizedWeight
 from kernels.tuning import gemv_tuning
@@ -198,13 +198,8 @@ def _gathered_row_chunks(w: torch.Tensor, ids: torch.Tensor, v: torch.Tensor, ch
 
 
 def _cpu_path(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor):
-    """Which torch formulation serves this batch on the CPU (see fused_moe)."""
+    """Which torch formulation serves this batch on the CPU, run eagerly (see fused_moe)."""
     T = x.shape[0]
-    if torch.compiler.is_compiling():
-        # A compiled decode step (moe_engine.cuda_graphs): no host round trip for the expert ids. Gathered at
-        # every batch size: compiled, it beats dense even at 8 tokens choosing all 8 experts (tiny-mixtral's
-        # four MoE layers, 2 cores: 3.5 ms against 5.7 ms; 16 experts top-4: 2.1 against 4.3 ms).
-        return fused_moe_gathered
     dense_fits = x.dtype == w13.dtype == w2.dtype and T <= DENSE_MAX_TOKENS
     if dense_fits and T > 1 and w13.numel() >= DENSE_MIN_WEIGHT:
         return fused_moe_dense
@@ -232,13 +227,18 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         from kernels.quant_ops import fused_moe_quantized_ref
         _check_moe_args(x, w13, w2, topk_weights, topk_ids)
         return add_shared(fused_moe_quantized_ref(x, w13, w2, topk_weights, topk_ids), x, shared)
+    f = form(backend, x, w13, w2)
     if b13 is not None or b2 is not None or activation is not None:
-        no_sync = torch.compiler.is_compiling() or (x.is_cuda and (
+        no_sync = f == "compiled" or (x.is_cuda and (
             x.shape[0] <= DENSE_MAX_TOKENS or torch.cuda.is_current_stream_capturing()))
         path = fused_moe_dense_biased if no_sync else fused_moe_ref
         return add_shared(path(x, w13, w2, topk_weights, topk_ids, b13, b2, activation), x, shared)
-    if not use_triton(backend, x, w13, w2):
-        path = _cpu_path(x, w13, w2, topk_ids) if backend == "auto" and x.device.type == "cpu" else fused_moe_ref
+    if f != "triton":
+        # A compiled decode step (moe_engine.runners.compiled): no host round trip for the expert ids. Gathered
+        # at every batch size: compiled, it beats dense even at 8 tokens choosing all 8 experts (tiny-mixtral's
+        # four MoE layers, 2 cores: 3.5 ms against 5.7 ms; 16 experts top-4: 2.1 against 4.3 ms).
+        path = (fused_moe_gathered if f == "compiled" else _cpu_path(x, w13, w2, topk_ids) if f == "cpu"
+                else fused_moe_ref)
         return add_shared(path(x, w13, w2, topk_weights, topk_ids), x, shared)
     _check_moe_args(x, w13, w2, topk_weights, topk_ids)
     if not (x.dtype == w13.dtype == w2.dtype):

@@ -2,12 +2,13 @@
 before it) and rotary embedding. On CUDA each is one Triton launch instead of 3-7 torch kernels, which
 matters once a step is replayed from a CUDA graph and kernel count, not Python, sets its length."""
 
+import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import use_triton
+from kernels.backend import form, use_triton
 from kernels.tuning import enabled
 
 
@@ -27,21 +28,30 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps_cell: torch.Tensor) 
     return x * mean_square.rsqrt_() * weight
 
 
+@functools.cache
+def eps_cell(eps: float) -> torch.Tensor:
+    """eps as the [1, 1] float32 CPU tensor rms_norm_cpu adds, made once per value (never in a step: a
+    tensor made on first use by a model would change between traces, and the compiled step be retraced)."""
+    with torch.inference_mode(False):      # a plain tensor, usable inside and outside inference mode
+        return torch.full((1, 1), eps, dtype=torch.float32)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             backend: str = "auto", eps_cell: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + residual), x + residual) for x [T, D]; without a residual, (norm(x), x).
-    eps_cell: eps as a [1, 1] tensor, with which a float32 norm that torch computes on the CPU goes
-    through rms_norm_cpu."""
+             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual) for x [T, D]; without a residual, (norm(x), x). On CUDA one
+    Triton kernel; a float32 norm on the CPU is rms_norm_cpu (the same result in about half the time)."""
     if residual is not None and x.shape != residual.shape:
         raise ValueError(f"rms_norm: residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
-    fits = x.dim() == 2 and x.stride(-1) == 1 and x.dtype == weight.dtype and (
-        residual is None or (residual.stride(-1) == 1 and residual.dtype == x.dtype))
-    if use_triton(backend, x, weight) and fits:
+    f = form(backend, x, weight)
+    if f == "triton" and x.dim() == 2 and x.stride(-1) == 1 and x.dtype == weight.dtype and (
+            residual is None or (residual.stride(-1) == 1 and residual.dtype == x.dtype)):
         from kernels.triton_pointwise import rms_norm_triton   # lazily: the package works without triton
         return rms_norm_triton(x, weight, eps, residual)
     total = x if residual is None else x + residual
-    if eps_cell is not None and x.device.type == "cpu" and x.dim() == 2 and x.dtype == weight.dtype == torch.float32:
-        return rms_norm_cpu(total, weight, eps_cell), total
+    if f in ("cpu", "compiled") and x.dim() == 2 and x.dtype == weight.dtype == torch.float32:
+        # Traced, eps is a constant of the graph (a cached cell would be traced through functools.cache).
+        cell = eps_cell(eps) if f == "cpu" else torch.full((1, 1), eps, dtype=torch.float32)
+        return rms_norm_cpu(total, weight, cell), total
     return rms_norm_ref(total, weight, eps), total
 
 
@@ -129,15 +139,14 @@ def write_latent_cache(cache: torch.Tensor, kv: torch.Tensor, weight: torch.Tens
 
 
 def write_rotated_latent(cache: torch.Tensor, kv: torch.Tensor, weight: torch.Tensor, eps: float,
-                         angles: RotaryAngles, interleave: bool, slot_mapping: torch.Tensor,
-                         eps_cell: torch.Tensor | None = None) -> None:
+                         angles: RotaryAngles, interleave: bool, slot_mapping: torch.Tensor) -> None:
     """write_latent_cache with the step's angles: where they were spread (the CPU), the norm (rms_norm,
-    its CPU form given eps_cell), the few-call rotation, one concatenation and the scatter; else
-    write_latent_cache (one kernel on CUDA)."""
+    its CPU form), the few-call rotation, one concatenation and the scatter; else write_latent_cache (one
+    kernel on CUDA)."""
     if angles.spread is None:
         write_latent_cache(cache, kv, weight, eps, angles.cos, angles.sin, interleave, slot_mapping)
         return
     latent, k_pe = kv.split([weight.shape[0], kv.shape[1] - weight.shape[0]], -1)   # [T, L], [T, R]
     k_pe = rotary_swapped(k_pe[:, None, :], *angles.spread, interleave)[:, 0]        # [T, R]
-    rows = torch.cat([rms_norm(latent, weight, eps, eps_cell=eps_cell)[0], k_pe], -1)   # [T, L + R]
+    rows = torch.cat([rms_norm(latent, weight, eps)[0], k_pe], -1)   # [T, L + R]
     cache.index_copy_(0, slot_mapping, rows if rows.dtype == cache.dtype else rows.to(cache.dtype))

@@ -163,7 +163,7 @@ class MLAttention(nn.Module):
         # Norm, rotary and the cache write: one kernel on CUDA, the CPU's few-call forms elsewhere.
         norm = self.kv_a_norm
         kernels.write_rotated_latent(cache, kv, norm.weight, norm.eps, angles, self.rotary.interleave,
-                                     meta.slot_mapping, eps_cell=norm._eps_cell)
+                                     meta.slot_mapping)
         # A static (graph) decode step knows its contexts only on the device: only the absorbed form serves it.
         absorbed = self.absorb == "always" or meta.context_slots is None or (self.absorb == "auto" and meta.is_decode)
         if absorbed:                          # the absorbed query, q_pe's rotation included (one kernel on CUDA)

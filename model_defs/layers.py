@@ -19,9 +19,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = weight(dim, dtype=dtype)
         self.eps = eps
-        # eps as a [1, 1] CPU tensor for kernels.rms_norm_cpu (used for CPU inputs only). Made here, not on
-        # first use: a compiled step traced before the first eager one would otherwise be retraced.
-        self._eps_cell = torch.full((1, 1), eps, dtype=torch.float32, device="cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_and_norm(x, None)[0]
@@ -29,7 +26,7 @@ class RMSNorm(nn.Module):
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add and the norm after it, fused on CUDA; on
         the CPU a float32 norm is kernels.rms_norm_cpu (the same result in about half the time)."""
-        return kernels.rms_norm(x, self.weight, self.eps, residual, eps_cell=self._eps_cell)
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -305,7 +305,8 @@ def test_gemv_tuner_checks_tiles_sets_max_tokens_and_its_file_is_used(tmp_path, 
     monkeypatch.setenv("MOE_ENGINE_TUNING", str(path))
     chosen = tuning.gemv_tuning(torch.device("cpu"), 40, 24, torch.float16)
     assert chosen == tuning.gemv_tuning_from_json({**entry, "max_tokens": 3}) and chosen.max_tokens == 3
-    assert tuning.gemv_tuning(torch.device("cpu"), 40, 32, torch.float16) == tuning.GEMV_TABLE["interpreter"]
+    assert tuning.gemv_tuning(torch.device("cpu"), 40, 32, torch.float16) == tuning.shipped("interpreter")[
+        ("gemv", "interpreter")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -349,12 +349,28 @@ def test_rms_norm_cpu_matches_reference(T, D):
     g = torch.Generator().manual_seed(T * D)
     x, residual = torch.randn(T, D, generator=g) * 3, torch.randn(T, D, generator=g)
     weight = 1 + 0.1 * torch.randn(D, generator=g)
-    eps_cell = torch.full((1, 1), 1e-6)
-    out, total = rms_norm(x, weight, 1e-6, residual, eps_cell=eps_cell)
+    out, total = rms_norm(x, weight, 1e-6, residual)
     assert torch.equal(total, x + residual)
     assert rel_err(out, rms_norm_ref(x + residual, weight, 1e-6)) < 1e-6
     tiny = torch.full((1, D), 1e-4)
-    assert rel_err(rms_norm(tiny, weight, 1e-6, eps_cell=eps_cell)[0], rms_norm_ref(tiny, weight, 1e-6)) < 1e-6
+    assert rel_err(rms_norm(tiny, weight, 1e-6)[0], rms_norm_ref(tiny, weight, 1e-6)) < 1e-6
+
+
+def test_rms_norm_takes_the_cpu_form_with_eps_held_in_kernels(monkeypatch):
+    """A float32 norm of CPU tensors goes through rms_norm_cpu with eps as a [1, 1] cell that kernels/ makes
+    once per value (eagerly) or inside the graph (while torch.compile traces); backend 'torch' is the reference."""
+    from kernels import pointwise
+    cells = []
+    real = pointwise.rms_norm_cpu
+    monkeypatch.setattr(pointwise, "rms_norm_cpu", lambda x, w, cell: cells.append(cell) or real(x, w, cell))
+    x, weight = torch.randn(3, 16), torch.rand(16)
+    pointwise.rms_norm(x, weight, 1e-5)
+    pointwise.rms_norm(x, weight, 1e-5)
+    pointwise.rms_norm(x, weight, 1e-5, backend="torch")
+    assert len(cells) == 2 and cells[0] is cells[1] and cells[0].item() == torch.tensor(1e-5).item()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    pointwise.rms_norm(x, weight, 1e-5)
+    assert len(cells) == 3 and cells[2] is not cells[0] and torch.equal(cells[2], cells[0])
 
 
 @pytest.mark.parametrize("interleave", [False, True])
@@ -390,7 +406,7 @@ def test_angle_entries_cpu_forms_equal_half_angle_forms(interleave):
     kv, weight = torch.randn(T, L + R, generator=g), 1 + 0.1 * torch.randn(L, generator=g)
     slots = torch.tensor([5, 0, 2])
     caches = [torch.zeros(8, L + R) for _ in range(2)]
-    kernels.write_rotated_latent(caches[0], kv, weight, 1e-6, spread, interleave, slots, torch.full((1, 1), 1e-6))
+    kernels.write_rotated_latent(caches[0], kv, weight, 1e-6, spread, interleave, slots)
     kernels.write_rotated_latent(caches[1], kv, weight, 1e-6, half, interleave, slots)
     assert torch.equal(caches[0][:, L:], caches[1][:, L:]) and caches[0][slots].abs().sum() > 0
     assert rel_err(caches[0][:, :L], caches[1][:, :L]) < 1e-6
@@ -407,7 +423,8 @@ def test_models_with_triton_norm_and_rotary_match(model, monkeypatch):
     ids = list(range(7, 40))
     expected = llm.prompt_logits(ids)
     calls = []
-    monkeypatch.setattr(pointwise, "use_triton", lambda backend, *t: calls.append(1) or True)
+    monkeypatch.setattr(pointwise, "use_triton", lambda backend, *t: calls.append(1) or True)   # rotary
+    monkeypatch.setattr(pointwise, "form", lambda backend, *t: calls.append(1) or "triton")   # rms_norm
     assert rel_err(llm.prompt_logits(ids), expected) < 1e-5
     assert len(calls) >= 3 * len(llm.model.layers)
 

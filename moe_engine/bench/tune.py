@@ -5,8 +5,8 @@ kernel only streams weights; which tile streams them fastest depends on the expe
 shape is tuned on its own. Gate+up tiles are tried with a fixed down tile, then down tiles with the
 best gate+up; a tile's score is its time summed over the token counts, each relative to the best
 there. Every candidate is checked against the torch reference. The winners are written as a tuning
-file: MOE_ENGINE_TUNING=<file> makes the engine use them; kernels/tuning.py's MOE_SHAPE_TABLE keeps
-the ones measured on the project's machines.
+file (docs/tuning.md): MOE_ENGINE_TUNING=<file> makes the engine use them; kernels/tuning_data/<device>.json
+keeps the ones measured on the project's machines (copy the entries there, without their "device").
 
 The few-token kernels are tuned in moe_engine/bench/tune_gemv.py: the MoE one against the tiled
 kernels, the GEMV against the vendor library for every weight of the benchmark shapes.
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from kernels.tuning import GemmTile, MoETuning, device_key, moe_shape_class, moe_tuning
+from kernels.tuning import GemmTile, MoETuning, device_key, moe_shape_class, moe_tuning, parse
 from moe_engine.bench.kernels import MOE_SPECS, MoESpec, rel_error, time_call
 
 # (block_n, block_k, group_m, num_warps, num_stages): weight-streaming tiles of 16 rows.
@@ -120,11 +120,19 @@ def main(argv=None) -> int:
     linear = (tune_linear(["mixtral-8x7b", "deepseek-v2-lite"], device, torch.bfloat16, a.min_time)
               if "linear" in kinds else [])
     absorb = [tune_absorb("deepseek-v2-lite", device, torch.bfloat16, a.min_time)] if "absorb" in kinds else []
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "moe": entries, "gemv": gemv,
-                                 "linear": linear, "absorb": absorb}, indent=1))
+    write_tuning_file(a.out, torch.cuda.get_device_name(device), entries, gemv, linear, absorb)
     print(f"wrote {a.out}; use it with MOE_ENGINE_TUNING={a.out}")
     return 0
+
+
+def write_tuning_file(path: Path, gpu: str, moe: list[dict], gemv: list[dict], linear: list[dict],
+                      absorb: list[dict]) -> None:
+    """The tuners' entries as a tuning file (kernels.tuning.parse reads it; their measurements ride along
+    as fields it ignores), checked by reading it back before it is written."""
+    text = json.dumps({"device": gpu, "moe": moe, "gemv": gemv, "linear": linear, "absorb": absorb}, indent=1)
+    parse(text, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 if __name__ == "__main__":
