@@ -3,7 +3,7 @@
 At batch 1 a projection reads its weight once for one row; what it costs is how fast the weight
 streams. The GEMV gives each program a band of output columns and reads block_k of each of its rows a
 step, so the GPU has enough bytes in flight; whether it beats the vendor library for a given shape is
-measured (moe-engine bench tune) and recorded in kernels/tuning.py. The routing kernel does a token's
+measured (moe-engine bench tune) and recorded in kernels/tuning_data/. The routing kernel does a token's
 softmax or sigmoid, correction bias, group limit, top-k, normalisation and scaling in one program.
 """
 
