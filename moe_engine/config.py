@@ -3,6 +3,7 @@
 import dataclasses
 from dataclasses import dataclass
 
+from kernels.kv_quant import KV_CACHE_DTYPES
 from moe_engine.errors import MoeEngineError
 
 
@@ -18,6 +19,8 @@ class EngineConfig:
       CUDA runs the same static-buffer step eagerly, which is how the CPU tests check it).
     compile: on the CPU, decode steps through torch.compile (moe_engine.runners.compiled); a float32 model's
       routed experts and projections are then held in bfloat16 where every value is exact in it.
+    kv_cache_dtype: "auto" (the model dtype), "fp8" (e4m3) or "int8": keys and values (MLA: the latent) held
+      compressed with float32 scales computed as each token is written (kernels.kv_quant).
     """
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -29,6 +32,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cuda_graphs: bool | None = None
     compile: bool = False
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         limits = {"block_size": 1, "max_num_seqs": 1, "max_num_batched_tokens": 1, "max_model_len": 2,
@@ -45,6 +49,9 @@ class EngineConfig:
                 raise MoeEngineError(f"bad engine setting {name}={getattr(self, name)!r}: must be True or False")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise MoeEngineError(f"bad engine setting cuda_graphs={self.cuda_graphs!r}: must be True, False or None")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise MoeEngineError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}: choose one of "
+                                 f"{', '.join(KV_CACHE_DTYPES)}")
 
     @classmethod
     def split(cls, kwargs: dict) -> tuple["EngineConfig", dict]:

@@ -48,6 +48,9 @@ def build_parser() -> Parser:
     common.add_argument("--compile", action="store_true",
                         help="on the CPU, compile decode steps with torch.compile: faster steps after a compile "
                              "of tens of seconds (cached on disk: seconds in later runs)")
+    common.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "int8"),
+                        help="KV cache storage: auto (the model dtype), fp8 (e4m3) or int8, with a scale per token "
+                             "and head (MLA: per 128 latent values) set as each token is written")
     common.add_argument("--quiet", action="store_true", help="no loading bar (shown on a terminal) and no stats line")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
@@ -118,7 +121,8 @@ def llm_settings(args):
         print("compiling the decode step with torch.compile after loading (tens of seconds the first time, "
               "a few once torch has cached it)...", file=sys.stderr, flush=True)
     from moe_engine.config import EngineConfig
-    return resolve_model(args.model), device, dtype, EngineConfig(cuda_graphs=graphs, compile=compile)
+    return resolve_model(args.model), device, dtype, EngineConfig(cuda_graphs=graphs, compile=compile,
+                                                                  kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
 
 
 def load_llm(args):
@@ -181,7 +185,8 @@ def run_chat(args) -> int:
 def run_info(args) -> int:
     from moe_engine.cli.info import describe
     device, dtype = device_and_dtype(args)
-    rows = describe(resolve_model(args.model), device, dtype, progress=show_progress(args))
+    rows = describe(resolve_model(args.model), device, dtype, progress=show_progress(args),
+                    kv_cache_dtype=args.kv_cache_dtype)
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
