@@ -60,7 +60,7 @@ def _decode_quant_kernel(q_ptr, k_ptr, ks_ptr, kb_ptr, v_ptr, vs_ptr, out_ptr, l
         page = tl.load(table_row + pos // page_size, mask=pos_ok, other=0)
         slots = page.to(tl.int64) * page_size + pos % page_size                         # [BN]
         a_ok = pos_ok[:, None] & (da < dim_a)[None, :]
-        k_q = tl.load(k_ptr + slots[:, None] * stride_ks + kv * stride_kh + da[None, :], mask=a_ok, other=0)
+        k_q = tl.load(k_ptr + slots[:, None] * stride_ks + kv * stride_kh + da[None, :], mask=a_ok, other=0.0)
         k_s = tl.load(ks_ptr + slots[:, None] * stride_kss + kv * stride_ksh + (da // group_k)[None, :],
                       mask=a_ok, other=0.0)                                              # [BN, BA]
         k_a = (k_q.to(tl.float32) * k_s).to(q_a.dtype)
@@ -78,7 +78,7 @@ def _decode_quant_kernel(q_ptr, k_ptr, ks_ptr, kb_ptr, v_ptr, vs_ptr, out_ptr, l
             v = k_a
         else:
             v_ok = pos_ok[:, None] & (dv < dim_v)[None, :]
-            v_q = tl.load(v_ptr + slots[:, None] * stride_vs + kv * stride_vh + dv[None, :], mask=v_ok, other=0)
+            v_q = tl.load(v_ptr + slots[:, None] * stride_vs + kv * stride_vh + dv[None, :], mask=v_ok, other=0.0)
             v_s = tl.load(vs_ptr + slots[:, None] * stride_vss + kv * stride_vsh + (dv // group_v)[None, :],
                           mask=v_ok, other=0.0)
             v = (v_q.to(tl.float32) * v_s).to(q_a.dtype)                                # [BN, BV]
