@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import form
+from kernels.kv_quant import QuantizedCache
 
 
 @dataclass
@@ -116,7 +117,10 @@ def _valid_mask(context_lens: list[int], device) -> torch.Tensor | None:
 
 
 def write_cache(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """cache [S, ...] gets values [T, ...] at rows slot_mapping [T]."""
+    """cache [S, ...] gets values [T, ...] at rows slot_mapping [T] (a QuantizedCache quantizes them)."""
+    if isinstance(cache, QuantizedCache):
+        cache.write(values, slot_mapping)
+        return
     cache.index_copy_(0, slot_mapping, values if values.dtype == cache.dtype else values.to(cache.dtype))
 
 
@@ -273,8 +277,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     sinks [H] and window as there).
 
     A decode batch (one token per sequence) runs the Triton kernel on CUDA tensors (backend 'auto') or
-    when forced ('triton'), sinks and window included; prefill runs the reference either way."""
-    if not (form(backend, q, k_cache, v_cache) == "triton" and meta.is_decode):
+    when forced ('triton'), sinks and window included; prefill runs the reference either way. A compressed
+    cache (QuantizedCache: its rows come out of every gather dequantised, so the reference reads it as it is)
+    has its own decode kernel (no sinks or windows: those layers run the reference)."""
+    triton = form(backend, q, k_cache, v_cache) == "triton" and meta.is_decode
+    if isinstance(k_cache, QuantizedCache):
+        if triton and sinks is None and window is None:
+            from kernels.triton_attention_quant import paged_decode_quant_triton
+            return paged_decode_quant_triton(q, k_cache, v_cache, meta.block_tables, meta.device_context_lens(q.device),
+                                             meta.block_size, scale, meta.max_context or max(meta.context_lens))
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale, sinks, window)
+    if not triton:
         return paged_attention_ref(q, k_cache, v_cache, meta, scale, sinks, window)
     H, Hkv = q.shape[1], k_cache.shape[1]
     if H % Hkv or k_cache.shape[:2] != v_cache.shape[:2] or q.shape[2] != k_cache.shape[2]:

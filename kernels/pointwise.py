@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import form, use_triton
+from kernels.kv_quant import QuantizedCache
 from kernels.tuning import enabled
 
 
@@ -124,9 +125,11 @@ def write_latent_cache(cache: torch.Tensor, kv: torch.Tensor, weight: torch.Tens
                        backend: str = "auto") -> None:
     """MLA's cache write: kv [T, L + R] = [latent, k_pe] -> cache rows slot_mapping [T] get
     [rms_norm(latent) * weight [L], rotary(k_pe) by cos/sin [T, 1, R/2]]. On CUDA one kernel instead of
-    four (norm, rotary, concatenation, scatter)."""
+    four (norm, rotary, concatenation, scatter); a compressed cache (QuantizedCache) quantizes the latent as it
+    takes the rows."""
     L = weight.shape[0]
-    if (use_triton(backend, kv, cache, cos, sin) and kv.dim() == 2 and kv.stride(-1) == 1 and cache.stride(-1) == 1
+    if (use_triton(backend, kv, cache, cos, sin) and not isinstance(cache, QuantizedCache) and kv.dim() == 2
+            and kv.stride(-1) == 1 and cache.stride(-1) == 1
             and cos.is_contiguous() and sin.is_contiguous() and kv.dtype == weight.dtype
             and cos.shape == (kv.shape[0], 1, (kv.shape[1] - L) // 2) and enabled("latent_cache")):
         from kernels.triton_pointwise import latent_cache_triton

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.attention import AttentionMetadata, causal_attention
+from kernels.kv_quant import CachePart, KVCacheLayout, QuantizedCache
 from kernels.linear import linear
 from model_defs.base import CausalLM, DecoderLayer
 from model_defs.checkpoint_names import COMMON_RULES, Layout, NameTable, Rows, Rule, fused_experts, swiglu_rules
@@ -178,8 +179,12 @@ class MLAttention(nn.Module):
         """Attend over the latent itself: q_full [T, H, L + R] (kv_b's key half folded in) against the cached
         latents; the value half of kv_b applied after: [T, H, v]."""
         L = self.a.kv_lora_rank
-        entries = cache[:, None, :]                                              # [S, 1, L + R]
-        out_latent = kernels.paged_attention(q_full, entries, entries[..., :L], meta, self.scale)  # [T, H, L]
+        if isinstance(cache, QuantizedCache):          # [S, 1, L + R] already; the values: its latent
+            entries, values = cache, cache.values()
+        else:
+            entries = cache[:, None, :]                                          # [S, 1, L + R]
+            values = entries[..., :L]
+        out_latent = kernels.paged_attention(q_full, entries, values, meta, self.scale)   # [T, H, L]
         return torch.bmm(out_latent.transpose(0, 1), self.w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
 
     def _per_sequence(self, q_nope, q_pe, cache, meta):
@@ -191,6 +196,8 @@ class MLAttention(nn.Module):
         for b in range(meta.num_seqs):
             lo, hi = meta.query_start_loc[b], meta.query_start_loc[b + 1]
             entries = cache[meta.context_slots[b]].to(q_nope.dtype)             # [ctx, L + R]
+            if entries.dim() == 3:                        # a QuantizedCache's rows, dequantised: [ctx, 1, L + R]
+                entries = entries[:, 0]
             expand = self.absorb == "never" or hi - lo == entries.shape[0] or hi - lo > 64
             attend = self._expanded_one if expand else self._absorbed_one
             out[lo:hi] = attend(q_nope[lo:hi], q_pe[lo:hi], entries)
@@ -238,11 +245,25 @@ class DeepseekModel(CausalLM):
         for layer in self.layers:
             layer.attn.split_kv_b()
 
-    def allocate_kv_cache(self, num_slots: int, dtype, device) -> list[torch.Tensor]:
-        width = self.args.kv_lora_rank + self.args.qk_rope_head_dim
+    def kv_cache_layout(self, dtype, kv_cache_dtype: str = "auto") -> KVCacheLayout:
+        """The latent and the rope key (FlashMLA's layout): compressed, the latent has one scale per 128
+        values (per the whole latent when it is not a multiple of 128) and the rope key stays in dtype."""
+        a = self.args
+        L = a.kv_lora_rank
+        group = 128 if L % 128 == 0 else L
+        return KVCacheLayout((CachePart("latent", 1, L, group=group),
+                              CachePart("rope", 1, a.qk_rope_head_dim, compressed=False)),
+                             a.num_hidden_layers, dtype, kv_cache_dtype)
+
+    def allocate_kv_cache(self, num_slots: int, dtype, device, kv_cache_dtype: str = "auto") -> list:
+        """Per layer [S, L + R]; compressed, a QuantizedCache [S, 1, L] with the rope key [S, 1, R] as its tail."""
+        a = self.args
+        if kv_cache_dtype != "auto":
+            latent = self.kv_cache_layout(dtype, kv_cache_dtype).parts[0]
+            return [QuantizedCache.empty(num_slots, 1, a.kv_lora_rank, latent.group or latent.width, kv_cache_dtype,
+                                         dtype, device, tail_width=a.qk_rope_head_dim) for _ in self.layers]
+        width = a.kv_lora_rank + a.qk_rope_head_dim
         return [torch.zeros(num_slots, width, dtype=dtype, device=device) for _ in self.layers]
 
-    def kv_cache_bytes_per_token(self, dtype) -> int:
-        a = self.args
-        return (a.kv_lora_rank + a.qk_rope_head_dim) * a.num_hidden_layers * torch.finfo(dtype).bits // 8
-
+    def kv_cache_bytes_per_token(self, dtype, kv_cache_dtype: str = "auto") -> int:
+        return self.kv_cache_layout(dtype, kv_cache_dtype).bytes_per_token

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import kernels
 from kernels.attention import AttentionMetadata
+from kernels.kv_quant import CachePart, KVCacheLayout, QuantizedCache
 from kernels.linear import linear
 from model_defs.base import CausalLM, DecoderLayer
 from model_defs.checkpoint_names import COMMON_RULES, Layout, NameTable, Rows, Rule, fused_experts, swiglu_rules
@@ -146,8 +147,19 @@ class MixtralModel(CausalLM):
         # Sliding-window attention is not implemented: stay inside the window, where it is exact.
         return min(self.args.max_position_embeddings, self.args.sliding_window or 1 << 62)
 
-    def allocate_kv_cache(self, num_slots: int, dtype, device) -> list[torch.Tensor]:
+    def kv_cache_layout(self, dtype, kv_cache_dtype: str = "auto") -> KVCacheLayout:
+        """Keys and values per KV head; compressed, one scale per token and head."""
         a = self.args
+        return KVCacheLayout((CachePart("k", a.kv_heads, a.dim_per_head), CachePart("v", a.kv_heads, a.dim_per_head)),
+                             a.num_hidden_layers, dtype, kv_cache_dtype)
+
+    def allocate_kv_cache(self, num_slots: int, dtype, device, kv_cache_dtype: str = "auto") -> list:
+        """Per layer the [2, S, Hkv, Dh] tensor; compressed, a (keys, values) pair of QuantizedCaches."""
+        a = self.args
+        if kv_cache_dtype != "auto":
+            return [tuple(QuantizedCache.empty(num_slots, a.kv_heads, a.dim_per_head, a.dim_per_head, kv_cache_dtype,
+                                               dtype, device) for _ in range(2))
+                    for _ in range(a.num_hidden_layers)]
         return [torch.zeros(2, num_slots, a.kv_heads, a.dim_per_head, dtype=dtype, device=device)
                 for _ in range(a.num_hidden_layers)]
 
@@ -156,7 +168,5 @@ class MixtralModel(CausalLM):
         kv_cache[1] either way."""
         return [(cache[0], cache[1]) for cache in kv_caches]
 
-    def kv_cache_bytes_per_token(self, dtype) -> int:
-        a = self.args
-        return 2 * a.kv_heads * a.dim_per_head * a.num_hidden_layers * torch.finfo(dtype).bits // 8
-
+    def kv_cache_bytes_per_token(self, dtype, kv_cache_dtype: str = "auto") -> int:
+        return self.kv_cache_layout(dtype, kv_cache_dtype).bytes_per_token

@@ -3,6 +3,7 @@
 import dataclasses
 from dataclasses import dataclass
 
+from kernels.kv_quant import KV_CACHE_DTYPES
 from moe_engine.errors import MoeEngineError
 from moe_engine.quantize import QuantSpec
 
@@ -24,6 +25,8 @@ class EngineConfig:
       quant_symmetric=False), "fp8" (e4m3 per channel) or "fp8-block" (128x128). Routed and shared experts;
       attention projections with quantize_attention, dense layers' MLPs with quantize_dense_mlp.
       quant_clip_search=False rounds to nearest instead of searching each group's range.
+    kv_cache_dtype: "auto" (the model dtype), "fp8" (e4m3) or "int8": keys and values (MLA: the latent) held
+      compressed with float32 scales computed as each token is written (kernels.kv_quant).
     """
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -41,6 +44,7 @@ class EngineConfig:
     quantize_attention: bool = False
     quantize_dense_mlp: bool = False
     quant_clip_search: bool = True
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         limits = {"block_size": 1, "max_num_seqs": 1, "max_num_batched_tokens": 1, "max_model_len": 2,
@@ -57,6 +61,9 @@ class EngineConfig:
                 raise MoeEngineError(f"bad engine setting {name}={getattr(self, name)!r}: must be True or False")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise MoeEngineError(f"bad engine setting cuda_graphs={self.cuda_graphs!r}: must be True, False or None")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise MoeEngineError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}: choose one of "
+                                 f"{', '.join(KV_CACHE_DTYPES)}")
         self.quant_spec()          # checks the quantization settings
 
     def quant_spec(self) -> QuantSpec | None:

@@ -46,7 +46,8 @@ class LLM:
     def __init__(self, model: str | Path, device=None, dtype=None, *, config: EngineConfig | None = None,
                  progress: bool = False, **kwargs):
         """kwargs: EngineConfig's fields (block_size, num_kv_blocks, kv_cache_bytes, gpu_memory_utilization,
-        max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, cuda_graphs, compile),
+        max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, cuda_graphs, compile,
+        kv_cache_dtype),
         or a whole `config`; any other keyword goes to the model (e.g. absorb="never" for MLA)."""
         if not isinstance(model, (str, os.PathLike)):
             raise MoeEngineError(f"model must be a folder path (str or Path), got {type(model).__name__}; "
@@ -100,10 +101,14 @@ class LLM:
                 torch.cuda.empty_cache()     # loading temporaries still held by the allocator are free
             kv_cache_bytes = (int(torch.cuda.mem_get_info(device)[0] * config.gpu_memory_utilization)
                               if device.type == "cuda" else 1 << 30)
-        num_blocks = plan_num_blocks(model.kv_cache_bytes_per_token(dtype), block_size, self.max_model_len,
+        self.kv_cache_dtype = config.kv_cache_dtype
+        check_kv_cache_dtype(config.kv_cache_dtype, device, config.compile)
+        self.bytes_per_token = kv_bytes_per_token(model, dtype, config.kv_cache_dtype)
+        num_blocks = plan_num_blocks(self.bytes_per_token, block_size, self.max_model_len,
                                      config.max_num_seqs, kv_cache_bytes, config.num_kv_blocks)
+        self.num_blocks = num_blocks
         # One block more than the block manager hands out: padding rows of a graph-replayed batch write there.
-        kv_caches = model.allocate_kv_cache((num_blocks + 1) * block_size, dtype, device)
+        kv_caches = allocate_kv_cache(model, (num_blocks + 1) * block_size, dtype, device, config.kv_cache_dtype)
         cuda_graphs = config.cuda_graphs
         quantized = any(isinstance(m, QuantizedWeight) for m in model.modules())
         if quantized and (cuda_graphs and device.type == "cuda" or config.compile):
@@ -270,13 +275,20 @@ class LLM:
             raise MoeEngineError(f"prompt_logits takes 1..{self.max_model_len} token ids in "
                                  f"[0, {self.model.args.vocab_size}); check the input")
         T = len(ids)
-        caches = self.model.allocate_kv_cache(blocks_for(T, self.block_size) * self.block_size,
-                                              self.dtype, self.device)
+        caches = allocate_kv_cache(self.model, blocks_for(T, self.block_size) * self.block_size,
+                                   self.dtype, self.device, self.kv_cache_dtype)   # so attention reads it compressed
         meta = AttentionMetadata.build([list(range(blocks_for(T, self.block_size)))], [T], [T],
                                        self.block_size, self.device)
         hidden = self.engine.runner.forward(ids, list(range(T)), [-1] * T, meta, caches, self.engine.routing_hook)   # [T, D]
         with torch.inference_mode():
             return self.model.compute_logits(hidden)
+
+    def cache_info(self) -> dict:
+        """The paged KV cache: num_blocks (handed out to requests), block_size, bytes_per_token (all layers,
+        scales included), dtype (the cache dtype setting and what it stores) and tokens (num_blocks * block_size)."""
+        stored = str(self.dtype).removeprefix("torch.") if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
+        return {"num_blocks": self.num_blocks, "block_size": self.block_size, "bytes_per_token": self.bytes_per_token,
+                "kv_cache_dtype": self.kv_cache_dtype, "dtype": stored, "tokens": self.num_blocks * self.block_size}
 
     def trace_routing(self, scores: bool = False):
         """`with llm.trace_routing() as trace:` records each MoE layer's top-k experts and weights (and with
@@ -303,6 +315,32 @@ def stored_dtype(dtype: torch.dtype, compile: bool) -> torch.dtype:
     CausalLM.store_weights): bfloat16 under compile=True for a float32 model, whose compiled step multiplies
     them in float32; else dtype."""
     return torch.bfloat16 if compile and dtype == torch.float32 else dtype
+
+
+def kv_bytes_per_token(model, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Cache bytes per token of every layer under kv_cache_dtype (a family without compressed caches is asked
+    the old way for "auto")."""
+    if kv_cache_dtype == "auto":
+        return model.kv_cache_bytes_per_token(dtype)
+    return model.kv_cache_bytes_per_token(dtype, kv_cache_dtype)
+
+
+def allocate_kv_cache(model, num_slots: int, dtype: torch.dtype, device, kv_cache_dtype: str = "auto") -> list:
+    if kv_cache_dtype == "auto":
+        return model.allocate_kv_cache(num_slots, dtype, device)
+    return model.allocate_kv_cache(num_slots, dtype, device, kv_cache_dtype)
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str, device, compile: bool) -> None:
+    """Where a compressed cache runs: not on MPS (no float8 there), not in the compiled CPU step."""
+    if kv_cache_dtype == "auto":
+        return
+    if device.type == "mps":
+        raise MoeEngineError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported on mps; use the CPU or CUDA, or "
+                             "kv_cache_dtype='auto'")
+    if compile:
+        raise MoeEngineError(f"compile=True does not support kv_cache_dtype={kv_cache_dtype!r} yet; leave one of "
+                             "them off")
 
 
 def check_compile(device) -> None:

@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 BENCHMARKS = {"decode": "moe_engine.bench.decode", "kernels": "moe_engine.bench.kernels",
               "tune": "moe_engine.bench.tune", "serve": "moe_engine.bench.serve",
-              "quant": "moe_engine.bench.quant_quality"}
+              "quant": "moe_engine.bench.quant_quality", "kv": "moe_engine.bench.kv"}
 
 
 class UsageError(Exception):
@@ -48,6 +48,9 @@ def build_parser() -> Parser:
                         help="on the CPU, compile decode steps with torch.compile: faster steps after a compile "
                              "of tens of seconds (cached on disk: seconds in later runs)")
     add_quant_arguments(common)
+    common.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "int8"),
+                        help="KV cache storage: auto (the model dtype), fp8 (e4m3) or int8, with a scale per token "
+                             "and head (MLA: per 128 latent values) set as each token is written")
     common.add_argument("--quiet", action="store_true", help="no loading bar (shown on a terminal) and no stats line")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
@@ -147,7 +150,8 @@ def llm_settings(args):
         print("compiling the decode step with torch.compile after loading (tens of seconds the first time, "
               "a few once torch has cached it)...", file=sys.stderr, flush=True)
     from moe_engine.config import EngineConfig
-    config = EngineConfig(cuda_graphs=graphs, compile=compile, **quant_settings(args))
+    config = EngineConfig(cuda_graphs=graphs, compile=compile, kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+                          **quant_settings(args))
     return resolve_model(args.model), device, dtype, config
 
 
@@ -253,7 +257,8 @@ def run_info(args) -> int:
     device, dtype = device_and_dtype(args)
     from moe_engine.config import EngineConfig
     quant = EngineConfig(**quant_settings(args)).quant_spec()
-    rows = describe(resolve_model(args.model), device, dtype, progress=show_progress(args), quant=quant)
+    rows = describe(resolve_model(args.model), device, dtype, progress=show_progress(args), quant=quant,
+                    kv_cache_dtype=args.kv_cache_dtype)
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")

@@ -8,6 +8,7 @@ import torch
 from kernels.quant import QuantizedWeight
 from model_defs.moe import MoEBlock
 from moe_engine.checkpoint import safetensors_files
+from moe_engine.llm import kv_bytes_per_token
 from moe_engine.loader import load_model
 from moe_engine.quantize import QuantSpec, held_weight, quantized_weights
 
@@ -100,7 +101,7 @@ def group_rows(model: torch.nn.Module) -> list[tuple[str, str]]:
 
 
 def describe(model_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool,
-             quant: QuantSpec | None = None) -> list[tuple[str, str]]:
+             quant: QuantSpec | None = None, kv_cache_dtype: str = "auto") -> list[tuple[str, str]]:
     """(label, value) rows for `moe-engine info`; the model is loaded so the counts are of real tensors."""
     model, cfg = load_model(model_dir, device, dtype, progress, quant=quant)
     args = model.args
@@ -121,9 +122,10 @@ def describe(model_dir: Path, device: torch.device, dtype: torch.dtype, progress
         rows.append(("experts", "none (dense model)"))
     rows.append(("parameters", f"{total:,} total ({_human(total)}), {active:,} active per token "
                                f"({_human(active)}, {100 * active / total:.1f}%)"))
-    kv, context = model.kv_cache_bytes_per_token(dtype), model.max_model_len
+    kv, context = kv_bytes_per_token(model, dtype, kv_cache_dtype), model.max_model_len
     dtype_name = str(dtype).removeprefix("torch.")
-    rows.append(("kv cache", f"{kv:,} bytes per token in {dtype_name} "
+    cache_name = dtype_name if kv_cache_dtype == "auto" else f"{kv_cache_dtype} (scales included)"
+    rows.append(("kv cache", f"{kv:,} bytes per token in {cache_name} "
                              f"({_human(kv * context, 'B')} for a full {context}-token context)"))
     held = parameter_bytes(model)[0]
     rows.append(("dtype", f"{dtype_name} on {device.type} "

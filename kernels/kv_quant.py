@@ -1,0 +1,174 @@
+"""Compressed KV cache: the layout a model declares, and fp8 e4m3 / int8 parts with float32 scales set at write."""
+
+from dataclasses import dataclass
+
+import torch
+
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")
+# Storage dtype and the largest magnitude a scaled value may take in it.
+_STORAGE = {"fp8": (torch.float8_e4m3fn, 448.0), "int8": (torch.int8, 127.0)}
+SCALE_DTYPE = torch.float32
+
+
+@dataclass(frozen=True)
+class CachePart:
+    """What one layer caches per token: `heads` rows of `width` values. A compressed part is held in the cache
+    dtype with one float32 scale per `group` values along the width; the others in the model dtype."""
+    name: str
+    heads: int
+    width: int
+    compressed: bool = True
+    group: int = 0                  # values per scale; 0: the whole width (one scale per token and head)
+
+    @property
+    def scales(self) -> int:
+        """Scales per token and head."""
+        return self.width // (self.group or self.width)
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """A model's KV cache, per token: its parts, how many layers hold them, the model dtype and the cache dtype
+    ("auto": every part in the model dtype). The bytes it counts are those allocated, scales included."""
+    parts: tuple[CachePart, ...]
+    num_layers: int
+    dtype: torch.dtype
+    kv_cache_dtype: str = "auto"
+
+    def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+
+    @property
+    def compressed(self) -> bool:
+        return self.kv_cache_dtype != "auto"
+
+    def part_bytes(self, part: CachePart) -> int:
+        """Bytes of one part per token and layer."""
+        if not (self.compressed and part.compressed):
+            return part.heads * part.width * self.dtype.itemsize
+        storage = _STORAGE[self.kv_cache_dtype][0]
+        return part.heads * (part.width * storage.itemsize + part.scales * SCALE_DTYPE.itemsize)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.num_layers * sum(self.part_bytes(p) for p in self.parts)
+
+
+def quantize(x: torch.Tensor, kv_cache_dtype: str, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (q [..., D] in the storage dtype, scale [..., D // group] float32): each group of values
+    scaled by its absolute maximum over the storage's largest value (int8 rounded to nearest)."""
+    storage, qmax = _STORAGE[kv_cache_dtype]
+    xs = x.float().unflatten(-1, (-1, group))                                # [..., G, group]
+    scale = xs.abs().amax(-1) / qmax                                         # [..., G]
+    y = xs / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    y = (y.round() if storage == torch.int8 else y).clamp(-qmax, qmax)
+    return y.to(storage).flatten(-2), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q [..., D], scale [..., G] -> [..., D] in dtype (computed in float32, rounded once)."""
+    group = q.shape[-1] // scale.shape[-1]
+    x = (q.float().unflatten(-1, (-1, group)) * scale[..., None]).flatten(-2)
+    return x if dtype == torch.float32 else x.to(dtype)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as bytes where it is fp8: the CPU has no index_copy_ for float8."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+@dataclass
+class QuantizedCache:
+    """One cache part held compressed: data [S, Hkv, D] (fp8 or int8) with scale [S, Hkv, D // group] float32,
+    and optionally tail [S, Hkv, R] in the model dtype: key columns after the data kept as they are (MLA's rope
+    key). It reads like the [S, Hkv, D + R] tensor it stands for: cache[slots] and cache.index_select(0, slots)
+    give those rows dequantised into `dtype`, so the torch references read it unchanged; values() is the
+    view of the data columns alone (MLA's value inside the key)."""
+    data: torch.Tensor
+    scale: torch.Tensor
+    kv_cache_dtype: str
+    dtype: torch.dtype                  # what reads dequantise into: the model's
+    tail: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls, num_slots: int, heads: int, width: int, group: int, kv_cache_dtype: str, dtype: torch.dtype,
+              device, tail_width: int = 0) -> "QuantizedCache":
+        storage = _STORAGE[kv_cache_dtype][0]
+        data = torch.zeros(num_slots, heads, width, dtype=storage, device=device)
+        scale = torch.zeros(num_slots, heads, width // group, dtype=SCALE_DTYPE, device=device)
+        tail = torch.zeros(num_slots, heads, tail_width, dtype=dtype, device=device) if tail_width else None
+        return cls(data, scale, kv_cache_dtype, dtype, tail)
+
+    @property
+    def width(self) -> int:
+        """Compressed columns per head (MLA: the latent, which is also the value)."""
+        return self.data.shape[-1]
+
+    @property
+    def group(self) -> int:
+        return self.data.shape[-1] // self.scale.shape[-1]
+
+    @property
+    def shape(self) -> torch.Size:
+        """As the keys read: [S, Hkv, D + R]."""
+        S, H, D = self.data.shape
+        return torch.Size((S, H, D + (0 if self.tail is None else self.tail.shape[-1])))
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.data.is_cuda
+
+    def data_ptr(self) -> int:
+        return self.data.data_ptr()
+
+    def stride(self, dim: int | None = None):
+        return self.data.stride() if dim is None else self.data.stride(dim)
+
+    def index_copy_(self, dim: int, slot_mapping: torch.Tensor, values: torch.Tensor) -> "QuantizedCache":
+        """As a tensor's: values [T, ...] (the head axis may be left out when there is one head) at slots."""
+        if dim != 0:
+            raise ValueError("a QuantizedCache is written along its slots (dim 0) only")
+        self.write(values.reshape(values.shape[0], *self.shape[1:]), slot_mapping)
+        return self
+
+    def values(self) -> "QuantizedCache":
+        """The same storage read as values: the data columns only [S, Hkv, D] (no tail)."""
+        return QuantizedCache(self.data, self.scale, self.kv_cache_dtype, self.dtype)
+
+    def write(self, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Rows slot_mapping [T] get values [T, Hkv, D + R]: the first D quantized (scales computed here), the
+        rest stored in the tail as they are."""
+        D = self.width
+        q, scale = quantize(values[..., :D], self.kv_cache_dtype, self.group)
+        _rows(self.data).index_copy_(0, slot_mapping, _rows(q))
+        self.scale.index_copy_(0, slot_mapping, scale)
+        if self.tail is not None:
+            self.tail.index_copy_(0, slot_mapping, values[..., D:].to(self.tail.dtype))
+
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots [...] -> the dequantised rows [..., Hkv, D + R] in self.dtype."""
+        flat = slots.reshape(-1)
+        q = _rows(self.data).index_select(0, flat).view(self.data.dtype)       # [N, Hkv, D]
+        x = dequantize(q, self.scale.index_select(0, flat), self.dtype)        # [N, Hkv, D]
+        if self.tail is not None:
+            x = torch.cat([x, self.tail.index_select(0, flat)], -1)            # [N, Hkv, D + R]
+        return x.view(*slots.shape, *x.shape[1:])
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        if dim != 0:
+            raise ValueError("a QuantizedCache is gathered along its slots (dim 0) only")
+        return self.gather(index)
+
+    def __getitem__(self, slots: torch.Tensor) -> torch.Tensor:
+        if not isinstance(slots, torch.Tensor):
+            raise TypeError("a QuantizedCache is read at a tensor of slots; its storage is .data/.scale/.tail")
+        return self.gather(slots)
+
+    def dequantized(self) -> torch.Tensor:
+        """The whole cache dequantised [S, Hkv, D + R] (for tests and references, never a kernel's path)."""
+        return self.gather(torch.arange(self.data.shape[0], device=self.device))
