@@ -4,6 +4,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from moe_engine.errors import MoeEngineError
+from moe_engine.speculative.config import SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,9 @@ class EngineConfig:
       CUDA runs the same static-buffer step eagerly, which is how the CPU tests check it).
     compile: on the CPU, decode steps through torch.compile (moe_engine.runners.compiled); a float32 model's
       routed experts and projections are then held in bfloat16 where every value is exact in it.
+    speculative_config: speculative decoding, vLLM's names: {"method": "ngram", "num_speculative_tokens": k,
+      "prompt_lookup_min": 1, "prompt_lookup_max": 4, "adaptive": True} (moe_engine.speculative.config);
+      stored as a SpeculativeConfig.
     """
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -29,8 +33,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cuda_graphs: bool | None = None
     compile: bool = False
+    speculative_config: "SpeculativeConfig | dict | None" = None
 
     def __post_init__(self):
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.of(self.speculative_config))
         limits = {"block_size": 1, "max_num_seqs": 1, "max_num_batched_tokens": 1, "max_model_len": 2,
                   "num_kv_blocks": 1, "kv_cache_bytes": 1}
         for name, low in limits.items():

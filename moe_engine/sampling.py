@@ -74,6 +74,20 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, seen: list[int],
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return int(logits.argmax())
+    return int(torch.multinomial(_settings_probs(logits, params).cpu(), 1, generator=generator))
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams, seen: list[int]) -> torch.Tensor:
+    """The distribution sample_token draws from (not renormalised: its mass is what top_p/min_p kept),
+    logits [V] -> probs [V] float32; a greedy request's is one-hot on its argmax."""
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).float()
+    return _settings_probs(logits, params)
+
+
+def _settings_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Penalised logits [V] -> probabilities [V] after temperature, top_k, min_p and top_p."""
     logits = logits / params.temperature
     if params.top_k:
         kth = logits.topk(min(params.top_k, logits.numel())).values[-1]
@@ -86,4 +100,4 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, seen: list[int],
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p * sorted_probs.sum()
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return probs
