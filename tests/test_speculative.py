@@ -151,6 +151,21 @@ def test_never_slower_control():
     good = RequestControl(accepted=9.5, trials=10.0)          # a = 0.95: E(3) = 3.7 tokens > 3
     assert choose_k(good, costs, 3, 2, step=1) == 3
     assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-12
+    # Paused, the drafts it would have proposed are scored against the tokens that came: a run of matches
+    # raises the rate until speculation pays again, before the pause is over.
+    step = ctl.paused_until - 12                              # inside the (16-step) pause
+    while choose_k(ctl, costs, 3, 2, step) == 0 and step < ctl.paused_until:
+        ctl.shadow, ctl.shadow_at = [1, 2, 3], 10
+        ctl.observe([0] * 10 + [1, 2])                        # not yet told: kept
+        assert ctl.shadow
+        ctl.observe([0] * 10 + [1, 2, 3])
+        assert not ctl.shadow
+        step += 1
+    assert step < ctl.paused_until and ctl.rate > 0.6
+    ctl.shadow, ctl.shadow_at = [1, 2, 3], 0
+    before = ctl.trials
+    ctl.observe([1, 5])                                       # rejected at the 2nd: 1 accepted, 1 rejection
+    assert not ctl.shadow and abs(ctl.trials - (0.8 * before + 2)) < 1e-9
 
 
 def test_accept_greedy():

@@ -14,7 +14,7 @@ DEFAULT_MODEL = "weights/tiny-mixtral"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 BENCHMARKS = {"decode": "moe_engine.bench.decode", "kernels": "moe_engine.bench.kernels",
-              "tune": "moe_engine.bench.tune", "serve": "moe_engine.bench.serve"}
+              "tune": "moe_engine.bench.tune", "serve": "moe_engine.bench.serve", "spec": "moe_engine.bench.spec"}
 
 
 class UsageError(Exception):

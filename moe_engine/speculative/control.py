@@ -7,7 +7,7 @@ decode step and T_v(k) that of a verify step (both shared by all requests, per b
 E(k) * T_p > T_v(k). Cascade (arXiv 2506.20675) bounds MoE speculation's slowdown the same way.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DECAY = 0.8                  # weight of the past in the step-time and acceptance averages
 PRIOR_ACCEPTED, PRIOR_TRIALS = 1.0, 2.0   # a = 0.5 before a request has verified anything
@@ -54,12 +54,16 @@ class StepCosts:
 
 @dataclass
 class RequestControl:
-    """One request's speculation state: its acceptance averages and when it may speculate again."""
+    """One request's speculation state: its acceptance averages, when it may speculate again, and while it
+    does not, the drafts it would have proposed (scored against the tokens that came instead: for n-gram
+    drafts a match is exactly an acceptance, greedy or sampled, so the rate stays measured for free)."""
     accepted: float = PRIOR_ACCEPTED
     trials: float = PRIOR_TRIALS
     paused_until: int = 0
     pause: int = FIRST_PAUSE
-    k: int = 0                 # the k chosen last (0: paused)
+    k: int = 1                 # the k chosen last (0: paused; a new request counts as speculating)
+    shadow: list[int] = field(default_factory=list)   # drafts not verified, proposed when it had shadow_at tokens
+    shadow_at: int = 0
 
     @property
     def rate(self) -> float:
@@ -70,24 +74,35 @@ class RequestControl:
         self.accepted = DECAY * self.accepted + num_accepted
         self.trials = DECAY * self.trials + num_accepted + (num_accepted < num_drafts)
 
+    def observe(self, ids: list[int]) -> None:
+        """Score the shadow drafts against the tokens that followed them, once those tell."""
+        if not self.shadow:
+            return
+        got = ids[self.shadow_at:self.shadow_at + len(self.shadow)]
+        a = next((i for i, (g, d) in enumerate(zip(got, self.shadow)) if g != d), len(got))
+        if a < len(got) or len(got) == len(self.shadow):
+            self.update(len(self.shadow), a)
+            self.shadow = []
+
 
 def choose_k(ctl: RequestControl, costs: StepCosts, k_max: int, bs: int, step: int) -> int:
-    """How many drafts the request proposes this step (0: none)."""
-    if step < ctl.paused_until:
-        return 0
+    """How many drafts the request proposes this step (0: none). Where no k pays, speculation pauses
+    (doubling pauses); it resumes as soon as the measured rate says it pays, or for one probing verify
+    step when the pause is over (the verify cost is measured again)."""
     plain = costs.plain_time(bs)
     if plain is None:
         ctl.k = k_max
         return k_max
     gain, k = max((expected_tokens(ctl.rate, k) * plain / costs.verify_time(bs, k, plain), k)
                   for k in range(1, k_max + 1))
-    if gain < 1.0:
-        probing = ctl.k == 0 and step >= ctl.paused_until and ctl.paused_until > 0
-        if not probing:       # pause; when the pause is over, one verify step measures again
-            ctl.k, ctl.paused_until = 0, step + ctl.pause
-            ctl.pause = min(2 * ctl.pause, LONGEST_PAUSE)
-            return 0
-    else:
-        ctl.pause = FIRST_PAUSE
-    ctl.k = k
+    if gain >= 1.0:
+        ctl.pause, ctl.k = FIRST_PAUSE, k
+        return k
+    if ctl.k > 0:                       # it just stopped paying: pause
+        ctl.k, ctl.paused_until = 0, step + ctl.pause
+        ctl.pause = min(2 * ctl.pause, LONGEST_PAUSE)
+        return 0
+    if step < ctl.paused_until:
+        return 0
+    ctl.k = k                           # the pause is over: one probe
     return k

@@ -18,6 +18,9 @@ class Speculator:
         self.config = config
         self.costs = StepCosts()          # measured step times, shared by every request
         self.num_steps = 0
+        self.verify_steps = 0             # steps that verified drafts
+        self.verified = 0                 # sequence-steps that verified drafts ...
+        self.verified_tokens = 0          # ... and the tokens they emitted (accepted + the target's own)
 
     def propose(self, running: list) -> None:
         """Before scheduling: drafts for each running sequence that is decoding and speculates."""
@@ -29,12 +32,18 @@ class Speculator:
                 continue
             if seq.spec_control is None:
                 seq.spec_control = RequestControl()
-            k = (choose_k(seq.spec_control, self.costs, c.num_speculative_tokens, len(running), self.num_steps)
-                 if c.adaptive else c.num_speculative_tokens)
+            ctl, ids = seq.spec_control, seq.all_ids
+            k = c.num_speculative_tokens
+            if c.adaptive:
+                ctl.observe(ids)
+                k = choose_k(ctl, self.costs, k, len(running), self.num_steps)
             # Never past max_tokens (the step also emits the target's own token) or the longest context.
             k = min(k, seq.params.max_tokens - len(seq.output_ids) - 1, seq.max_len - seq.num_tokens)
             if k >= 1:
-                seq.draft_ids = propose_ngram(seq.all_ids, k, c.prompt_lookup_min, c.prompt_lookup_max)
+                seq.draft_ids = propose_ngram(ids, k, c.prompt_lookup_min, c.prompt_lookup_max)
+            elif c.adaptive and not ctl.shadow:     # not verified: what it would have drafted, to score later
+                ctl.shadow = propose_ngram(ids, c.num_speculative_tokens, c.prompt_lookup_min, c.prompt_lookup_max)
+                ctl.shadow_at = len(ids)
 
     def record(self, batch, seconds: float) -> None:
         """The measured time of a step (plain decode, verify, or neither when it prefilled)."""
@@ -61,6 +70,8 @@ class Speculator:
             emitted += [(seq, [t], r) for seq, t, r in zip(plain, tokens, plain_rows)]
         for seq, r, d in groups:
             emitted.append((seq, self.accept(seq, logits[r:r + 1 + len(d)], d), r))
+        self.verify_steps += 1
+        self.verified += len(groups)
         produced = []
         for seq, tokens, r in emitted:
             d = drafts_of[seq]
@@ -75,6 +86,7 @@ class Speculator:
             if seq.logprobs is not None:
                 engine._record_logprobs(logits[r:r + len(kept)], [seq] * len(kept), kept)
             if d:
+                self.verified_tokens += len(kept)
                 accepted = len(tokens) - 1
                 seq.num_draft_tokens += len(d)
                 seq.num_accepted_tokens += min(accepted, len(kept))
