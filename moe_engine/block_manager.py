@@ -90,6 +90,16 @@ class BlockManager:
         while len(seq.blocks) < blocks_for(seq.num_cached + num_new_tokens, self.block_size):
             seq.blocks.append(self._take())
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past the first num_tokens entries (a speculative step's rejected drafts):
+        they hold no accepted entry and were never registered as prefixes."""
+        keep = blocks_for(num_tokens, self.block_size)
+        while len(seq.blocks) > keep:
+            block = seq.blocks.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a forward: blocks whose every entry is now written become reusable prefixes."""
         if not self.enable_prefix_caching:

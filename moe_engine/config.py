@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from kernels.kv_quant import KV_CACHE_DTYPES
 from moe_engine.errors import MoeEngineError
 from moe_engine.quantize import QuantSpec
+from moe_engine.speculative.config import SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class EngineConfig:
       quant_clip_search=False rounds to nearest instead of searching each group's range.
     kv_cache_dtype: "auto" (the model dtype), "fp8" (e4m3) or "int8": keys and values (MLA: the latent) held
       compressed with float32 scales computed as each token is written (kernels.kv_quant).
+    speculative_config: speculative decoding, vLLM's names: {"method": "ngram", "num_speculative_tokens": k,
+      "prompt_lookup_min": 1, "prompt_lookup_max": 4, "adaptive": True} (moe_engine.speculative.config);
+      stored as a SpeculativeConfig.
     """
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -45,8 +49,10 @@ class EngineConfig:
     quantize_dense_mlp: bool = False
     quant_clip_search: bool = True
     kv_cache_dtype: str = "auto"
+    speculative_config: "SpeculativeConfig | dict | None" = None
 
     def __post_init__(self):
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.of(self.speculative_config))
         limits = {"block_size": 1, "max_num_seqs": 1, "max_num_batched_tokens": 1, "max_model_len": 2,
                   "num_kv_blocks": 1, "kv_cache_bytes": 1}
         for name, low in limits.items():

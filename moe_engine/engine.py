@@ -1,5 +1,7 @@
 """The engine loop: schedule a step, run the model once over the flat batch, sample, finish requests."""
 
+import time
+
 import torch
 
 from moe_engine.block_manager import BlockManager, blocks_for
@@ -13,7 +15,7 @@ from moe_engine.sequence import Sequence
 class Engine:
     def __init__(self, model, runner: StepRunner, num_blocks: int, block_size: int, device,
                  tokenizer=None, max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True, eos_ids: set[int] | None = None):
+                 enable_prefix_caching: bool = True, eos_ids: set[int] | None = None, speculative=None):
         self.model, self.block_size, self.device = model, block_size, device
         self.runner = runner                   # the one seam a model step goes through (moe_engine.runners)
         self.tokenizer = tokenizer
@@ -21,6 +23,10 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.routing_hook = None        # set by LLM.trace_routing / override_routing while active
+        self.spec = None                # speculative decoding (moe_engine.speculative), from a SpeculativeConfig
+        if speculative is not None:
+            from moe_engine.speculative import Speculator
+            self.spec = Speculator(speculative)
 
     def check_fits(self, seq: Sequence) -> None:
         """Refuse up front a request that could never finish even with the whole cache to itself."""
@@ -47,16 +53,24 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[tuple[Sequence, int]]:
-        """One forward over the scheduled batch; (sequence, new token) for each that produced one, and
-        (sequence, None) for one whose sampling or text failed: it alone ends, finish_reason "error"."""
+        """One forward over the scheduled batch; (sequence, new token) for each token produced (several
+        for a sequence whose drafts were accepted), and (sequence, None) for one whose sampling or text
+        failed: it alone ends, finish_reason "error"."""
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if not batch:
             if self.has_work():   # never spin: a stuck queue is a bug to report, not a hang
                 raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.waiting)} waiting and "
                                    f"{len(self.scheduler.running)} running requests")
             return []
+        started = time.perf_counter()
         sampled = [s for s, n in zip(batch.seqs, batch.num_tokens) if s.num_cached + n == s.num_tokens]
         logits, greedy = self.forward(batch)                                 # [N, V], N = len(sampled)
+        if batch.drafts:    # a verify step: 1 + k rows for each sequence with k drafts
+            produced = self.spec.verify(self, batch, sampled, logits)
+            self.spec.record(batch, time.perf_counter() - started)
+            return produced
         tokens = self.sample(logits, sampled, greedy)
         if any(s.logprobs is not None for s in sampled):
             self._record_logprobs(logits, sampled, tokens)      # a failed sample (an Exception) records nothing
@@ -73,6 +87,8 @@ class Engine:
             if seq.finished:
                 self.scheduler.finish(seq)
             produced.append((seq, token))
+        if self.spec is not None:
+            self.spec.record(batch, time.perf_counter() - started)
         return produced
 
     def fail(self, seq: Sequence, error: Exception) -> None:

@@ -37,6 +37,8 @@ class RequestOutput:
     finish_reason: str              # "stop" (EOS or a stop string), "length", or "error"
     error: str | None = None        # why the request was refused (finish_reason "error")
     num_preemptions: int = 0
+    num_draft_tokens: int = 0       # speculative drafts verified for it
+    num_accepted_tokens: int = 0    # ... and of those accepted
 
 
 class LLM:
@@ -47,8 +49,8 @@ class LLM:
                  progress: bool = False, **kwargs):
         """kwargs: EngineConfig's fields (block_size, num_kv_blocks, kv_cache_bytes, gpu_memory_utilization,
         max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, cuda_graphs, compile,
-        kv_cache_dtype),
-        or a whole `config`; any other keyword goes to the model (e.g. absorb="never" for MLA)."""
+        kv_cache_dtype, speculative_config), or a whole `config`; any other keyword goes to the model (e.g.
+        absorb="never" for MLA)."""
         if not isinstance(model, (str, os.PathLike)):
             raise MoeEngineError(f"model must be a folder path (str or Path), got {type(model).__name__}; "
                                  "for a model object use LLM.from_model")
@@ -126,7 +128,7 @@ class LLM:
             runner.static.warm_up(1)     # bucket 1 compiles now: a compiler that cannot build it fails while loading
         self.engine = Engine(model, runner, num_blocks, block_size, device, tokenizer,
                              config.max_num_seqs, config.max_num_batched_tokens, config.enable_prefix_caching,
-                             eos_ids=_eos_ids(tokenizer, hf_config))
+                             eos_ids=_eos_ids(tokenizer, hf_config), speculative=config.speculative_config)
         self._next_id = 0
         self.last_stats: dict = {}          # of the latest stream(): prompt/generated tokens, seconds
         self.last_output: Sequence | None = None
@@ -213,7 +215,9 @@ class LLM:
                 outputs.append(RequestOutput(-1, text, list(ids), "", [], "error", str(s)))
             else:
                 outputs.append(RequestOutput(s.request_id, text, s.prompt_ids, s.text, s.output_ids,
-                                             s.finish_reason, s.error, num_preemptions=s.num_preemptions))
+                                             s.finish_reason, s.error, num_preemptions=s.num_preemptions,
+                                             num_draft_tokens=s.num_draft_tokens,
+                                             num_accepted_tokens=s.num_accepted_tokens))
         return outputs
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None) -> list[RequestOutput]:
@@ -252,6 +256,7 @@ class LLM:
             # stream) may have moved this sequence on, or finished it; its text is shown all the same.
             while True:
                 stats["generated_tokens"] = len(seq.output_ids)
+                stats["draft_tokens"], stats["accepted_tokens"] = seq.num_draft_tokens, seq.num_accepted_tokens
                 ready = len(seq.text) if seq.finished else _stable_len(seq.text, seq.params.stop)
                 if ready > sent:
                     yield seq.text[sent:ready]

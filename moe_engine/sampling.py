@@ -115,9 +115,31 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, seen: list[int],
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return int(torch.nan_to_num(logits, nan=-math.inf).argmax())
+    probs = _settings_probs(logits, params)                            # [V] float64 on the CPU
+    if probs is None:
+        return 0
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams, seen: list[int]) -> torch.Tensor:
+    """The distribution sample_token draws from (not renormalised: its mass is what top_p/min_p kept),
+    logits [V] -> probs [V] float32 on the CPU; a greedy request's is one-hot on its argmax."""
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        best = torch.nan_to_num(logits, nan=-math.inf).argmax().cpu()
+        return torch.nn.functional.one_hot(best, logits.numel()).float()
+    probs = _settings_probs(logits, params)
+    if probs is None:                                                  # every logit -inf/NaN: token 0
+        return torch.nn.functional.one_hot(torch.tensor(0), logits.numel()).float()
+    return probs.float()
+
+
+def _settings_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor | None:
+    """Penalised logits [V] -> probabilities [V] (float64, CPU) after temperature, top_k, min_p and top_p;
+    None when no token has a finite or +inf logit."""
     scaled = _scaled(logits, params.temperature)                       # [V] float64, max 0
     if scaled is None:
-        return 0
+        return None
     if params.top_k:
         kth = scaled.topk(min(params.top_k, scaled.numel())).values[-1]
         scaled = scaled.masked_fill(scaled < kth, -math.inf)
@@ -133,5 +155,5 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, seen: list[int],
         drop[0] = False
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
     if not (torch.isfinite(probs).all() and probs.sum() > 0):          # never expected; never a raise
-        return int(scaled.argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return torch.nn.functional.one_hot(scaled.argmax(), scaled.numel()).double()
+    return probs

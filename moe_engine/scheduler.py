@@ -9,7 +9,7 @@ is dropped, and nothing new is admitted in a step that had to preempt.
 """
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moe_engine.block_manager import BlockManager, blocks_for
 from moe_engine.sequence import Sequence
@@ -18,7 +18,8 @@ from moe_engine.sequence import Sequence
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]
-    num_tokens: list[int]          # tokens each sequence feeds this step (1 for decode)
+    num_tokens: list[int]          # tokens each sequence feeds this step (1 for decode), drafts not counted
+    drafts: list[list[int]] = field(default_factory=list)   # empty, or per sequence the drafts fed after them
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
@@ -81,12 +82,29 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
-        self.num_scheduled_tokens += sum(batch.num_tokens)
+        if any(s.draft_ids for s in batch.seqs):
+            budget = self._add_drafts(batch, budget)
+        self.num_scheduled_tokens += sum(batch.num_tokens) + sum(map(len, batch.drafts))
         return batch
+
+    def _add_drafts(self, batch: ScheduledBatch, budget: int) -> int:
+        """Last, with what the token budget and the free blocks leave (drafts never preempt anyone nor keep
+        a request waiting): each decoding sequence's proposed drafts, fed after its last token."""
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            d, seq.draft_ids = seq.draft_ids, []
+            if not d or n != 1 or seq.num_cached + 1 != seq.num_tokens:
+                d = []
+            d = d[:max(0, min(budget, self.blocks.room(seq) - 1))]
+            if d:
+                self.blocks.grow(seq, 1 + len(d))
+                budget -= len(d)
+            batch.drafts.append(d)
+        return budget
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.release(seq)
+        seq.draft_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

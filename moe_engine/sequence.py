@@ -28,6 +28,11 @@ class Sequence:
     num_prompt_cached: int = 0                      # prompt tokens found in the prefix cache when first admitted
     logprobs: int | None = None                     # set: record each output token's log-probability and
     token_logprobs: list = field(default_factory=list)  # ... this many alternatives: (logp, [(id, logp)])
+    speculative: bool = True                        # may propose drafts (where the engine speculates)
+    draft_ids: list[int] = field(default_factory=list)  # drafts proposed for the next step (moe_engine.speculative)
+    spec_control: object = None                     # its never-slower state (speculative.control.RequestControl)
+    num_draft_tokens: int = 0                       # drafts verified so far
+    num_accepted_tokens: int = 0                    # ... and of those accepted
 
     @property
     def all_ids(self) -> list[int]:

@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 BENCHMARKS = {"decode": "moe_engine.bench.decode", "kernels": "moe_engine.bench.kernels",
               "tune": "moe_engine.bench.tune", "serve": "moe_engine.bench.serve",
-              "quant": "moe_engine.bench.quant_quality", "kv": "moe_engine.bench.kv"}
+              "quant": "moe_engine.bench.quant_quality", "kv": "moe_engine.bench.kv", "spec": "moe_engine.bench.spec"}
 
 
 class UsageError(Exception):
@@ -65,15 +65,20 @@ def build_parser() -> Parser:
     sampling.add_argument("--stop", action="append", default=[], metavar="TEXT",
                           help="stop when this text appears (repeatable)")
 
+    spec = Parser(add_help=False)
+    spec.add_argument("--speculative", metavar="METHOD[:K]", default=None,
+                      help="speculative decoding: ngram (prompt lookup over the request's own tokens) with K "
+                           "drafts a step (default 3), e.g. ngram:5")
+
     parser = Parser(prog="moe-engine", description="A Mixture-of-Experts LLM inference engine.")
     from moe_engine import __version__
     parser.add_argument("--version", action="version", version=f"moe-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,info,bench,routing,quantize,serve}")
-    gen = sub.add_parser("generate", parents=[common, sampling], help="complete a prompt, streaming to stdout",
+    gen = sub.add_parser("generate", parents=[common, sampling, spec], help="complete a prompt, streaming to stdout",
                          description="Complete a prompt; the text streams to stdout, a tokens/s line to stderr.")
     gen.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     gen.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt first")
-    sub.add_parser("chat", parents=[common, sampling], help="interactive multi-turn chat (REPL)",
+    sub.add_parser("chat", parents=[common, sampling, spec], help="interactive multi-turn chat (REPL)",
                    description="Chat with a model; /help inside lists the commands.")
     sub.add_parser("info", parents=[common], help="architecture, experts, parameter counts, KV-cache cost",
                    description="Load a model and describe it.")
@@ -150,8 +155,11 @@ def llm_settings(args):
         print("compiling the decode step with torch.compile after loading (tens of seconds the first time, "
               "a few once torch has cached it)...", file=sys.stderr, flush=True)
     from moe_engine.config import EngineConfig
+    from moe_engine.speculative import parse_speculative
+    speculative = getattr(args, "speculative", None)
+    spec = parse_speculative(speculative) if speculative else None
     config = EngineConfig(cuda_graphs=graphs, compile=compile, kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
-                          **quant_settings(args))
+                          speculative_config=spec, **quant_settings(args))
     return resolve_model(args.model), device, dtype, config
 
 
@@ -232,6 +240,9 @@ def run_generate(args) -> int:
         n, seconds = stats["generated_tokens"], stats["seconds"]
         finish = getattr(llm.last_output, "finish_reason", "?")
         first = f", first token after {first_at:.2f} s" if first_at is not None else ""
+        if stats.get("draft_tokens"):
+            first += (f"; drafts accepted {stats['accepted_tokens']}/{stats['draft_tokens']} "
+                      f"({stats['accepted_tokens'] / stats['draft_tokens']:.0%})")
         print(f"[{n} tokens in {seconds:.2f} s: {n / seconds if seconds else 0:.1f} tokens/s{first}; prompt "
               f"{stats['prompt_tokens']} tokens; finish: {finish}; {llm.device.type} "
               f"{str(llm.dtype).removeprefix('torch.')}]", file=sys.stderr)

@@ -116,6 +116,8 @@ class Chat:
         s = self.last
         rate = s["generated_tokens"] / s["seconds"] if s["seconds"] > 0 else 0.0
         first = f", first token after {s['first_token_s']:.2f} s" if s["first_token_s"] is not None else ""
+        if s.get("draft_tokens"):
+            first += f", drafts accepted {s['accepted_tokens']}/{s['draft_tokens']}"
         pool, size = self.llm.engine.blocks, self.llm.block_size
         capacity = (f"; {pool.num_free * size:,} of {pool.num_blocks * size:,} cache slots free now"
                     f"; {pool.prefix_hits} blocks reused from the prefix cache so far")

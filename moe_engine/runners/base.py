@@ -9,6 +9,7 @@ from moe_engine.scheduler import ScheduledBatch
 
 class StepOutput(NamedTuple):
     logits: torch.Tensor                 # [N, V] float32: one row per sequence that samples, in batch order
+                                         # (1 + k rows, its last token's and its k drafts', where it has drafts)
     greedy: torch.Tensor | None          # [N] their argmax where the runner took it already, else None
 
 

@@ -15,16 +15,23 @@ class EagerRunner:
         self.max_model_len = max_model_len     # bounds every context: attention launches sized once
 
     def run(self, batch: ScheduledBatch, hook=None) -> StepOutput:
-        ids, positions, context_lens, owners = [], [], [], []
-        for seq, n in zip(batch.seqs, batch.num_tokens):
+        """A sequence with drafts (batch.drafts) feeds them after its last token and gets a row of logits
+        at each of those 1 + k positions."""
+        ids, positions, context_lens, owners, query_lens = [], [], [], [], []
+        drafts = batch.drafts or [()] * len(batch.seqs)
+        for seq, n, d in zip(batch.seqs, batch.num_tokens, drafts):
             ids += seq.all_ids[seq.num_cached:seq.num_cached + n]
-            positions += range(seq.num_cached, seq.num_cached + n)
-            context_lens.append(seq.num_cached + n)
-            owners += [seq.request_id] * n
-        meta = AttentionMetadata.build([s.blocks for s in batch.seqs], context_lens, batch.num_tokens,
+            ids += d
+            q = n + len(d)
+            positions += range(seq.num_cached, seq.num_cached + q)
+            context_lens.append(seq.num_cached + q)
+            query_lens.append(q)
+            owners += [seq.request_id] * q
+        meta = AttentionMetadata.build([s.blocks for s in batch.seqs], context_lens, query_lens,
                                        self.block_size, self.device, self.max_model_len)
-        rows = [meta.query_start_loc[i + 1] - 1 for i, (s, ctx) in enumerate(zip(batch.seqs, context_lens))
-                if ctx == s.num_tokens]
+        rows = [r for i, (s, ctx, d) in enumerate(zip(batch.seqs, context_lens, drafts))
+                if ctx - len(d) == s.num_tokens
+                for r in range(meta.query_start_loc[i + 1] - 1 - len(d), meta.query_start_loc[i + 1])]
         hidden = self.forward(ids, positions, owners, meta, self.kv_caches, hook)      # [T, D]
         with torch.inference_mode():
             if len(rows) < hidden.shape[0]:     # some rows are prompt tokens that sample nothing

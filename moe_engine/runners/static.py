@@ -128,7 +128,7 @@ class DecodeRunner:
         self.kv_caches = eager.kv_caches
 
     def serves(self, batch: ScheduledBatch, hook) -> bool:
-        return (hook is None and len(batch.seqs) <= self.static.rows
+        return (hook is None and len(batch.seqs) <= self.static.rows and not batch.drafts
                 and all(n == 1 and s.num_cached + 1 == s.num_tokens for s, n in zip(batch.seqs, batch.num_tokens)))
 
     def run(self, batch: ScheduledBatch, hook=None) -> StepOutput:
