@@ -33,6 +33,45 @@ def workloads(llm: LLM, model: str, count: int, snippet_tokens: int) -> dict[str
     return {"plain": snippets, "edit": [s + ask for s in snippets]}
 
 
+class ExpertCounter:
+    """A routing hook that routes as usual and counts, per MoE layer, the distinct experts each decoding
+    sequence's rows touch in a step: 1 row in a plain step (top_k experts), 1 + k in a verify step."""
+
+    def __init__(self, most_rows: int):
+        self.most_rows = most_rows
+        self.by_rows: dict[int, list[int]] = {}      # rows of a sequence -> distinct experts per layer seen
+        self.groups: list[torch.Tensor] = []
+
+    def begin_step(self, owners: list[int], token_ids: list[int], positions: list[int]) -> None:
+        starts = [i for i in range(len(owners)) if i == 0 or owners[i] != owners[i - 1]] + [len(owners)]
+        spans = list(zip(starts, starts[1:]))
+        # a step with a prefill chunk longer than a verify step is left out
+        self.groups = [] if any(b - a > self.most_rows for a, b in spans) else spans
+
+    def route(self, moe_index, router_logits, cfg, bias):
+        from model_defs.moe import route
+        topk_weights, topk_ids = route(router_logits, cfg, bias)            # [T, k] each
+        for a, b in self.groups:
+            self.by_rows.setdefault(b - a, []).append(int(topk_ids[a:b].unique().numel()))
+        return topk_weights, topk_ids
+
+    def summary(self) -> dict[int, float]:
+        """rows per sequence -> mean distinct experts per MoE layer."""
+        return {rows: sum(v) / len(v) for rows, v in sorted(self.by_rows.items())}
+
+
+def distinct_experts(llm: LLM, config: SpeculativeConfig, prompts: list[list[int]], batch: int,
+                     params: SamplingParams) -> dict[int, float]:
+    """An untimed run with the expert counter on."""
+    counter = ExpertCounter(1 + config.num_speculative_tokens)
+    llm.engine.routing_hook = counter
+    try:
+        run_method(llm, config, prompts, batch, params)
+    finally:
+        llm.engine.routing_hook = None
+    return counter.summary()
+
+
 def run_method(llm: LLM, config: SpeculativeConfig | None, prompts: list[list[int]], batch: int,
                params: SamplingParams) -> dict:
     """Generate for prompts in groups of `batch` with this speculative config; time and counts."""
@@ -72,11 +111,15 @@ def measure(llm: LLM, model: str, batches: list[int], k: int, max_tokens: int, s
                     if name not in best or row["seconds"] < best[name]["seconds"]:
                         best[name] = row
             base = best["none"]
+            experts = distinct_experts(llm, methods[f"ngram:{k}/forced"], prompts, batch, params)
+            print(f"{model:14s} {workload:5s} batch {batch}  distinct experts per MoE layer by rows per sequence: "
+                  + ", ".join(f"{r}: {e:.2f}" for r, e in experts.items()), flush=True)
             for name, row in best.items():
                 out = {"model": model, "workload": workload, "batch": batch, "method": name,
                        "prompts": len(prompts), "tok_s": row["tokens"] / row["seconds"],
                        "speedup": base["seconds"] / row["seconds"],
                        "same_tokens_as_none": row["token_ids"] == base["token_ids"],
+                       "distinct_experts_by_rows": experts,
                        **{key: v for key, v in row.items() if key != "token_ids"}}
                 if row["draft_tokens"]:
                     out["acceptance"] = row["accepted_tokens"] / row["draft_tokens"]
