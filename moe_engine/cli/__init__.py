@@ -181,7 +181,9 @@ def run_chat(args) -> int:
 def run_info(args) -> int:
     from moe_engine.cli.info import describe
     device, dtype = device_and_dtype(args)
-    rows = describe(resolve_model(args.model), device, dtype, progress=show_progress(args))
+    from moe_engine.device import default_dtype
+    why = "picked because " + default_dtype(device)[1] if args.dtype in (None, "auto") else "as --dtype asked"
+    rows = describe(resolve_model(args.model), device, dtype, progress=show_progress(args), dtype_reason=why)
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")

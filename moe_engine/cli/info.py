@@ -51,7 +51,8 @@ def _attention_line(args) -> str:
     return f"{kind}, {heads} query heads, {kv_heads} KV heads, head dim {head_dim}"
 
 
-def describe(model_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool) -> list[tuple[str, str]]:
+def describe(model_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool,
+             dtype_reason: str | None = None) -> list[tuple[str, str]]:
     """(label, value) rows for `moe-engine info`; the model is loaded so the counts are of real tensors."""
     model, cfg = load_model(model_dir, device, dtype, progress)
     args = model.args
@@ -76,7 +77,8 @@ def describe(model_dir: Path, device: torch.device, dtype: torch.dtype, progress
     dtype_name = str(dtype).removeprefix("torch.")
     rows.append(("kv cache", f"{kv:,} bytes per token in {dtype_name} "
                              f"({_human(kv * context, 'B')} for a full {context}-token context)"))
-    rows.append(("dtype", f"{dtype_name} on {device.type} "
+    picked = f", {dtype_reason}" if dtype_reason else ""
+    rows.append(("dtype", f"{dtype_name} on {device.type}{picked} "
                           f"(checkpoint: {cfg.get('torch_dtype', 'not stated')}), "
                           f"{_human(total * torch.finfo(dtype).bits // 8, 'B')} of weights"))
     files = safetensors_files(model_dir)
