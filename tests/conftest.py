@@ -11,6 +11,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# The parity tests compare against transformers in float32: on a CPU with native bf16 the default would
+# be bfloat16, so the suite (and the CLI processes it starts, which inherit this) asks for float32.
+os.environ.setdefault("MOE_ENGINE_DTYPE", "float32")
+
 # Tiny models: one thread per process is as fast and does not thrash when the 2 cores are shared.
 torch.set_num_threads(1)
 

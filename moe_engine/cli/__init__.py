@@ -267,9 +267,11 @@ def run_info(args) -> int:
     from moe_engine.cli.info import describe
     device, dtype = device_and_dtype(args)
     from moe_engine.config import EngineConfig
+    from moe_engine.device import default_dtype
     quant = EngineConfig(**quant_settings(args)).quant_spec()
+    why = "picked because " + default_dtype(device)[1] if args.dtype in (None, "auto") else "as --dtype asked"
     rows = describe(resolve_model(args.model), device, dtype, progress=show_progress(args), quant=quant,
-                    kv_cache_dtype=args.kv_cache_dtype)
+                    kv_cache_dtype=args.kv_cache_dtype, dtype_reason=why)
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")

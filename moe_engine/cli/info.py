@@ -101,7 +101,8 @@ def group_rows(model: torch.nn.Module) -> list[tuple[str, str]]:
 
 
 def describe(model_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool,
-             quant: QuantSpec | None = None, kv_cache_dtype: str = "auto") -> list[tuple[str, str]]:
+             quant: QuantSpec | None = None, kv_cache_dtype: str = "auto",
+             dtype_reason: str | None = None) -> list[tuple[str, str]]:
     """(label, value) rows for `moe-engine info`; the model is loaded so the counts are of real tensors."""
     model, cfg = load_model(model_dir, device, dtype, progress, quant=quant)
     args = model.args
@@ -128,7 +129,8 @@ def describe(model_dir: Path, device: torch.device, dtype: torch.dtype, progress
     rows.append(("kv cache", f"{kv:,} bytes per token in {cache_name} "
                              f"({_human(kv * context, 'B')} for a full {context}-token context)"))
     held = parameter_bytes(model)[0]
-    rows.append(("dtype", f"{dtype_name} on {device.type} "
+    picked = f", {dtype_reason}" if dtype_reason else ""
+    rows.append(("dtype", f"{dtype_name} on {device.type}{picked} "
                           f"(checkpoint: {cfg.get('torch_dtype', 'not stated')}), "
                           f"{_human(held, 'B')} of weights held"))
     rows.append(("weights", "format and bytes held per group of tensors:"))
