@@ -41,7 +41,8 @@ def build_parser() -> Parser:
                              "(default: $MOE_ENGINE_MODEL or %(default)s)")
     common.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
     common.add_argument("--dtype", default="auto",
-                        help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA, float16 on MPS)")
+                        help="float32, bfloat16 or float16 (auto: bfloat16 on CUDA and on CPUs with native bf16, else "
+                             "float32; float16 on MPS; `moe-engine info` says which and why)")
     common.add_argument("--no-cuda-graphs", action="store_true",
                         help="on CUDA, run every decode step eagerly instead of replaying CUDA graphs")
     common.add_argument("--compile", action="store_true",
