@@ -250,3 +250,17 @@ def test_info_reports_gpt_oss(saved, capsys):
     assert main(["info", "--model", str(saved["window8-yarn"]), *CPU, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "gpt_oss" in out and "sliding window 8 on 2 of 3 layers" in out and "4 routed + 0 shared" in out
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
+def test_speculation_over_a_compressed_cache_with_sinks_and_windows(saved, kv_cache_dtype):
+    """Greedy n-gram speculation gives plain decoding's tokens on window + sink layers, the 1 + k verify rows
+    reading the (compressed) paged cache across a window shorter than the context."""
+    ids, params = prompt(20), SamplingParams(max_tokens=24)
+    runs = []
+    for spec in (None, {"method": "ngram", "num_speculative_tokens": 3}):
+        llm = LLM(saved["window8-yarn"], device="cpu", dtype=torch.float32, block_size=4,
+                  kv_cache_dtype=kv_cache_dtype, speculative_config=spec)
+        runs.append(llm.generate([ids], params)[0])
+    plain, speculated = runs
+    assert speculated.num_draft_tokens > 0 and speculated.token_ids == plain.token_ids
