@@ -187,6 +187,8 @@ class _Holding:
     def __init__(self, quant, packed, block, tensors):
         self.quant, self.packed, self.block, self.tensors = quant, packed, block, tensors
         self.active = quant is not None or packed is not None or block is not None
+        self.label = (quant.format if quant is not None else "compressed-tensors" if packed is not None
+                      else "fp8" if block is not None else None)     # how the quantized weights are held
 
     def apply(self, model, targets: dict, where, device) -> None:
         """Swap the quantized weights in on `where` (the meta device for the preflight); device: the one
@@ -234,7 +236,8 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
     check_checkpoint(shape_model, logical, block, cfg)
     largest = max((math.prod(t.shape) for t in tensors.values()), default=0)
     held.apply(shape_model, shape_model.checkpoint_targets(logical), "meta", device)
-    check_memory(shape_model, torch.device(device), dtype, engine, largest, available_bytes(torch.device(device)))
+    check_memory(shape_model, torch.device(device), dtype, engine, largest, available_bytes(torch.device(device)),
+                 held.label)
     del shape_model
     # Quantized, the model is built on the CPU (its empty tensors take no memory until written) and moved
     # once the quantized weights replace theirs: a GPU never holds the full-precision model.

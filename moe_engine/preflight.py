@@ -74,9 +74,10 @@ def kv_tokens(model, engine) -> tuple[int, str]:
 
 
 def check_memory(model, device: torch.device, dtype: torch.dtype, engine, largest_tensor: int,
-                 available: int | None) -> None:
-    """Refuse, with the figures and the ways out, a model whose weights + smallest KV cache + one loading
-    buffer (the largest checkpoint tensor in float32) exceed the device's free memory."""
+                 available: int | None, quantized: str | None = None) -> None:
+    """Refuse, with the figures and the ways out, a model whose weights (as held: quantized names how, e.g.
+    "int4", when some are) + smallest KV cache + one loading buffer (the largest checkpoint tensor in
+    float32) exceed the device's free memory."""
     if available is None:
         return
     weights = held_bytes(model)
@@ -87,13 +88,15 @@ def check_memory(model, device: torch.device, dtype: torch.dtype, engine, larges
     if need <= available:
         return
     dtype_name = str(dtype).removeprefix("torch.")
-    ways = ["a quantized checkpoint (--quantization)", "another device (--device)"]
+    ways = ["another device (--device)"]
+    if quantized != "int4":
+        ways.insert(0, "int4 weights (--quantization int4)" if quantized else "a quantized checkpoint (--quantization)")
     if dtype == torch.float32:
-        ways.insert(1, "--dtype bfloat16")
+        ways.insert(len(ways) - 1, "--dtype bfloat16")
     if kv:
         ways.append("a smaller max_model_len or num_kv_blocks")
     raise MoeEngineError(
         f"not enough memory on {device.type} for the {model.args.model_type} model: weights {weights / GiB:.2f} GiB "
-        f"({dtype_name}) + {kv_what} {kv / GiB:.2f} GiB + loading buffer {buffer / GiB:.2f} GiB = "
+        f"({f'{quantized}, the rest ' if quantized else ''}{dtype_name}) + {kv_what} {kv / GiB:.2f} GiB + loading buffer {buffer / GiB:.2f} GiB = "
         f"{need / GiB:.2f} GiB, but only {available / GiB:.2f} GiB is free; use {', '.join(ways[:-1])} "
         f"or {ways[-1]}")

@@ -261,6 +261,18 @@ def test_weights_beyond_memory_are_refused_with_the_ways_out(tmp_path, monkeypat
     assert f"weights {weights / 2**30:.2f} GiB" in msg
 
 
+def test_preflight_counts_quantized_weights_as_held(tmp_path, monkeypatch):
+    """35 MiB free: the float32 model (~50 MB of weights) is refused, the same model with int4 experts (~20 MB
+    held) loads; a refusal of a quantized load says how its weights are held and offers no --quantization
+    it already has."""
+    monkeypatch.setattr(loader_mod, "available_bytes", lambda device: 35 * 2 ** 20)
+    assert "weights 0.05 GiB (float32)" in error(load, MIXTRAL)
+    assert load(MIXTRAL, quantization="int4").generate(prompt_token_ids=[IDS[:4]])[0].token_ids
+    monkeypatch.setattr(loader_mod, "available_bytes", lambda device: 2 ** 20)
+    msg = error(load, MIXTRAL, quantization="int4")
+    assert "(int4, the rest float32)" in msg and "--quantization" not in msg
+
+
 def test_available_memory_is_plausible():
     free = available_bytes(torch.device("cpu"))
     assert free is None or 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
