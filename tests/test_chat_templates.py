@@ -44,6 +44,9 @@ FAMILIES = {
               {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|padding|>"},
               ["<|endoftext|>"]),
 }
+ALL = sorted(FAMILIES)
+WITH_TOOLS = [f for f in ALL if f != "olmoe"]      # OLMoE's template has no tools
+JINJA_FILE = {"gpt_oss", "glm4_moe"}     # their template in chat_template.jinja, the others' in tokenizer_config.json
 
 
 def write_folder(path: Path, family: str, generation_config: bool = True, cfg_eos: str | None = None) -> dict:
@@ -57,9 +60,12 @@ def write_folder(path: Path, family: str, generation_config: bool = True, cfg_eo
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     path.mkdir(parents=True, exist_ok=True)
     tk.save(str(path / "tokenizer.json"))
-    template = (TEMPLATES / f"{family}.jinja").read_text()
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, **settings}))
+    template, config = (TEMPLATES / f"{family}.jinja").read_text(), {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if family in JINJA_FILE:        # the file transformers 5 writes
+        (path / "chat_template.jinja").write_text(template)
+    else:
+        config["chat_template"] = template
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, **settings}))
     vocab = tk.get_vocab()
     if generation_config:
         (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [vocab[t] for t in ends]}))
@@ -70,12 +76,20 @@ def write_folder(path: Path, family: str, generation_config: bool = True, cfg_eo
     return cfg
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def pair(request, tmp_path_factory):
-    """(family, our tokenizer, transformers' AutoTokenizer) on one tiny tokenizer folder."""
-    path = tmp_path_factory.mktemp(request.param)
-    cfg = write_folder(path, request.param)
-    return request.param, load_tokenizer(path, cfg), transformers.AutoTokenizer.from_pretrained(path)
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """family -> (our tokenizer, transformers' AutoTokenizer) on one tiny tokenizer folder, built once."""
+    made = {}
+
+    def get(family):
+        if family not in made:
+            path = tmp_path_factory.mktemp(family)
+            ours = load_tokenizer(path, write_folder(path, family))
+            want = "chat_template.jinja" if family in JINJA_FILE else "tokenizer_config.json"
+            assert ours.template_source.endswith(want)
+            made[family] = ours, transformers.AutoTokenizer.from_pretrained(path)
+        return made[family]
+    return get
 
 
 def hf_ids(hf, messages, **kw) -> list[int]:
@@ -110,32 +124,28 @@ CONVERSATIONS = {
 }
 
 
+@pytest.mark.parametrize("family", ALL)
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_conversation_gives_transformers_ids(pair, conversation, add_generation_prompt):
-    family, ours, hf = pair
+def test_conversation_gives_transformers_ids(folders, family, conversation, add_generation_prompt):
+    ours, hf = folders(family)
     text = assert_same(ours, hf, CONVERSATIONS[conversation], add_generation_prompt)
     assert "two numbers" in text
 
 
 # --- reasoning ---------------------------------------------------------------------------------------------
 THOUGHT = "The user wants an adder, so I write one."
-REASONING = {
-    "qwen3_moe": ("reasoning_content", {}),
-    "glm4_moe": ("reasoning_content", {}),
-    "gpt_oss": ("thinking", {}),
-}
+REASONING = {"qwen3_moe": "reasoning_content", "glm4_moe": "reasoning_content", "gpt_oss": "thinking"}
 
 
 @pytest.mark.parametrize("field", ["own", "reasoning"])
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_reasoning_turn_gives_transformers_ids(pair, field, add_generation_prompt):
+@pytest.mark.parametrize("family", sorted(REASONING))
+def test_reasoning_turn_gives_transformers_ids(folders, family, field, add_generation_prompt):
     """The last assistant turn's reasoning, under the field the template reads and under the alias
     transformers copies it from ('reasoning'), is rendered (the earlier turn's is dropped by the templates)."""
-    family, ours, hf = pair
-    if family not in REASONING:
-        pytest.skip(f"{family}'s template has no reasoning field")
-    name = REASONING[family][0] if field == "own" else "reasoning"
+    ours, hf = folders(family)
+    name = REASONING[family] if field == "own" else "reasoning"
     messages = [USER, {"role": "assistant", "content": "ok", name: "an earlier thought"},
                 {"role": "user", "content": "Sort a list"},
                 {"role": "assistant", "content": "sorted(xs)", name: THOUGHT}]
@@ -148,19 +158,16 @@ def test_reasoning_turn_gives_transformers_ids(pair, field, add_generation_promp
 
 @pytest.mark.parametrize("kwargs", [{"enable_thinking": False}, {"enable_thinking": True}],
                          ids=["thinking-off", "thinking-on"])
-def test_enable_thinking_reaches_the_template(pair, kwargs):
-    family, ours, hf = pair
-    if family not in ("qwen3_moe", "glm4_moe"):
-        pytest.skip(f"{family}'s template has no enable_thinking")
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe"])
+def test_enable_thinking_reaches_the_template(folders, family, kwargs):
+    ours, hf = folders(family)
     text = assert_same(ours, hf, CONVERSATIONS["system-multi-turn"], True, **kwargs)
     assert ("</think>" in text.split("<|assistant|>")[-1].split("<|im_start|>assistant")[-1]) == (
         not kwargs["enable_thinking"])
 
 
-def test_gpt_oss_reasoning_effort_and_identity_reach_the_template(pair):
-    family, ours, hf = pair
-    if family != "gpt_oss":
-        pytest.skip("gpt-oss only")
+def test_gpt_oss_reasoning_effort_and_identity_reach_the_template(folders):
+    ours, hf = folders("gpt_oss")
     kw = {"reasoning_effort": "high", "model_identity": "You are a tiny test model.", "builtin_tools": ["python"]}
     text = assert_same(ours, hf, CONVERSATIONS["system-multi-turn"], True, **kw)
     assert "Reasoning: high" in text and "tiny test model" in text
@@ -184,30 +191,32 @@ TOOL_TURN = [
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("answered", [False, True])
-def test_tool_call_turn_gives_transformers_ids(pair, add_generation_prompt, answered):
-    family, ours, hf = pair
-    if family == "olmoe":
-        pytest.skip("OLMoE's template has no tools")
+@pytest.mark.parametrize("family", WITH_TOOLS)
+def test_tool_call_turn_gives_transformers_ids(folders, family, add_generation_prompt, answered):
+    ours, hf = folders(family)
     messages = TOOL_TURN + ([{"role": "assistant", "content": "It is 21 degrees and clear."}] if answered else [])
     text = assert_same(ours, hf, messages, add_generation_prompt, tools=TOOLS)
     assert "get_weather" in text and "Paris" in text and "clear" in text
 
 
-def test_tools_without_a_tool_turn(pair):
-    family, ours, hf = pair
+@pytest.mark.parametrize("family", ALL)
+def test_tools_without_a_tool_turn(folders, family):
+    ours, hf = folders(family)
     text = assert_same(ours, hf, [USER], True, tools=TOOLS)
     assert ("get_weather" in text) == (family != "olmoe")
 
 
-def test_none_valued_keys_are_dropped_as_transformers_does(pair):
+@pytest.mark.parametrize("family", ALL)
+def test_none_valued_keys_are_dropped_as_transformers_does(folders, family):
     """OpenAI-style messages carry tool_calls=None: transformers drops such keys before rendering."""
-    family, ours, hf = pair
+    ours, hf = folders(family)
     messages = [USER, {"role": "assistant", "content": "def add(a, b): ...", "tool_calls": None}, USER]
     assert_same(ours, hf, messages, True)
 
 
-def test_messages_are_not_changed(pair):
-    family, ours, hf = pair
+@pytest.mark.parametrize("family", ALL)
+def test_messages_are_not_changed(folders, family):
+    ours, hf = folders(family)
     messages = copy.deepcopy(TOOL_TURN) + [{"role": "assistant", "content": "x", "reasoning": "y"}]
     before = copy.deepcopy(messages)
     ours.encode_chat(messages, tools=TOOLS)
@@ -227,10 +236,11 @@ def test_eos_text_takes_the_vocabulary_id_when_config_names_another_end(tmp_path
             hf, CONVERSATIONS[name], add_generation_prompt=False)
 
 
-def test_generation_stops_on_every_end_of_turn_token(pair):
+@pytest.mark.parametrize("family", ALL)
+def test_generation_stops_on_every_end_of_turn_token(folders, family):
     """generation_config.json's eos_token_id list (gpt-oss <|return|>/<|call|>, Qwen <|im_end|>, GLM
     <|user|>/<|observation|>) is what the LLM and the engine stop on, over config.json's single id."""
-    family, ours, hf = pair
+    ours, hf = folders(family)
     ends = {hf.convert_tokens_to_ids(t) for t in FAMILIES[family][2]}
     assert ours.eos_ids == ends and len(ends) == len(FAMILIES[family][2])
     assert _eos_ids(ours, {"eos_token_id": min(ends)}) == ends
