@@ -110,10 +110,13 @@ class Tokenizer(ABC):
         full = self.decode(context_ids + ids)
         return full[len(head):] if head and full.startswith(head) else self.decode(ids)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    **template_kwargs) -> list[int]:
         """Token ids of a conversation rendered with the chat template. The special-token text the template
-        writes (BOS, EOS between turns) becomes those tokens' ids, never their spelling, and BOS appears once."""
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        writes (BOS, EOS between turns) becomes those tokens' ids, never their spelling, and BOS appears once.
+        tools and template_kwargs (enable_thinking, reasoning_effort, ...) reach the template as in transformers."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                        **template_kwargs)
         specials = self._special_ids()
         adds_bos = self.bos_id is not None and self.encode("a")[:1] == [self.bos_id]
         ids: list[int] = []
@@ -128,8 +131,14 @@ class Tokenizer(ABC):
             ids.insert(0, self.bos_id)
         return ids
 
+    def token_id(self, text: str) -> int | None:
+        """The id of a token spelled text in the vocabulary, or None."""
+        return None
+
     def _special_ids(self) -> dict[str, int]:
-        """Text of the BOS/EOS tokens as the chat template writes them -> their ids."""
+        """Text of the BOS/EOS tokens as the chat template writes them -> their ids: the vocabulary's id of that
+        text where it has one (config.json's eos_token_id may name another end token, e.g. Qwen's <|endoftext|>
+        while the template writes <|im_end|>), else the configured id."""
         out = {}
         bos = self.special_text("bos_token")
         if bos and self.bos_id is not None:
@@ -137,23 +146,49 @@ class Tokenizer(ABC):
         eos = self.special_text("eos_token")
         if eos and len(self.eos_ids) == 1:
             out[eos] = next(iter(self.eos_ids))
+        for text in (bos, eos):
+            if text and self.token_id(text) is not None:
+                out[text] = self.token_id(text)
         return out
 
     def special_text(self, key: str) -> str:
         return _token_text(self.config.get(key)) or ""
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render messages with the model's jinja template in a sandbox (as transformers does); without a
-        template, a plain 'role: content' transcript."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **template_kwargs) -> str:
+        """Render messages with the model's jinja template in a sandbox (as transformers does: message keys
+        whose value is None dropped, reasoning under its three names, the special tokens and template_kwargs in
+        the context); without a template, a plain 'role: content' transcript."""
         if not self.chat_template:
             lines = [f"{m['role']}: {m['content']}" for m in messages]
             return "\n".join(lines) + ("\nassistant:" if add_generation_prompt else "")
         if self._template is None:      # compiled once; a syntax error names the file
             self._env = LimitedEnvironment()
             self._template = compile_template(self._env, self.chat_template, self.template_source)
-        return self._env.render(self._template, self.template_source, messages=messages, tools=None,
-                                documents=None, add_generation_prompt=add_generation_prompt,
-                                bos_token=self.special_text("bos_token"), eos_token=self.special_text("eos_token"))
+        context = {key: self.special_text(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+                   if self.special_text(key)}
+        context.update(documents=None, **template_kwargs)   # template_kwargs override the special tokens
+        context.update(add_generation_prompt=add_generation_prompt)
+        return self._env.render(self._template, self.template_source, messages=_template_messages(messages),
+                                tools=tools, **context)
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _template_messages(messages: list[dict]) -> list:
+    """messages as transformers hands them to a template: keys whose value is None dropped (templates test
+    for a missing key), and a message's reasoning under each name templates read (Qwen's reasoning_content,
+    gpt-oss's thinking)."""
+    out = []
+    for m in messages:
+        if isinstance(m, dict):
+            m = {k: v for k, v in m.items() if v is not None}
+            reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+            if reasoning is not None:
+                m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -178,6 +213,10 @@ class SentencePieceTokenizer(Tokenizer):
         ids = self.sp.encode(text)
         return ([self.bos_id] if self.add_bos and self.bos_id is not None else []) + ids
 
+    def token_id(self, text: str) -> int | None:
+        i = self.sp.piece_to_id(text)
+        return i if i != self.sp.unk_id() and self.sp.id_to_piece(i) == text else None
+
     def decode(self, ids: list[int]) -> str:
         specials = self.eos_ids | {self.bos_id}
         return self.sp.decode([i for i in ids if i not in specials])
@@ -198,6 +237,9 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         # BOS, where the model wants one, comes from tokenizer.json's post-processor.
         return self.tk.encode(text, add_special_tokens=True).ids
+
+    def token_id(self, text: str) -> int | None:
+        return self.tk.token_to_id(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode(ids, skip_special_tokens=True)
