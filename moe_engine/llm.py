@@ -220,12 +220,22 @@ class LLM:
                                              num_accepted_tokens=s.num_accepted_tokens))
         return outputs
 
-    def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None) -> list[RequestOutput]:
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Answer one conversation ([{"role": ..., "content": ...}, ...]) or a list of them, each rendered
-        through the model's chat template; one RequestOutput per conversation."""
+        through the model's chat template; one RequestOutput per conversation. tools (OpenAI-style
+        [{"type": "function", "function": {...}}]) and chat_template_kwargs (e.g. {"enable_thinking": False})
+        reach the template as in transformers' apply_chat_template. Tool calls are not parsed from the output."""
         tokenizer = require_tokenizer(self.tokenizer, self.path)
+        if tools is not None and not isinstance(tools, list):
+            raise MoeEngineError(f"tools must be a list of tool definitions, got {type(tools).__name__}; pass "
+                                 'tools=[{"type": "function", "function": {"name": ..., "parameters": ...}}]')
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise MoeEngineError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}; "
+                                 'pass e.g. chat_template_kwargs={"enable_thinking": False}')
+        kwargs = template_settings(chat_template_kwargs)
         conversations = _conversations(messages)
-        return self.generate(prompt_token_ids=[tokenizer.encode_chat(c) for c in conversations],
+        return self.generate(prompt_token_ids=[tokenizer.encode_chat(c, tools=tools, **kwargs) for c in conversations],
                              sampling_params=sampling_params)
 
     def _run_until_done(self, seqs: list[Sequence]) -> None:
@@ -400,9 +410,20 @@ def _token_batch(batch) -> list:
     return list(batch)
 
 
+def template_settings(chat_template_kwargs: dict | None) -> dict:
+    """chat_template_kwargs as encode_chat's keyword arguments: string keys; add_generation_prompt may be set
+    there (as in vLLM), messages and tools have their own arguments."""
+    kwargs = dict(chat_template_kwargs or {})
+    bad = sorted(str(k) for k in kwargs if not isinstance(k, str) or k in ("messages", "tools"))
+    if bad:
+        raise MoeEngineError(f"chat_template_kwargs may not set {', '.join(bad)}; give the messages and tools "
+                             "as their own arguments")
+    return kwargs
+
+
 def _conversations(messages) -> list[list[dict]]:
     """chat's argument: one conversation (a list of messages) or a list of them, each message a dict with
-    text "role" and "content"; anything else is refused naming what is wrong."""
+    text "role" and "content" (null in a turn of tool_calls); anything else is refused naming what is wrong."""
     how = 'chat takes a conversation [{"role": "user", "content": "..."}, ...] or a list of them'
     if not isinstance(messages, (list, tuple)) or not messages:
         got = "an empty list" if isinstance(messages, (list, tuple)) else type(messages).__name__
@@ -412,10 +433,14 @@ def _conversations(messages) -> list[list[dict]]:
         if not isinstance(c, (list, tuple)) or not c:
             raise MoeEngineError(f"{how}, got a {type(c).__name__ if c else 'empty conversation'} in it")
         for m in c:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            calls = isinstance(m, dict) and m.get("tool_calls") and m.get("content") is None   # content may be null
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                    calls or isinstance(m.get("content"), str)):
                 raise MoeEngineError(f"{how}; each message needs text role and content, got {str(m)[:60]}")
-            check_text("message content", m["content"])
-    return [list(c) for c in conversations]
+            if not calls:
+                check_text("message content", m["content"])
+    # an assistant turn of tool calls alone renders with empty content, as in vLLM (templates read .content)
+    return [[{**m, "content": ""} if m.get("content") is None else m for m in c] for c in conversations]
 
 
 def check_text(what: str, text: str) -> None:

@@ -18,6 +18,8 @@ from moe_engine.config import EngineConfig  # noqa: E402
 from moe_engine.llm import LLM  # noqa: E402
 from moe_engine.sampling import SamplingParams  # noqa: E402
 from moe_engine.serve.app import create_app  # noqa: E402
+from tests.test_chat_templates import TOOLS, USER, hf_ids  # noqa: E402
+from tests.test_chat_tools import OPENAI_TURN, as_transformers_sees, qwen3_tokenizers  # noqa: E402
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "tiny-mixtral"
 NAME, KEY = "tiny-mixtral", "sekret"
@@ -118,6 +120,28 @@ def test_chat_matches_llm_chat(llm, client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
     assert chunks[-1].usage.completion_tokens == len(ref.token_ids)
+
+
+def test_chat_tools_and_template_kwargs_reach_the_template(server, client, tmp_path, monkeypatch):
+    """tools, chat_template_kwargs, assistant tool_calls (null content) and tool_call_id reach the template: the
+    ids the engine gets are transformers' apply_chat_template ids (tiny Qwen3 tokenizer, in the tiny vocab)."""
+    url, loop = server
+    ours, hf = qwen3_tokenizers(tmp_path)
+    got = []
+    submit = loop.submit
+    monkeypatch.setattr(loop, "tokenizer", ours)
+    monkeypatch.setattr(loop, "submit", lambda req: (got.append(list(req.prompt_ids)), submit(req))[1])
+    cases = [([USER], {}, {"tool_choice": "auto"}), (OPENAI_TURN, {}, {}),
+             (OPENAI_TURN, {"enable_thinking": False}, {"tool_choice": "none"})]
+    for messages, kwargs, extra in cases:
+        r = client.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, max_tokens=2, temperature=0,
+                                           extra_body={"chat_template_kwargs": kwargs} if kwargs else None, **extra)
+        want = hf_ids(hf, as_transformers_sees(messages), tools=TOOLS, add_generation_prompt=True, **kwargs)
+        assert got[-1] == want and r.usage.prompt_tokens == len(want)
+    assert got[1] != got[2] and "get_weather" in hf.decode(got[0])
+    client.chat.completions.create(model=NAME, messages=[USER], max_tokens=2, temperature=0)
+    assert got[-1] == hf_ids(hf, [USER], add_generation_prompt=True) != got[0]       # no tools: the plain prompt
+    wait_idle(loop)
 
 
 def test_stop_strings(llm, client):
@@ -294,6 +318,15 @@ def test_bad_requests_answer_clearly(llm, server):
         (chat, {"messages": msgs, "logprobs": True, "top_logprobs": 21}, auth, 400, "0..20"),
         (comp, {"prompt": "x", "logprobs": 30}, auth, 400, "0..20"),
         (chat, {"messages": msgs, "max_completion_tokens": -1}, auth, 400, "max_tokens"),
+        (chat, {"messages": msgs, "tools": {"type": "function"}}, auth, 400, "'tools' must be a list"),
+        (chat, {"messages": msgs, "tools": ["get_weather"]}, auth, 400, "'tools' must be a list"),
+        (chat, {"messages": msgs, "chat_template_kwargs": "enable_thinking"}, auth, 400, "must be an object"),
+        (chat, {"messages": msgs, "chat_template_kwargs": {"messages": []}}, auth, 400, "may not set messages"),
+        (chat, {"messages": msgs, "tool_choice": "required"}, auth, 400, "not supported"),
+        (chat, {"messages": msgs, "tool_choice": {"type": "function", "function": {"name": "f"}}}, auth, 400,
+         "not supported"),
+        (chat, {"messages": [{"role": "assistant", "content": None}]}, auth, 400, "content"),
+        (chat, {"messages": [{"role": "assistant", "content": None, "tool_calls": "f()"}]}, auth, 400, "tool_calls"),
         (url + "/v1/nothing", {}, auth, 404, "Not Found"),
     ]
     too_long = None

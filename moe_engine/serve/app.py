@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moe_engine.errors import MoeEngineError
+from moe_engine.llm import template_settings
 from moe_engine.sampling import SamplingParams
 from moe_engine.serve.loop import Busy, EngineLoop, Request
 
@@ -47,6 +48,25 @@ def check_types(body: dict) -> None:
             continue
         if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
             raise APIError(400, f"'{name}' must be {what}, got {json.dumps(v)[:40]}", name)
+
+
+def template_inputs(body: dict) -> tuple[list | None, dict]:
+    """A chat request's tools and chat_template_kwargs (vLLM's) for the chat template. Tool calls are not
+    parsed out of the answer, so a tool_choice other than "auto"/"none" is refused."""
+    tools, kwargs, choice = body.get("tools"), body.get("chat_template_kwargs"), body.get("tool_choice")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise APIError(400, f"'tools' must be a list of {{\"type\": \"function\", \"function\": {{...}}}} "
+                            f"objects, got {json.dumps(tools)[:40]}", "tools")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise APIError(400, f"'chat_template_kwargs' must be an object, e.g. {{\"enable_thinking\": false}}, "
+                            f"got {json.dumps(kwargs)[:40]}", "chat_template_kwargs")
+    if choice is not None and choice not in ("auto", "none"):
+        raise APIError(400, f"tool_choice={json.dumps(choice)[:60]} is not supported: this server does not parse "
+                            'tool calls out of the answer; send "auto" or leave it out', "tool_choice")
+    try:
+        return tools, template_settings(kwargs)
+    except MoeEngineError as e:
+        raise APIError(400, str(e), "chat_template_kwargs") from None
 
 
 def sampling_from(body: dict, default_max_tokens: int) -> SamplingParams:
@@ -184,6 +204,7 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+        tools, kwargs = template_inputs(body)
         plain = []
         for m in messages:
             content = m.get("content")
@@ -191,11 +212,16 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
                 if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
                     raise APIError(400, "only text content parts are supported", "messages")
                 content = "".join(str(p.get("text", "")) for p in content)
-            if not isinstance(m.get("role"), str) or not isinstance(content, str):
-                raise APIError(400, "each message needs a string 'role' and a string 'content'", "messages")
-            plain.append({"role": m["role"], "content": content})
+            calls = m.get("tool_calls")
+            if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)):
+                raise APIError(400, "a message's 'tool_calls' must be a list of objects", "messages")
+            if not isinstance(m.get("role"), str) or not (isinstance(content, str) or (calls and content is None)):
+                raise APIError(400, "each message needs a string 'role' and a string 'content' (null only in an "
+                                    "assistant message with 'tool_calls')", "messages")
+            # the template sees the message's other fields too (tool_calls, tool_call_id, name, reasoning_content)
+            plain.append({**m, "content": content or ""})     # null content renders empty, as in vLLM
         try:
-            ids = tokenizer().encode_chat(plain)
+            ids = tokenizer().encode_chat(plain, tools=tools, **kwargs)
         except MoeEngineError as e:
             raise APIError(400, str(e), "messages") from None
         except Exception as e:          # a template that raises on these messages (e.g. role order)
