@@ -43,12 +43,13 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     An expert is down(act(gate(x), up(x))) with act silu(gate) * up, or `activation` when given; b13
     [E, 2I] (gate biases, then up) and b2 [E, D] are the experts' biases, when they have them.
     Tokens are sorted by expert so each expert runs one dense matmul over its rows;
-    experts that received no token cost nothing.
+    experts that received no token cost nothing. Experts held quantized (kernels.quant.QuantizedWeight, either
+    or both of w13 and w2) are dequantised one expert at a time, only those that got tokens.
     """
     _check_moe_args(x, w13, w2, topk_weights, topk_ids)
     T, D = x.shape
     plain = b13 is None and b2 is None and activation is None
-    if T == 1 and plain:
+    if T == 1 and plain and not (isinstance(w13, QuantizedWeight) or isinstance(w2, QuantizedWeight)):
         return _single_token_moe(x, w13, w2, topk_weights, topk_ids)
     k = topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1)                          # [T*k]
@@ -59,12 +60,12 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     outs = []
     for e, rows in enumerate(xs.split(counts)):              # rows [n_e, D], in expert order
         if len(rows) and plain:                              # (experts stored narrower are widened here)
-            gate, up = F.linear(rows, w13[e].to(x.dtype)).chunk(2, dim=-1)    # [n_e, I] each
-            outs.append(F.linear(F.silu(gate) * up, w2[e].to(x.dtype)))      # [n_e, D]
+            gate, up = F.linear(rows, _expert(w13, e, x.dtype)).chunk(2, dim=-1)    # [n_e, I] each
+            outs.append(F.linear(F.silu(gate) * up, _expert(w2, e, x.dtype)))      # [n_e, D]
         elif len(rows):
-            gate, up = F.linear(rows, w13[e].to(x.dtype), _row(b13, e, x.dtype)).chunk(2, dim=-1)
+            gate, up = F.linear(rows, _expert(w13, e, x.dtype), _row(b13, e, x.dtype)).chunk(2, dim=-1)
             act = F.silu(gate) * up if activation is None else activation(gate, up)
-            outs.append(F.linear(act, w2[e].to(x.dtype), _row(b2, e, x.dtype)))
+            outs.append(F.linear(act, _expert(w2, e, x.dtype), _row(b2, e, x.dtype)))
     if not outs:                                             # no tokens at all
         return torch.zeros_like(x)
     ys = torch.cat(outs)                                     # [T*k, D]
@@ -72,6 +73,11 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     out = torch.zeros_like(x)
     out.index_add_(0, token_of, ys * weights[:, None])
     return out
+
+
+def _expert(w, e: int, dtype) -> torch.Tensor:
+    """Expert e's weight in dtype: widened where stored narrower, dequantised where held quantized."""
+    return w.dequantize(dtype, (e,)) if isinstance(w, QuantizedWeight) else w[e].to(dtype)
 
 
 def _row(b: torch.Tensor | None, e: int, dtype) -> torch.Tensor | None:
@@ -219,14 +225,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     experts in place (fused_moe_gathered); run eagerly, a decode-sized batch with large experts runs them
     densely, a larger batch goes through torch's grouped matmul where it fits; everything else, and backend
     'torch', runs the reference (see kernels.backend). Shared experts not taken by a kernel are added after.
-    Experts held quantized (kernels.quant.QuantizedWeight) go to their reference on every device for now.
+    Experts held quantized (kernels.quant.QuantizedWeight) run the reference on every device for now.
     Experts with biases (b13, b2) or another activation (gpt-oss) run the reference, or where no host sync
     may happen (a compiled step, a CUDA graph being captured) and for decode-sized batches on CUDA,
     fused_moe_dense_biased."""
     if isinstance(w13, QuantizedWeight) or isinstance(w2, QuantizedWeight):
-        from kernels.quant_ops import fused_moe_quantized_ref
-        _check_moe_args(x, w13, w2, topk_weights, topk_ids)
-        return add_shared(fused_moe_quantized_ref(x, w13, w2, topk_weights, topk_ids), x, shared)
+        return add_shared(fused_moe_ref(x, w13, w2, topk_weights, topk_ids, b13, b2, activation), x, shared)
     f = form(backend, x, w13, w2)
     if b13 is not None or b2 is not None or activation is not None:
         no_sync = f == "compiled" or (x.is_cuda and (

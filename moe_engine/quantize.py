@@ -67,8 +67,10 @@ def quantize_weights(model: torch.nn.Module, spec: QuantSpec, device) -> list[st
         p = held_weight(model, name)
         K = p.shape[-1]
         if spec.format == "int4" and K % spec.group_size:
+            fits = [g for g in range(8, min(K, 128) + 1, 8) if K % g == 0]
+            hint = f"pick a group size dividing {K} (e.g. {fits[-1]})" if fits else "use int8 for this model"
             raise MoeEngineError(f"quant_group_size={spec.group_size} does not divide the input width {K} of "
-                                 f"{name}; pick a group size dividing {K} (e.g. 32) or leave that tensor out")
+                                 f"{name}; {hint} or leave that tensor out")
     for name in names:
         module, _, attr = name.rpartition(".")
         owner = model.get_submodule(module)

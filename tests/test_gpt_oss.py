@@ -264,3 +264,23 @@ def test_speculation_over_a_compressed_cache_with_sinks_and_windows(saved, kv_ca
         runs.append(llm.generate([ids], params)[0])
     plain, speculated = runs
     assert speculated.num_draft_tokens > 0 and speculated.token_ids == plain.token_ids
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_experts_keep_their_biases_and_clamp(saved, fmt):
+    """gpt-oss experts held quantized run with their biases and clamped SwiGLU: equal to the same model on
+    the dequantised experts (a quantized path that dropped either would differ by far more than 1e-4)."""
+    from kernels.quant import QuantizedWeight
+    from moe_engine.quantize import held_weight, quantized_weights
+    path = saved["nobias-window5-clamp"]
+    quant = LLM(path, device="cpu", dtype=torch.float32, quantization=fmt, quant_group_size=8)
+    held = quantized_weights(quant.model)
+    assert held and all(isinstance(q, QuantizedWeight) for q in held.values())
+    twin = LLM(path, device="cpu", dtype=torch.float32)
+    for name, qw in held.items():
+        held_weight(twin.model, name).copy_(qw.dequantize())
+    ids = prompt(12)
+    assert max_rel_error(quant.prompt_logits(ids), twin.prompt_logits(ids)) <= 1e-4
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    assert (quant.generate(prompt_token_ids=[ids], sampling_params=params)[0].token_ids
+            == twin.generate(prompt_token_ids=[ids], sampling_params=params)[0].token_ids)
