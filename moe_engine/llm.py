@@ -1,6 +1,5 @@
 """The user API: LLM(model_dir).generate(...), prompt_logits(...), and the one-call generate()."""
 
-import numbers
 import os
 import shutil
 import sys
@@ -21,6 +20,8 @@ from moe_engine.engine import Engine
 from moe_engine.runners import build_runner
 from moe_engine.sequence import Sequence
 from moe_engine.errors import MoeEngineError
+from moe_engine.inputs import (check_bool, check_text, conversations, is_integer, template_settings, token_batch,
+                               token_list)
 from moe_engine.kv_cache import plan_num_blocks
 from moe_engine.loader import load_model
 from moe_engine.sampling import SamplingParams
@@ -54,7 +55,7 @@ class LLM:
         if not isinstance(model, (str, os.PathLike)):
             raise MoeEngineError(f"model must be a folder path (str or Path), got {type(model).__name__}; "
                                  "for a model object use LLM.from_model")
-        _check_bool("progress", progress)
+        check_bool("progress", progress)
         config, model_kwargs = _engine_config(config, kwargs)
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
@@ -137,7 +138,7 @@ class LLM:
         """A validated request, accepted by the engine; MoeEngineError says why one is refused."""
         if not prompt_ids:
             raise MoeEngineError("empty prompt; give at least one token of text")
-        if not all(_is_integer(t) for t in prompt_ids):
+        if not all(is_integer(t) for t in prompt_ids):
             raise MoeEngineError(f"prompt token ids must be integers, got {[type(t).__name__ for t in prompt_ids][:3]}; "
                                  "pass text as prompts or lists of ints as prompt_token_ids")
         prompt_ids = [int(t) for t in prompt_ids]
@@ -165,10 +166,10 @@ class LLM:
                                      "pass text as prompts=..., or lists of ints as prompt_token_ids")
             return self._encode(prompt)
         if isinstance(prompt, (list, tuple, torch.Tensor)) or hasattr(prompt, "__array__"):
-            return _token_list(prompt, "prompt token ids")
+            return token_list(prompt, "prompt token ids")
         raise MoeEngineError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}"
                              + ("; decode bytes to str first" if isinstance(prompt, (bytes, bytearray)) else
-                                "; for one token id pass [id] as prompt_token_ids" if _is_integer(prompt) else ""))
+                                "; for one token id pass [id] as prompt_token_ids" if is_integer(prompt) else ""))
 
     def generate(self, prompts: str | list[str] | None = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -184,7 +185,7 @@ class LLM:
             raise MoeEngineError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}"
                                  + ("; pass list(...) of it" if isinstance(prompts, Iterator) else ""))
         if prompt_token_ids is not None:
-            prompt_token_ids = _token_batch(prompt_token_ids)
+            prompt_token_ids = token_batch(prompt_token_ids)
         n = len(prompts) if prompts is not None else len(prompt_token_ids)
         if n == 0:
             return []
@@ -234,8 +235,8 @@ class LLM:
             raise MoeEngineError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}; "
                                  'pass e.g. chat_template_kwargs={"enable_thinking": False}')
         kwargs = template_settings(chat_template_kwargs)
-        conversations = _conversations(messages)
-        return self.generate(prompt_token_ids=[tokenizer.encode_chat(c, tools=tools, **kwargs) for c in conversations],
+        return self.generate(prompt_token_ids=[tokenizer.encode_chat(c, tools=tools, **kwargs)
+                                               for c in conversations(messages)],
                              sampling_params=sampling_params)
 
     def _run_until_done(self, seqs: list[Sequence]) -> None:
@@ -285,7 +286,7 @@ class LLM:
 
     def prompt_logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """float32 [T, vocab]: the next-token logits at every position of one sequence (a fresh cache)."""
-        ids = [int(t) for t in _token_list(token_ids, "prompt_logits token ids")]
+        ids = [int(t) for t in token_list(token_ids, "prompt_logits token ids")]
         if not ids or len(ids) > self.max_model_len or not all(0 <= t < self.model.args.vocab_size for t in ids):
             raise MoeEngineError(f"prompt_logits takes 1..{self.max_model_len} token ids in "
                                  f"[0, {self.model.args.vocab_size}); check the input")
@@ -309,7 +310,7 @@ class LLM:
         """`with llm.trace_routing() as trace:` records each MoE layer's top-k experts and weights (and with
         scores=True the router logits) for every token processed inside; see moe_engine.routing.Trace."""
         from moe_engine.routing import trace_routing
-        _check_bool("trace_routing scores", scores)
+        check_bool("trace_routing scores", scores)
         return trace_routing(self, scores)
 
     def override_routing(self, top_k: int | None = None, disabled_experts: dict[int, list[int]] | None = None,
@@ -367,94 +368,6 @@ def check_compile(device) -> None:
     if shutil.which(cxx) is None:
         raise MoeEngineError(f"compile=True needs a C++ compiler for torch.compile's CPU kernels, and {cxx!r} "
                              "is not on PATH: install one (e.g. g++) or set CXX, or leave compile off")
-
-
-def _is_integer(t) -> bool:
-    """An int, a numpy integer or a 0-d integer tensor (bools are not token ids)."""
-    if isinstance(t, torch.Tensor):
-        return t.ndim == 0 and not t.is_floating_point() and t.dtype != torch.bool
-    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
-
-
-def _token_list(ids, what: str) -> list:
-    """A 1-d sequence of token ids (list, tuple, tensor, array) -> a list; refuses what has no integer
-    values to give (a meta tensor, floats, text, nesting) with a line naming `what`."""
-    if isinstance(ids, str):
-        raise MoeEngineError(f"{what} must be integers, got text {ids[:20]!r}; encode it first or pass it as a prompt")
-    if isinstance(ids, torch.Tensor):
-        if ids.device.type == "meta":
-            raise MoeEngineError(f"{what} are a meta tensor (a shape without values); pass a tensor with values")
-        if ids.ndim != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise MoeEngineError(f"{what} must be a 1-d integer tensor, got {ids.dtype} of shape {list(ids.shape)}")
-        return ids.tolist()
-    if not isinstance(ids, (list, tuple)) and not hasattr(ids, "__array__"):
-        raise MoeEngineError(f"{what} must be a list of integers, got {type(ids).__name__}")
-    ids = list(ids)
-    if not all(_is_integer(t) for t in ids):
-        raise MoeEngineError(f"{what} must be integers, got {[type(t).__name__ for t in ids][:3]}; "
-                             "pass text as prompts or lists of ints as prompt_token_ids")
-    return ids
-
-
-def _token_batch(batch) -> list:
-    """prompt_token_ids: one flat sequence of ids or a list of them -> a list of per-prompt sources."""
-    if isinstance(batch, str) or not (isinstance(batch, (list, tuple, torch.Tensor)) or hasattr(batch, "__array__")):
-        raise MoeEngineError(f"prompt_token_ids must be a list of token ids or a list of such lists, got "
-                             f"{type(batch).__name__}" + ("; pass text as prompts=..." if isinstance(batch, str) else ""))
-    if isinstance(batch, torch.Tensor) and batch.device.type == "meta":
-        raise MoeEngineError("prompt_token_ids are a meta tensor (a shape without values); pass a tensor with values")
-    if isinstance(batch, torch.Tensor) and batch.ndim == 1:
-        return [batch]
-    if len(batch) and _is_integer(batch[0]):
-        return [batch]                       # one prompt given as a flat sequence of ids
-    return list(batch)
-
-
-def template_settings(chat_template_kwargs: dict | None) -> dict:
-    """chat_template_kwargs as encode_chat's keyword arguments: string keys; add_generation_prompt may be set
-    there (as in vLLM), messages and tools have their own arguments."""
-    kwargs = dict(chat_template_kwargs or {})
-    bad = sorted(str(k) for k in kwargs if not isinstance(k, str) or k in ("messages", "tools"))
-    if bad:
-        raise MoeEngineError(f"chat_template_kwargs may not set {', '.join(bad)}; give the messages and tools "
-                             "as their own arguments")
-    return kwargs
-
-
-def _conversations(messages) -> list[list[dict]]:
-    """chat's argument: one conversation (a list of messages) or a list of them, each message a dict with
-    text "role" and "content" (null in a turn of tool_calls); anything else is refused naming what is wrong."""
-    how = 'chat takes a conversation [{"role": "user", "content": "..."}, ...] or a list of them'
-    if not isinstance(messages, (list, tuple)) or not messages:
-        got = "an empty list" if isinstance(messages, (list, tuple)) else type(messages).__name__
-        raise MoeEngineError(f"{how}, got {got}" + ("; for plain text use generate" if isinstance(messages, str) else ""))
-    conversations = [messages] if isinstance(messages[0], dict) else messages
-    for c in conversations:
-        if not isinstance(c, (list, tuple)) or not c:
-            raise MoeEngineError(f"{how}, got a {type(c).__name__ if c else 'empty conversation'} in it")
-        for m in c:
-            calls = isinstance(m, dict) and m.get("tool_calls") and m.get("content") is None   # content may be null
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
-                    calls or isinstance(m.get("content"), str)):
-                raise MoeEngineError(f"{how}; each message needs text role and content, got {str(m)[:60]}")
-            if not calls:
-                check_text("message content", m["content"])
-    # an assistant turn of tool calls alone renders with empty content, as in vLLM (templates read .content)
-    return [[{**m, "content": ""} if m.get("content") is None else m for m in c] for c in conversations]
-
-
-def check_text(what: str, text: str) -> None:
-    """Refuse lone surrogates (bytes that were not UTF-8, smuggled in by surrogateescape): no tokenizer
-    can encode them."""
-    bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
-    if bad is not None:
-        raise MoeEngineError(f"{what} is not valid text: a lone surrogate {text[bad]!r} at character {bad} "
-                             "(bytes that were not UTF-8?); give UTF-8 text")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise MoeEngineError(f"{name}={value!r}: must be True or False")
 
 
 def _engine_config(config: EngineConfig | None, kwargs: dict) -> tuple[EngineConfig, dict]:

@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from moe_engine.errors import MoeEngineError
+from moe_engine.inputs import token_list
 
 
 def perplexity(llm, token_ids, window: int | None = None) -> float:
     """exp(mean next-token cross-entropy) over token_ids, from llm.prompt_logits. A stream longer than the
     window (default and at most llm.max_model_len) is cut into windows that overlap by one token, so every
     token after the first is predicted exactly once, from the context inside its window."""
-    from moe_engine.llm import _token_list
-    ids = [int(t) for t in _token_list(token_ids, "perplexity token ids")]
+    ids = [int(t) for t in token_list(token_ids, "perplexity token ids")]
     if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
         raise MoeEngineError(f"perplexity window={window!r}: must be an integer >= 2 or None (the model's length)")
     window = effective_window(llm, window)

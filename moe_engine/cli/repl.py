@@ -9,7 +9,7 @@ import time
 import traceback
 
 from moe_engine.errors import MoeEngineError
-from moe_engine.llm import check_text
+from moe_engine.inputs import check_text
 from moe_engine.sampling import SamplingParams
 from moe_engine.tokenizer import Tokenizer
 

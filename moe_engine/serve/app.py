@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moe_engine.errors import MoeEngineError
-from moe_engine.llm import template_settings
+from moe_engine.inputs import template_settings
 from moe_engine.sampling import SamplingParams
 from moe_engine.serve.loop import Busy, EngineLoop, Request
 
