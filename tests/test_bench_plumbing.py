@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +72,18 @@ def test_bfloat16_paths_run_and_stay_close(name):
         theirs = hf_twin(model, name)(torch.tensor([ids])).logits[0].float()
     assert max_rel_error(ours, ref) < 0.05 and max_rel_error(theirs, ref) < 0.05
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
+
+
+@pytest.mark.parametrize("module", ["decode", "kv", "spec", "quant_quality", "routing", "serve"])
+def test_benchmarks_find_the_shipped_weights(module):
+    """Each benchmark's default models are read from the repository's weights/ folder."""
+    import importlib
+    repo = importlib.import_module(f"moe_engine.bench.{module}").REPO
+    assert (repo / "weights" / "tiny-mixtral" / "config.json").is_file(), repo
+
+
+def test_the_default_model_is_found_from_any_directory(tmp_path, monkeypatch):
+    from moe_engine.cli import DEFAULT_MODEL, resolve_model
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MOE_ENGINE_MODEL", raising=False)
+    assert (Path(resolve_model(DEFAULT_MODEL)) / "config.json").is_file()

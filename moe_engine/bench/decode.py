@@ -17,7 +17,7 @@ from moe_engine.errors import MoeEngineError
 from moe_engine.llm import LLM, check_compile, stored_dtype
 from moe_engine.sampling import SamplingParams
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 
 
 def sync(device):

@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 
 DEFAULT_MODEL = "weights/tiny-mixtral"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 BENCHMARKS = {"decode": "moe_engine.bench.decode", "kernels": "moe_engine.bench.kernels",
               "tune": "moe_engine.bench.tune", "serve": "moe_engine.bench.serve",
