@@ -15,7 +15,7 @@ from model_defs.base import DecoderLayer
 from model_defs.checkpoint_names import COMMON_RULES, Layout, NameTable, Rows, Rule
 from model_defs.hf_config import args_from_hf_config
 from model_defs.layers import Rotary, weight
-from model_defs.mixtral import GQAttention, MixtralModel
+from model_defs.mixtral import GQAShape, GQAttention, MixtralModel
 from model_defs.moe import MoEBlock, RoutingConfig, route
 
 # transformers' GptOssConfig default when a config.json names no rope scaling.
@@ -24,7 +24,7 @@ DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_sl
 
 
 @dataclass(frozen=True)
-class GptOssArgs:
+class GptOssArgs(GQAShape):
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -52,22 +52,6 @@ class GptOssArgs:
         if args.rope_scaling is None and not _names_default_rope(cfg):
             args = dataclasses.replace(args, rope_scaling=dict(DEFAULT_ROPE))
         return args
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_key_value_heads or self.num_attention_heads
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @property
-    def q_rows(self) -> int:
-        return self.num_attention_heads * self.dim_per_head
-
-    @property
-    def kv_rows(self) -> int:
-        return self.kv_heads * self.dim_per_head
 
     def window(self, i: int) -> int | None:
         """Layer i's sliding window, or None for full attention (transformers: even layers slide)."""
