@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from kernels.quant import QuantizedSlot, QuantizedWeight, dequantize_values, pack_int4
 from moe_engine.checkpoint import TensorInfo
 from moe_engine.errors import MoeEngineError
-from moe_engine.quantize import QuantSpec, held_weight
+from moe_engine.quantize import QuantSpec, held_weight, swap_weight
 
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 SCALE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -180,10 +180,7 @@ class PackedCheckpoint:
             p = held_weight(model, param)
             scale_dtype = self.scale_dtypes[names[0].removesuffix(".weight")]
             qw = QuantizedWeight(s.format, p.shape, s.block(p.shape[-1]), not s.symmetric, scale_dtype, device)
-            owner, _, attr = param.rpartition(".")
-            module = model.get_submodule(owner)
-            delattr(module, attr)
-            setattr(module, attr, qw)
+            swap_weight(model, param, qw)
             swapped.append(param)
         return swapped
 

@@ -6,7 +6,7 @@ import torch
 
 from kernels.quant import QuantizedSlot, QuantizedWeight
 from moe_engine.checkpoint import TensorInfo
-from moe_engine.quantize import held_weight
+from moe_engine.quantize import held_weight, swap_weight
 
 SCALE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
@@ -42,10 +42,7 @@ def keep_fp8(model, targets: dict, tensors: dict[str, TensorInfo], block: tuple[
             continue
         qw = QuantizedWeight("fp8", p.shape, block, scale_dtype=SCALE_DTYPES.get(scales.pop(), torch.float32),
                              device=device)
-        owner, _, attr = param.rpartition(".")
-        module = model.get_submodule(owner)
-        delattr(module, attr)
-        setattr(module, attr, qw)
+        swap_weight(model, param, qw)
         swapped.append(param)
     return swapped
 

@@ -58,6 +58,14 @@ def held_weight(model: torch.nn.Module, name: str):
     return getattr(model.get_submodule(module) if module else model, attr)
 
 
+def swap_weight(model: torch.nn.Module, name: str, qw: QuantizedWeight) -> None:
+    """Put qw where the weight at a dotted name was (its full-precision tensor is dropped)."""
+    module, _, attr = name.rpartition(".")
+    owner = model.get_submodule(module)
+    delattr(owner, attr)
+    setattr(owner, attr, qw)
+
+
 def quantize_weights(model: torch.nn.Module, spec: QuantSpec, device) -> list[str]:
     """Replace each weight spec selects by an empty QuantizedWeight on device (the full-precision tensor is
     dropped), for the loader to fill one checkpoint tensor at a time; the names replaced. A group size
@@ -72,13 +80,10 @@ def quantize_weights(model: torch.nn.Module, spec: QuantSpec, device) -> list[st
             raise MoeEngineError(f"quant_group_size={spec.group_size} does not divide the input width {K} of "
                                  f"{name}; {hint} or leave that tensor out")
     for name in names:
-        module, _, attr = name.rpartition(".")
-        owner = model.get_submodule(module)
-        p = getattr(owner, attr)
+        p = held_weight(model, name)
         qw = QuantizedWeight(spec.format, p.shape, spec.block(p.shape), not spec.symmetric, device=device)
-        delattr(owner, attr)
-        setattr(owner, attr, qw)
         qw.clip_search = spec.clip_search
+        swap_weight(model, name, qw)
     return names
 
 
