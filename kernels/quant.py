@@ -5,6 +5,8 @@ import math
 import torch
 import torch.nn as nn
 
+from kernels import cpu_quant
+
 FORMATS = ("int8", "int4", "fp8")
 FP8_MAX = 448.0                          # largest finite float8_e4m3fn
 # Shrink factors of each group's range tried by the clipping search (1.0 is round-to-nearest).
@@ -24,7 +26,8 @@ class QuantizedWeight(nn.Module):
             compressed-tensors' pack-quantized int32 words, so `packed.view(torch.int32)` is theirs.
       fp8:  q float8_e4m3fn [*lead, N, K]; (1, K) per channel, (128, 128) blocks, (N, K) per tensor.
     zero: int8 like scale (asymmetric int formats) or None (symmetric). Buffers, so .to() moves them and
-    model.buffers() counts the bytes held."""
+    model.buffers() counts the bytes held. On the CPU an int4 weight's bytes may be held in the order of
+    torch's fused int4 op instead (cpu_packed); values() reads either."""
 
     def __init__(self, fmt: str, shape, block: tuple[int, int], asymmetric: bool = False,
                  scale_dtype=torch.bfloat16, device=None):
@@ -34,6 +37,7 @@ class QuantizedWeight(nn.Module):
         *lead, N, K = shape
         self.format, self.shape, self.block = fmt, torch.Size(shape), (int(block[0]), int(block[1]))
         self.clip_search = True          # how store() quantizes when not told (see quantize_int)
+        self.op_order = False            # int4 bytes in the CPU op's order (see cpu_packed), not ours
         if fmt == "int4" and K % 2:
             raise ValueError(f"int4 needs an even input width, got {K}")
         q_shape, q_dtype = {"int8": ((*lead, N, K), torch.int8), "int4": ((*lead, N, K // 2), torch.uint8),
@@ -112,6 +116,7 @@ class QuantizedWeight(nn.Module):
                         zero: torch.Tensor | None = None) -> None:
         """Values already quantized into weight[index]: q int8 (fp8: float8) [.., n, K] unpacked, scale and
         zero (int8, asymmetric only) in this weight's scale layout."""
+        self._to_our_order()
         where, swhere = self._where(index)
         if (zero is not None) != self.asymmetric:
             raise ValueError(f"zero points {'given to a symmetric' if zero is not None else 'missing for an asymmetric'}"
@@ -125,7 +130,12 @@ class QuantizedWeight(nn.Module):
     def values(self, index: tuple = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(q unpacked [.., n, K], scale, zero or None) of weight[index], as store_quantized takes them."""
         where, swhere = self._where(index)
-        q = self.qweight[where]
+        if self.op_order:                # whole matrices back to our byte order, then the rows asked for
+            lead, rows = _split_index(index, self.shape)
+            q = cpu_quant.from_op_order(self.qweight[lead])
+            q = q if rows is None else q[..., rows, :]
+        else:
+            q = self.qweight[where]
         if self.format == "int4":
             q = torch.stack(((q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8), -1).flatten(-2)
         return q, self.scale[swhere], None if self.zero is None else self.zero[swhere]
@@ -133,6 +143,29 @@ class QuantizedWeight(nn.Module):
     def copy_(self, w: torch.Tensor, clip_search: bool | None = None) -> None:
         """The whole weight from full-precision values w [*lead, N, K] (the loader's destination protocol)."""
         self.store((), w, clip_search)
+
+    def cpu_packed_ok(self) -> bool:
+        """Whether this int4 CPU weight can be (or is) held for torch's fused int4 op."""
+        return self.op_order or (self.format == "int4" and self.qweight.device.type == "cpu"
+                                 and cpu_quant.packs_int4(self.shape, self.group_size))
+
+    def cpu_packed(self) -> torch.Tensor:
+        """The int4 bytes [*lead, N, K/2] in the fused CPU op's order, rearranged in place on first use
+        (check cpu_packed_ok first)."""
+        if not self.op_order:
+            self.qweight.copy_(cpu_quant.to_op_order(self.qweight))
+            self.op_order = True
+        return self.qweight
+
+    def _to_our_order(self) -> None:
+        if self.op_order:
+            self.qweight.copy_(cpu_quant.from_op_order(self.qweight))
+            self.op_order = False
+
+    def _apply(self, fn, recurse=True):
+        """Moving off the CPU (or any .to()) takes the bytes back to our order first."""
+        self._to_our_order()
+        return super()._apply(fn, recurse)
 
 
 class QuantizedSlot:

@@ -1,10 +1,24 @@
-"""Torch reference of the linear on quantized weights (kernels.quant.QuantizedWeight): the layer dequantised
-for the call. (The MoE's reference, kernels.moe.fused_moe_ref, dequantises only the experts that got tokens.)"""
+"""The linear on quantized weights (kernels.quant.QuantizedWeight): its entry point and the torch reference,
+the layer dequantised for the call. (The MoE's are kernels.moe.fused_moe and fused_moe_ref.)"""
 
 import torch
 import torch.nn.functional as F
 
+from kernels.backend import form
+from kernels.cpu_quant import cpu_quantized_linear
 from kernels.quant import QuantizedWeight
+
+
+def quantized_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None,
+                     backend: str = "auto") -> torch.Tensor:
+    """F.linear(x, w.dequantize(x.dtype), bias): x [.., K], w [N, K] -> [.., N]. Run eagerly on the CPU,
+    int8 per channel and int4 in groups go through torch's fused ops (kernels.cpu_quant); the rest, and
+    backend 'torch', through the reference."""
+    if x.dim() == 2 and form(backend, x) == "cpu":
+        out = cpu_quantized_linear(x, w, (), bias)
+        if out is not None:
+            return out
+    return quantized_linear_ref(x, w, bias)
 
 
 def quantized_linear_ref(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
