@@ -73,6 +73,14 @@ def from_op_order(packed: torch.Tensor) -> torch.Tensor:
     return out.view(packed.shape)
 
 
+def scale_zeros(scale: torch.Tensor, zero: torch.Tensor | None, dtype) -> torch.Tensor:
+    """Our scale [.., N, G] and zero points (int8 or None) -> the int4 op's [.., G, N, 2] in dtype: (s, -z s),
+    since (q - z) s = (q + 8 - 8) s + (-z s) and the op reads the nibble q + 8."""
+    scale = scale.to(dtype)
+    offset = torch.zeros_like(scale) if zero is None else -zero.to(dtype) * scale
+    return torch.stack((scale.transpose(-1, -2), offset.transpose(-1, -2)), -1).contiguous()
+
+
 def cpu_quantized_linear(x: torch.Tensor, w, index: tuple = (), bias: torch.Tensor | None = None):
     """x [M, K] @ w[index].T (+ bias) -> [M, N] through a fused op, or None where none serves (see the
     module's docstring). w: a kernels.quant.QuantizedWeight; index: lead ids (an expert), all of them."""
@@ -83,13 +91,13 @@ def cpu_quantized_linear(x: torch.Tensor, w, index: tuple = (), bias: torch.Tens
         q, scale, _ = w.values(index)                                     # [N, K] int8, [N, 1]
         out = torch.ops.aten._weight_int8pack_mm(x, q, scale.view(N).to(x.dtype))
     elif w.format == "int4" and w.cpu_packed_ok():
-        packed = w.cpu_packed()[index]                                    # [N, K/2], the op's order
-        scale = w.scale[index].to(x.dtype)                                # [N, K/g]
-        offset = (torch.zeros_like(scale) if w.zero is None
-                  else -w.zero[index].to(x.dtype) * scale)                # (q - z) s = q s + (-z s)
-        scale_zeros = torch.stack((scale.t(), offset.t()), -1).contiguous()   # [K/g, N, 2]
-        # the op's q is the nibble, q + 8: (q + 8 - 8) s + offset
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, w.group_size, scale_zeros)
+        packed, held = w.cpu_packed()
+        if held.dtype == x.dtype:
+            sz = held[index]                                              # [K/g, N, 2]
+        else:                                                             # e.g. float32 x: exact, per call
+            _, scale, zero = w.values(index)
+            sz = scale_zeros(scale, zero, x.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed[index], w.group_size, sz)
     else:
         return None
     return out if bias is None else out + bias

@@ -102,6 +102,7 @@ class QuantizedWeight(nn.Module):
         """Quantize w (the full-precision values of weight[index]) into place. index: lead ids (all of them
         or a prefix), then, after all of them, optionally a row slice, which must start and end on a scale
         block boundary."""
+        self._to_our_order()
         w = w.to(self.qweight.device, torch.float32)
         clip_search = self.clip_search if clip_search is None else clip_search
         zero = None
@@ -134,11 +135,12 @@ class QuantizedWeight(nn.Module):
             lead, rows = _split_index(index, self.shape)
             q = cpu_quant.from_op_order(self.qweight[lead])
             q = q if rows is None else q[..., rows, :]
+            scale = self.scale_zeros[..., 0].transpose(-1, -2)                 # [*lead, N, K/g], a view
         else:
-            q = self.qweight[where]
+            q, scale = self.qweight[where], self.scale
         if self.format == "int4":
             q = torch.stack(((q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8), -1).flatten(-2)
-        return q, self.scale[swhere], None if self.zero is None else self.zero[swhere]
+        return q, scale[swhere], None if self.zero is None else self.zero[swhere]
 
     def copy_(self, w: torch.Tensor, clip_search: bool | None = None) -> None:
         """The whole weight from full-precision values w [*lead, N, K] (the loader's destination protocol)."""
@@ -149,17 +151,23 @@ class QuantizedWeight(nn.Module):
         return self.op_order or (self.format == "int4" and self.qweight.device.type == "cpu"
                                  and cpu_quant.packs_int4(self.shape, self.group_size))
 
-    def cpu_packed(self) -> torch.Tensor:
-        """The int4 bytes [*lead, N, K/2] in the fused CPU op's order, rearranged in place on first use
-        (check cpu_packed_ok first)."""
+    def cpu_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the int4 bytes [*lead, N, K/2] in the fused CPU op's order, scale_zeros [*lead, K/g, N, 2]: each
+        group's scale and -zero * scale, in the scale dtype), the form torch's int4 op takes; the weight is
+        rearranged so in place on first use (check cpu_packed_ok first). The scales are then held only
+        there (values() reads them back exactly; the zero points stay as they are)."""
         if not self.op_order:
             self.qweight.copy_(cpu_quant.to_op_order(self.qweight))
+            self.register_buffer("scale_zeros", cpu_quant.scale_zeros(self.scale, self.zero, self.scale.dtype))
+            self.register_buffer("scale", None)
             self.op_order = True
-        return self.qweight
+        return self.qweight, self.scale_zeros
 
     def _to_our_order(self) -> None:
         if self.op_order:
             self.qweight.copy_(cpu_quant.from_op_order(self.qweight))
+            self.register_buffer("scale", self.scale_zeros[..., 0].transpose(-1, -2).contiguous())
+            del self.scale_zeros
             self.op_order = False
 
     def _apply(self, fn, recurse=True):
@@ -194,6 +202,11 @@ def dequantize_values(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
     """(q - zero) * scale, each scale (and zero) spread over its (bn, bk) block: [.., N, K] in dtype."""
     N, K = q.shape[-2:]
     bn, bk = block
+    if bn == 1 and K % bk == 0:          # groups along the input: broadcast each scale over its group
+        g = q.unflatten(-1, (K // bk, bk)).float()                              # [.., N, K/bk, bk]
+        if zero is not None:
+            g = g - zero.float()[..., None]
+        return (g * scale.float()[..., None]).flatten(-2).to(dtype)
     q = q.float()
     if zero is not None:
         q = q - _expand(zero.float(), bn, bk, N, K)

@@ -87,3 +87,28 @@ def test_the_default_model_is_found_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MOE_ENGINE_MODEL", raising=False)
     assert (Path(resolve_model(DEFAULT_MODEL)) / "config.json").is_file()
+
+
+def test_bench_decode_times_quantized_rows_beside_the_unquantized(tmp_path):
+    """--quantization none,int8: a row per way of holding the experts, the quantized one built directly in
+    its held format, with its ratio to the unquantized row of the same batch."""
+    out = tmp_path / "decode.json"
+    assert bench_decode_main(["--device", "cpu", "--shape", "mixtral-tiny", "--quantization", "none,int8",
+                              "--batches", "1", "--new-tokens", "4", "--prompt-len", "8", "--no-compile",
+                              "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["quantization"] for r in rows] == ["none", "int8"]
+    assert "hf_decode_tok_s" in rows[0] and "hf_decode_tok_s" not in rows[1]
+    assert rows[1]["vs_unquantized"] == rows[1]["ours_decode_tok_s"] / rows[0]["ours_decode_tok_s"]
+    # the limit counts the bytes as held: int8 experts move about half of bf16's / a quarter of float32's
+    assert rows[1]["bandwidth_limit_tok_s"] > 1.3 * rows[0]["bandwidth_limit_tok_s"]
+
+
+def test_random_quantized_shapes_are_built_in_their_held_format():
+    from moe_engine.quantize import QuantSpec, quantized_weights
+    model = build_random("mixtral-tiny", "cpu", torch.bfloat16, quantization=QuantSpec("int4", group_size=32))
+    held = quantized_weights(model)
+    assert held and all(q.format == "int4" for q in held.values())
+    assert not any(n.endswith(("mlp.w13", "mlp.w2")) for n, _ in model.named_parameters())
+    w = next(iter(held.values())).dequantize()
+    assert 0.3 < float(w.std() * w.shape[-1] ** 0.5) < 3          # a spread like the full-precision weights'

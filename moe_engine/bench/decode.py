@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from moe_engine.bench.models import SHAPES, build_random, hf_twin, weight_bytes
-from moe_engine.device import pick_device
+from moe_engine.device import DTYPES, default_dtype, pick_device
 from moe_engine.cli.info import parameter_bytes
 from moe_engine.errors import MoeEngineError
 from moe_engine.llm import LLM, check_compile, stored_dtype
@@ -187,9 +187,16 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=None,
                    help="comma list: weights/ folders (CPU default: tiny-mixtral,tiny-deepseek) or random "
                         f"shapes ({', '.join(SHAPES)}; GPU default: mixtral-8x7b,deepseek-v2-lite)")
+    p.add_argument("--shape", default=None, help="same as --models, for random real shapes")
     p.add_argument("--batches", default=None, help="comma list of batch sizes (CPU 1,8; GPU 1,16,64)")
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="activations and unquantized weights (default: the engine's for the device)")
+    p.add_argument("--quantization", default="none",
+                   help="comma list of how the experts are held, each timed beside the others: none, int8, "
+                        "int4 (g128), fp8; quantized rows run eagerly and skip transformers")
+    p.add_argument("--quantize-attention", action="store_true", help="quantized rows hold attention quantized too")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best is kept)")
     p.add_argument("--hf-repeats", type=int, default=None, help="timed transformers runs (default: --repeats)")
@@ -207,7 +214,10 @@ def main(argv=None) -> int:
     check_output_path(a.out, folder=False)          # before minutes of timing, not after
     device = pick_device(a.device)
     gpu = device.type == "cuda"
-    models = (a.models or ("mixtral-8x7b,deepseek-v2-lite" if gpu else "tiny-mixtral,tiny-deepseek")).split(",")
+    quants = [q.strip() for q in a.quantization.split(",")]
+    specs = {q: None if q == "none" else _spec(q, a.quantize_attention) for q in quants}
+    names = a.shape or a.models
+    models = (names or ("mixtral-8x7b,deepseek-v2-lite" if gpu else "tiny-mixtral,tiny-deepseek")).split(",")
     batches = [int(b) for b in (a.batches or ("1,16,64" if gpu else "1,8")).split(",")]
     prompt_len = a.prompt_len or (512 if gpu else 32)
     compile = not gpu if a.compile is None else a.compile
@@ -218,10 +228,10 @@ def main(argv=None) -> int:
             print(f"timing eager decode only: {e}")
             compile = False
     compare_eager = a.compare_eager or (compile and a.compile is None)
-    dtype = torch.bfloat16 if gpu else torch.float32
+    dtype = DTYPES[a.dtype] if a.dtype else default_dtype(device)[0]
     bandwidth = copy_bandwidth(device, (1 << 30) if gpu else (256 << 20))
     machine = torch.cuda.get_device_name(device) if gpu else "CPU"
-    print(f"device: {machine}, {torch.get_num_threads()} CPU threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"device: {machine}, {torch.get_num_threads()} CPU threads, {dtype}, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     rows = []
     for name in models:
         if name in SHAPES and gpu:
@@ -231,41 +241,63 @@ def main(argv=None) -> int:
                 print(f"{name}: skipped, its {need / 2**30:.0f} GiB of weights do not fit the "
                       f"{free / 2**30:.0f} GiB free on this GPU")
                 continue
-        if name in SHAPES:
-            model = build_random(name, device, dtype)
-        else:
-            model = LLM(REPO / "weights" / name, device=device, dtype=dtype, num_kv_blocks=1).model
-        hf = None
-        if not a.no_hf:
-            try:
-                hf = hf_twin(model, name) if name in SHAPES else _hf_from_folder(REPO / "weights" / name, device, dtype)
-            except Exception as e:   # a transformers version that cannot build the twin: ours still counts
-                print(f"{name}: transformers comparison skipped: {type(e).__name__}: {e}")
-        model.store_weights(stored_dtype(dtype, compile))   # as our engine holds them: the limit counts those bytes
-        limit = bandwidth / active_weight_bytes(model)
-        for row in measure(name, model, hf, device, batches, prompt_len, a.new_tokens, model.args.vocab_size,
-                           a.repeats, compare_eager, not gpu if a.sequential is None else a.sequential,
-                           False if a.no_graphs else None, a.hf_repeats, compile):
-            row["bandwidth_limit_tok_s"] = limit
-            row["pct_of_limit_b1"] = 100 * row["ours_decode_tok_s"] / limit if row["batch"] == 1 else None
-            rows.append(row)
-            hf_part = (f"  transformers {row['hf_decode_tok_s']:8.1f} tok/s  ratio {row['ratio_vs_hf']:5.2f}x"
-                       if "hf_decode_tok_s" in row else "")
-            limit_part = (f"  {row['pct_of_limit_b1']:5.1f}% of limit" if row["batch"] == 1 else
-                          f"  batched {row['ours_batched_vs_sequential']:4.1f}x faster than one by one"
-                          if "ours_batched_vs_sequential" in row else "")
-            plain = "not compiled" if row["compiled"] else "no graphs"
-            eager_part = (f"  ({plain} {row['ours_eager_decode_tok_s']:8.1f})"
-                          if "ours_eager_decode_tok_s" in row else "")
-            compiled = (f"  (compiled; start-up {row['startup_s']:.0f} s)" if row["compiled"] else "")
-            print(f"{name:18s} batch {row['batch']:3d}  decode {row['ours_decode_tok_s']:8.1f} tok/s{eager_part}"
-                  f"  prefill {row['ours_prefill_tok_s']:9.1f} tok/s{hf_part}{limit_part}{compiled}", flush=True)
-        del model, hf
-        if gpu:
-            torch.cuda.empty_cache()
-        _write(Path(a.out), machine, bandwidth, dtype, rows)   # after every model: a cut-short run keeps its rows
+        for q, spec in specs.items():
+            if name in SHAPES:
+                model = build_random(name, device, dtype, quantization=spec)
+            else:
+                model = LLM(REPO / "weights" / name, device=device, dtype=dtype, num_kv_blocks=1,
+                            quantization=None if spec is None else q,
+                            quantize_attention=spec is not None and a.quantize_attention).model
+            hf = None
+            if not a.no_hf and spec is None:
+                try:
+                    hf = hf_twin(model, name) if name in SHAPES else _hf_from_folder(REPO / "weights" / name, device, dtype)
+                except Exception as e:   # a transformers version that cannot build the twin: ours still counts
+                    print(f"{name}: transformers comparison skipped: {type(e).__name__}: {e}")
+            compiled = compile and spec is None          # a quantized model runs eagerly for now
+            model.store_weights(stored_dtype(dtype, compiled))   # as our engine holds them: the limit counts those bytes
+            # The machine's rate drifts (a shared VM): measured again beside each model, the highest kept.
+            bandwidth = max(bandwidth, copy_bandwidth(device, (1 << 30) if gpu else (256 << 20)))
+            limit = bandwidth / active_weight_bytes(model)
+            for row in measure(name, model, hf, device, batches, prompt_len, a.new_tokens, model.args.vocab_size,
+                               a.repeats, compare_eager and spec is None,
+                               not gpu if a.sequential is None else a.sequential,
+                               False if a.no_graphs else None, a.hf_repeats, compiled):
+                row.update(quantization=q, dtype=str(dtype).removeprefix("torch."), bandwidth_limit_tok_s=limit,
+                           copy_bandwidth_bytes_s=bandwidth, active_weight_bytes=active_weight_bytes(model),
+                           pct_of_limit_b1=100 * row["ours_decode_tok_s"] / limit if row["batch"] == 1 else None)
+                plain = [r for r in rows if r["model"] == name and r["batch"] == row["batch"]
+                         and r["quantization"] == "none"]
+                if spec is not None and plain:
+                    row["vs_unquantized"] = row["ours_decode_tok_s"] / plain[0]["ours_decode_tok_s"]
+                rows.append(row)
+                _print_row(row)
+            del model, hf
+            if gpu:
+                torch.cuda.empty_cache()
+            _write(Path(a.out), machine, bandwidth, dtype, rows)   # after every model: a cut-short run keeps its rows
     print(f"wrote {a.out}")
     return 0
+
+
+def _spec(method: str, attention: bool):
+    from moe_engine.quantize import QuantSpec
+    return QuantSpec(method, quantize_attention=attention)
+
+
+def _print_row(row: dict) -> None:
+    hf_part = (f"  transformers {row['hf_decode_tok_s']:8.1f} tok/s  ratio {row['ratio_vs_hf']:5.2f}x"
+               if "hf_decode_tok_s" in row else "")
+    limit_part = (f"  {row['pct_of_limit_b1']:5.1f}% of limit" if row["batch"] == 1 else
+                  f"  batched {row['ours_batched_vs_sequential']:4.1f}x faster than one by one"
+                  if "ours_batched_vs_sequential" in row else "")
+    plain = "not compiled" if row["compiled"] else "no graphs"
+    eager_part = (f"  ({plain} {row['ours_eager_decode_tok_s']:8.1f})" if "ours_eager_decode_tok_s" in row else "")
+    compiled = f"  (compiled; start-up {row['startup_s']:.0f} s)" if row["compiled"] else ""
+    held = f" {row['quantization']}" if row["quantization"] != "none" else ""
+    vs = f"  {row['vs_unquantized']:4.2f}x unquantized" if "vs_unquantized" in row else ""
+    print(f"{row['model'] + held:18s} batch {row['batch']:3d}  decode {row['ours_decode_tok_s']:8.1f} tok/s{eager_part}"
+          f"  prefill {row['ours_prefill_tok_s']:9.1f} tok/s{hf_part}{limit_part}{vs}{compiled}", flush=True)
 
 
 def _write(out: Path, machine: str, bandwidth: float, dtype, rows: list[dict]) -> None:

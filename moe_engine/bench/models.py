@@ -55,12 +55,17 @@ def weight_bytes(name: str, dtype) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def build_random(name: str, device, dtype, seed: int = 0):
-    """Our model with the named shape, random weights made directly on the device."""
+def build_random(name: str, device, dtype, seed: int = 0, quantization=None):
+    """Our model with the named shape, random weights made directly on the device; with quantization (a
+    moe_engine.quantize.QuantSpec) the weights it selects are made directly in their held format (random
+    values and scales of the same spread, never a full-precision copy first)."""
     cfg = hf_config_dict(name)
     args_cls, model_cls = _classes(cfg)
-    with torch.device(device):
+    with torch.device(device):            # empty tensors: no memory is touched until they are written
         model = model_cls(args_cls.from_hf_config(cfg), dtype=dtype)
+    if quantization is not None:          # the full-precision tensors it replaces are dropped unwritten
+        from moe_engine.quantize import quantize_weights
+        quantize_weights(model, quantization, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name_, p in model.named_parameters():
@@ -69,8 +74,31 @@ def build_random(name: str, device, dtype, seed: int = 0):
             else:
                 fan_in = p.shape[-1]
                 p.normal_(0, 1 / math.sqrt(fan_in), generator=gen)
+        if quantization is not None:
+            _fill_quantized(model, gen)
     model.post_load()
     return model.eval()
+
+
+def _fill_quantized(model, gen) -> None:
+    """Random held values for every QuantizedWeight: uniform integers (or fp8 values) over the format's range
+    and scales that give each weight a spread of about 1 / sqrt(fan_in), as the full-precision ones have."""
+    from moe_engine.quantize import quantized_weights
+    for qw in quantized_weights(model).values():
+        fan_in = qw.shape[-1]
+        q = qw.qweight
+        if qw.format == "fp8":
+            q.copy_(torch.randn(q.shape, generator=gen, device=q.device).to(q.dtype))
+            spread = 1.0
+        else:
+            bits = 8 if q.dtype == torch.int8 else 4
+            top = 127 if bits == 8 else 255                  # int4: two random nibbles per byte
+            q.copy_(torch.randint(-top if bits == 8 else 0, top + 1, q.shape, generator=gen,
+                                  device=q.device, dtype=torch.int16).to(q.dtype))
+            spread = (127 if bits == 8 else 8) / math.sqrt(3)
+        qw.scale.fill_(1 / (math.sqrt(fan_in) * spread))
+        if qw.zero is not None:
+            qw.zero.zero_()
 
 
 def hf_twin(model, name: str):
