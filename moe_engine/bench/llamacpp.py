@@ -1,0 +1,258 @@
+"""llama.cpp beside our engine: a Mixtral-family model in memory written as GGUF, timed through llama-cpp-python."""
+
+import contextlib
+import ctypes
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_engine.errors import MoeEngineError
+
+QTYPES = ("f32", "bf16", "q8_0", "q4_0")
+_CHUNK = 1 << 22          # elements converted to float32 at once: a few MB, never a whole tensor
+
+
+def _modules():
+    """(gguf, llama_cpp), or a clear error: neither is a dependency of moe-engine."""
+    try:
+        import gguf
+        import llama_cpp
+    except ImportError as e:
+        raise MoeEngineError(f"the llama.cpp comparison needs the gguf and llama-cpp-python packages ({e}); "
+                             "pip install gguf llama-cpp-python, or leave llama.cpp out") from None
+    return gguf, llama_cpp
+
+
+def _types(gguf, qtype: str) -> tuple:
+    """(attention and expert matrices, token embedding, output head) GGML types for qtype. Like llama.cpp's
+    converter for f32 / bf16 / q8_0 (every matrix in that type); for q4_0 like llama-quantize, except the head
+    in Q8_0, since the gguf package cannot write the Q6_K that llama-quantize gives it."""
+    T = gguf.GGMLQuantizationType
+    table = {"f32": (T.F32,) * 3, "bf16": (T.BF16,) * 3, "q8_0": (T.Q8_0,) * 3, "q4_0": (T.Q4_0, T.Q4_0, T.Q8_0)}
+    if qtype not in table:
+        raise MoeEngineError(f"GGUF type {qtype!r} is not one of {', '.join(QTYPES)}; pick one of those")
+    return table[qtype]
+
+
+def _rope_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """q or k rows [heads * Dh, D] from Hugging Face's rotate-half order to the adjacent pairs llama.cpp's llama
+    architecture rotates: the permutation convert_hf_to_gguf.py's LlamaModel applies to q_proj and k_proj."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor_plan(model, gguf, qtype: str) -> list[tuple[str, list, object]]:
+    """[(GGUF name, parts, GGML type)], in file order. The tensor is the parts (our tensors, or views of them)
+    stacked along dim 0 (the experts) or the one part; each is converted on its own while writing."""
+    a = model.args
+    matrix, embed_type, head_type = _types(gguf, qtype)
+    f32 = gguf.GGMLQuantizationType.F32
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, a.num_hidden_layers)
+    targets = model.checkpoint_targets()
+
+    def ours(hf_name):
+        param, index = targets[hf_name]
+        t = model.get_parameter(param)
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise MoeEngineError(f"{param} is held as {type(t).__name__}; write the GGUF from a model held in "
+                                 "float32 or bf16 (before quantizing it)")
+        return t if index is None else t[index]
+
+    plan = []
+    for hf_name in targets:
+        if ".experts." in hf_name:
+            continue
+        t, name = ours(hf_name), names.get_name(hf_name, try_suffixes=(".weight",))
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = a.num_attention_heads if "q_proj" in hf_name else a.kv_heads
+            t = _rope_permute(t, heads)
+        kind = (f32 if t.dim() == 1 or name.endswith("ffn_gate_inp.weight")       # norms and router
+                else embed_type if name == "token_embd.weight" else head_type if name == "output.weight"
+                else matrix)
+        plan.append((name, [t], kind))
+    for i in range(a.num_hidden_layers):
+        for w in ("w1", "w3", "w2"):           # gate, up, down: one [E, rows, cols] tensor each
+            parts = [ours(f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight")
+                     for e in range(a.num_local_experts)]
+            plan.append((names.get_name(f"layers.{i}.feed_forward.experts.{w}.weight", try_suffixes=(".weight",)),
+                         parts, matrix))
+    # File order as the converter writes it: the embedding, each block's tensors, the final norm and head.
+    return sorted(plan, key=lambda p: (1, int(p[0].split(".")[1])) if p[0].startswith("blk.")
+                  else (0 if p[0] == "token_embd.weight" else 2, 0))
+
+
+def _encode(gguf, t: torch.Tensor, kind) -> np.ndarray:
+    """One part [rows, cols] as the bytes of GGML type kind, converted a few rows at a time."""
+    rows = t.reshape(-1, t.shape[-1])
+    step = max(1, _CHUNK // rows.shape[1])
+    out = []
+    for chunk in rows.split(step):
+        if kind == gguf.GGMLQuantizationType.BF16:
+            out.append(chunk.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8))
+        else:
+            out.append(np.ascontiguousarray(gguf.quants.quantize(chunk.float().numpy(), kind)).view(np.uint8))
+    return np.concatenate(out).reshape(-1)
+
+
+def write_gguf(model, path, qtype: str) -> int:
+    """Write model (a MixtralModel) as a GGUF that llama.cpp runs as architecture "llama" with experts; bytes
+    written. Norms and routers in F32; attention and expert matrices, token embedding and output head as
+    _types says (q4_0: Q4_0 with the head in Q8_0). q and k rows permuted to llama.cpp's rotary order. A
+    dummy SPM vocabulary of vocab_size tokens ("<t123>"), since llama.cpp will not load a model without one:
+    we feed it token ids, never text. Tensors are written one at a time in their stored form."""
+    gguf, _ = _modules()
+    a = model.args
+    extras = {k: getattr(a, k, None) for k in ("rope_scaling", "sliding_window")}
+    if getattr(a, "model_type", None) != "mixtral" or any(extras.values()):
+        raise MoeEngineError(f"the GGUF writer takes a plain Mixtral model, not model_type="
+                             f"{getattr(a, 'model_type', None)!r} with {extras}; compare llama.cpp on a mixtral shape")
+    matrix, _, _ = _types(gguf, qtype)
+    plan = _tensor_plan(model, gguf, qtype)
+    T, FT = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("moe-engine random weights")
+    w.add_context_length(a.max_position_embeddings)
+    w.add_embedding_length(a.hidden_size)
+    w.add_block_count(a.num_hidden_layers)
+    w.add_feed_forward_length(a.intermediate_size)
+    w.add_head_count(a.num_attention_heads)
+    w.add_head_count_kv(a.kv_heads)
+    w.add_key_length(a.dim_per_head)
+    w.add_value_length(a.dim_per_head)
+    w.add_rope_dimension_count(a.dim_per_head)
+    w.add_rope_freq_base(a.rope_theta)
+    w.add_layer_norm_rms_eps(a.rms_norm_eps)
+    w.add_expert_count(a.num_local_experts)
+    w.add_expert_used_count(a.num_experts_per_tok)
+    w.add_vocab_size(a.vocab_size)
+    w.add_file_type({T.F32: FT.ALL_F32, T.BF16: FT.MOSTLY_BF16, T.Q8_0: FT.MOSTLY_Q8_0,
+                     T.Q4_0: FT.MOSTLY_Q4_0}[matrix])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"<t{i}>" for i in range(3, a.vocab_size)])
+    w.add_token_scores([0.0] * a.vocab_size)
+    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+                      + [gguf.TokenType.NORMAL] * (a.vocab_size - 3))
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for name, parts, kind in plan:
+        shape = (len(parts), *parts[0].shape) if len(parts) > 1 else tuple(parts[0].shape)
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
+        w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    with torch.no_grad():
+        for name, parts, kind in plan:
+            w.write_tensor_data(np.concatenate([_encode(gguf, p, kind) for p in parts]))
+    w.close()
+    return Path(path).stat().st_size
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU reports AMX: there llama.cpp's AMX weight buffers segfault in ggml_backend_amx_mul_mat
+    (ggml-org/llama.cpp#20824, open; seen here with Q8_0 and Q4_0 on llama-cpp-python 0.3.36)."""
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _model_params(low, extra_buffers: bool):
+    """Llama() built with use_extra_bufts=extra_buffers: the binding takes no such argument, so its default
+    model parameters are swapped for the call and put back."""
+    if extra_buffers or "use_extra_bufts" not in dict(low.llama_model_params._fields_):
+        yield
+        return
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
+
+
+def open_gguf(path, n_ctx: int, threads: int = 2, n_batch: int = 512, extra_buffers: bool | None = None,
+              **kwargs):
+    """A llama_cpp.Llama on the file, prompts of up to n_batch tokens in one eval; kwargs go to Llama.
+    extra_buffers: llama.cpp's repacked weight buffers (AMX, and the runtime Q4_0 repack for AVX2/AVX512);
+    None: off on AMX CPUs (cpu_has_amx), on elsewhere."""
+    _, llama_cpp = _modules()
+    n_batch = max(n_batch, 32)
+    extra = not cpu_has_amx() if extra_buffers is None else extra_buffers
+    with _model_params(llama_cpp.llama_cpp, extra):
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                               n_threads=threads, n_threads_batch=threads, verbose=False, **kwargs)
+
+
+def _greedy(llm) -> int:
+    """The argmax of the last evaluated position's logits (no sampler chain: the same greedy step ours takes)."""
+    _, llama_cpp = _modules()
+    logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return int(np.ctypeslib.as_array(ctypes.cast(logits, ctypes.POINTER(ctypes.c_float)),
+                                     shape=(llm.n_vocab(),)).argmax())
+
+
+def greedy_run(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
+    """(the new_tokens greedy tokens, prefill seconds, decode seconds) from a fresh cache: the prompt's eval
+    until the first token is prefill, the remaining new_tokens - 1 single-token steps decode."""
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    tokens = [_greedy(llm)]
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        llm.eval(tokens[-1:])
+        tokens.append(_greedy(llm))
+    return tokens, t1 - t0, time.perf_counter() - t1
+
+
+def llamacpp_rates(gguf_path, prompts: list[list[int]], new_tokens: int, threads: int = 2) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) at batch 1, the protocol of bench.decode.ours_rates (greedy_run). Several
+    prompts run one after another, their times summed. gguf_path may also be a Llama from open_gguf (then
+    no load is counted, and threads is the Llama's)."""
+    opened = isinstance(gguf_path, (str, Path))
+    longest = max(map(len, prompts))
+    llm = open_gguf(gguf_path, longest + new_tokens + 16, threads, longest) if opened else gguf_path
+    try:
+        runs = [greedy_run(llm, prompt, new_tokens) for prompt in prompts]
+    finally:
+        if opened:
+            llm.close()
+    return (sum(map(len, prompts)) / sum(r[1] for r in runs),
+            len(prompts) * (new_tokens - 1) / sum(r[2] for r in runs))
+
+
+def llamacpp_rows(model, qtypes, prompt_len: int, new_tokens: int, repeats: int = 3, threads: int = 2,
+                  seed: int = 0, extra_buffers: bool | None = None) -> list[dict]:
+    """One row per GGUF type: the model written to a temporary file (deleted after), loaded once, then the
+    best prefill and decode rate over repeats timed runs after a warm-up, on a random prompt of prompt_len
+    token ids (torch.randint(3, vocab), as bench.decode draws them)."""
+    prompt = torch.randint(3, model.args.vocab_size, (prompt_len,),
+                           generator=torch.Generator().manual_seed(seed)).tolist()
+    rows = []
+    for qtype in qtypes:
+        with tempfile.TemporaryDirectory(prefix="moe-engine-gguf-") as tmp:
+            path = Path(tmp) / f"model-{qtype}.gguf"
+            start = time.perf_counter()
+            nbytes = write_gguf(model, path, qtype)
+            write_s = time.perf_counter() - start
+            llm = open_gguf(path, prompt_len + new_tokens + 16, threads, prompt_len, extra_buffers)
+            llamacpp_rates(llm, [prompt], new_tokens)                     # warm-up
+            runs = [llamacpp_rates(llm, [prompt], new_tokens) for _ in range(repeats)]
+            llm.close()
+        rows.append({"engine": "llama.cpp", "qtype": qtype, "batch": 1, "prompt_len": prompt_len,
+                     "new_tokens": new_tokens, "threads": threads,
+                     "extra_buffers": not cpu_has_amx() if extra_buffers is None else extra_buffers, "file_bytes": nbytes, "write_s": write_s,
+                     "prefill_tok_s": max(r[0] for r in runs), "decode_tok_s": max(r[1] for r in runs)})
+    return rows
