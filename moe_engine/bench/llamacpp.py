@@ -234,25 +234,29 @@ def llamacpp_rates(gguf_path, prompts: list[list[int]], new_tokens: int, threads
 
 
 def llamacpp_rows(model, qtypes, prompt_len: int, new_tokens: int, repeats: int = 3, threads: int = 2,
-                  seed: int = 0, extra_buffers: bool | None = None) -> list[dict]:
+                  seed: int = 0, extra_buffers: bool | None = None, folder=None) -> list[dict]:
     """One row per GGUF type: the model written to a temporary file (deleted after), loaded once, then the
     best prefill and decode rate over repeats timed runs after a warm-up, on a random prompt of prompt_len
-    token ids (torch.randint(3, vocab), as bench.decode draws them)."""
+    token ids (torch.randint(3, vocab), as bench.decode draws them). folder: where the temporary file goes
+    (default: the system's temporary folder; the 3.56B shape in bf16 takes 7 GB there)."""
+    gguf, _ = _modules()
     prompt = torch.randint(3, model.args.vocab_size, (prompt_len,),
                            generator=torch.Generator().manual_seed(seed)).tolist()
+    extra = not cpu_has_amx() if extra_buffers is None else extra_buffers
     rows = []
     for qtype in qtypes:
-        with tempfile.TemporaryDirectory(prefix="moe-engine-gguf-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="moe-engine-gguf-", dir=folder) as tmp:
             path = Path(tmp) / f"model-{qtype}.gguf"
             start = time.perf_counter()
             nbytes = write_gguf(model, path, qtype)
             write_s = time.perf_counter() - start
-            llm = open_gguf(path, prompt_len + new_tokens + 16, threads, prompt_len, extra_buffers)
+            llm = open_gguf(path, prompt_len + new_tokens + 16, threads, prompt_len, extra)
             llamacpp_rates(llm, [prompt], new_tokens)                     # warm-up
             runs = [llamacpp_rates(llm, [prompt], new_tokens) for _ in range(repeats)]
             llm.close()
         rows.append({"engine": "llama.cpp", "qtype": qtype, "batch": 1, "prompt_len": prompt_len,
-                     "new_tokens": new_tokens, "threads": threads,
-                     "extra_buffers": not cpu_has_amx() if extra_buffers is None else extra_buffers, "file_bytes": nbytes, "write_s": write_s,
+                     "new_tokens": new_tokens, "threads": threads, "extra_buffers": extra, "file_bytes": nbytes,
+                     "write_s": write_s, "types": dict(zip(("matrices", "embedding", "head"),
+                                                           (t.name for t in _types(gguf, qtype)))),
                      "prefill_tok_s": max(r[0] for r in runs), "decode_tok_s": max(r[1] for r in runs)})
     return rows
