@@ -25,10 +25,11 @@ def ours(model):
     return LLM.from_model(model, max_model_len=64, num_kv_blocks=8, block_size=16)
 
 
-def llamacpp_logits(path) -> tuple[torch.Tensor, object]:
-    """llama.cpp's logits [T, V] at every prompt position (float32 KV cache, so f32 can be compared tightly)."""
-    llm = L.open_gguf(path, 64, 1, 32, logits_all=True, type_k=llama_cpp.GGML_TYPE_F32,
-                      type_v=llama_cpp.GGML_TYPE_F32)
+def llamacpp_logits(path, buffers=None, **kwargs) -> tuple[torch.Tensor, object]:
+    """llama.cpp's logits [T, V] at every prompt position (float32 KV cache, so f32 can be compared tightly),
+    its weights in the buffers the benchmark would use (on AMX CPUs others crash)."""
+    llm = L.open_gguf(path, 64, 1, 32, buffers or L.default_buffers(L.file_qtype(path)), logits_all=True,
+                      type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, **kwargs)
     llm.eval(PROMPT)
     return torch.from_numpy(np.array(llm.scores[:len(PROMPT)])), llm
 
@@ -79,6 +80,18 @@ def test_quantized_gguf_matches_our_model_on_the_same_rounded_weights(tmp_path, 
     assert (logits.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.75
 
 
+def test_repacked_q4_0_weights_are_repacked_and_give_the_plain_logits(tmp_path, capfd):
+    """The "repack" buffers (CPU_REPACK through a tensor override) are used and change nothing but speed."""
+    L.write_gguf(build_random("mixtral-tiny", "cpu", torch.float32), tmp_path / "m.gguf", "q4_0")
+    plain, llm = llamacpp_logits(tmp_path / "m.gguf", "plain")
+    llm.close()
+    capfd.readouterr()
+    repacked, llm = llamacpp_logits(tmp_path / "m.gguf", "repack", verbose=True)
+    llm.close()
+    assert "CPU_REPACK model buffer size" in "".join(capfd.readouterr())
+    assert max_rel_error(repacked, plain) <= 1e-3
+
+
 def test_bf16_file_holds_our_bf16_weights_bit_for_bit(tmp_path):
     model = build_random("mixtral-tiny", "cpu", torch.bfloat16)
     L.write_gguf(model, tmp_path / "m.gguf", "bf16")
@@ -111,5 +124,7 @@ def test_rows_time_each_type_and_leave_no_file():
 def test_bad_type_and_family_are_refused(tmp_path):
     with pytest.raises(MoeEngineError, match="q5_k"):
         L.write_gguf(build_random("mixtral-tiny", "cpu", torch.float32), tmp_path / "m.gguf", "q5_k")
+    with pytest.raises(MoeEngineError, match="buffers"):
+        L.open_gguf(tmp_path / "m.gguf", 64, buffers="amx")
     with pytest.raises(MoeEngineError, match="deepseek"):
         L.write_gguf(build_random("deepseek-tiny", "cpu", torch.float32), tmp_path / "m.gguf", "bf16")

@@ -152,27 +152,80 @@ def write_gguf(model, path, qtype: str) -> int:
     return Path(path).stat().st_size
 
 
+BUFFERS = ("default", "plain", "repack")
+# The attention and expert matrices, the tensors llama.cpp's CPU_REPACK buffer interleaves for its GEMV / GEMM.
+_MATRICES = rb"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down)_exps)\.weight"
+
+
 def cpu_has_amx() -> bool:
-    """Whether this CPU reports AMX: there llama.cpp's AMX weight buffers segfault in ggml_backend_amx_mul_mat
-    (ggml-org/llama.cpp#20824, open; seen here with Q8_0 and Q4_0 on llama-cpp-python 0.3.36)."""
     try:
         return "amx_int8" in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
 
 
+def default_buffers(qtype: str) -> str:
+    """The weight buffers llamacpp_rows times qtype with: llama.cpp's own choice ("default": AMX where the CPU
+    has it, else its runtime repack), except on AMX CPUs, where llama-cpp-python 0.3.36 segfaults with it for
+    Q8_0 and Q4_0 (in the AMX buffers, ggml-org/llama.cpp#20824, open) and also while repacking Q8_0 into
+    CPU_REPACK: there Q4_0 is repacked without AMX ("repack") and the other types run unrepacked ("plain")."""
+    if not cpu_has_amx():
+        return "default"
+    return "repack" if qtype == "q4_0" else "plain"
+
+
+class _Override(ctypes.Structure):           # struct llama_model_tensor_buft_override
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _cpu_repack_buffer(llama_cpp) -> int:
+    """llama.cpp's CPU_REPACK buffer type, found through ggml's backend registry (the binding has no call)."""
+    from llama_cpp._ggml import libggml
+    void = ctypes.c_void_p
+
+    def fn(name, restype, *argtypes):
+        return ctypes.CFUNCTYPE(restype, *argtypes)((name, libggml))
+
+    llama_cpp.llama_backend_init()
+    dev = fn("ggml_backend_dev_by_type", void, ctypes.c_int)(0)            # GGML_BACKEND_DEVICE_TYPE_CPU
+    reg = fn("ggml_backend_dev_backend_reg", void, void)(dev)
+    address = fn("ggml_backend_reg_get_proc_address", void, void, ctypes.c_char_p)(
+        reg, b"ggml_backend_dev_get_extra_bufts")
+    extra = ctypes.CFUNCTYPE(ctypes.POINTER(void), void)(address)(dev) if address else None  # NULL-terminated
+    name = fn("ggml_backend_buft_name", ctypes.c_char_p, void)
+    for i in range(16):
+        if not extra or not extra[i]:
+            break
+        if name(extra[i]) == b"CPU_REPACK":
+            return extra[i]
+    raise MoeEngineError("this llama.cpp build has no CPU_REPACK weight buffer; time it with buffers='plain'")
+
+
 @contextlib.contextmanager
-def _model_params(low, extra_buffers: bool):
-    """Llama() built with use_extra_bufts=extra_buffers: the binding takes no such argument, so its default
-    model parameters are swapped for the call and put back."""
-    if extra_buffers or "use_extra_bufts" not in dict(low.llama_model_params._fields_):
+def _model_params(llama_cpp, buffers: str, keep: list):
+    """Llama() built with the weight buffers asked for: "plain" turns off llama.cpp's extra buffer types
+    (use_extra_bufts), "repack" also puts the matrices in CPU_REPACK. The binding takes neither as an
+    argument, so its default model parameters are swapped for the call and put back. keep: what must outlive
+    the load (the override array)."""
+    if buffers not in BUFFERS:
+        raise MoeEngineError(f"llama.cpp weight buffers {buffers!r} are not one of {', '.join(BUFFERS)}")
+    low = llama_cpp.llama_cpp
+    if buffers == "default":
         yield
         return
+    if not {"use_extra_bufts", "tensor_buft_overrides"} <= {f[0] for f in low.llama_model_params._fields_}:
+        raise MoeEngineError("this llama-cpp-python cannot choose weight buffers; time it with buffers='default'")
+    overrides = None
+    if buffers == "repack":
+        overrides = (_Override * 2)((_MATRICES, _cpu_repack_buffer(llama_cpp)), (None, None))
+        keep.append(overrides)
     default = low.llama_model_default_params
 
     def params():
         p = default()
         p.use_extra_bufts = False
+        if overrides is not None:
+            p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p).value
         return p
 
     low.llama_model_default_params = params
@@ -182,17 +235,16 @@ def _model_params(low, extra_buffers: bool):
         low.llama_model_default_params = default
 
 
-def open_gguf(path, n_ctx: int, threads: int = 2, n_batch: int = 512, extra_buffers: bool | None = None,
-              **kwargs):
-    """A llama_cpp.Llama on the file, prompts of up to n_batch tokens in one eval; kwargs go to Llama.
-    extra_buffers: llama.cpp's repacked weight buffers (AMX, and the runtime Q4_0 repack for AVX2/AVX512);
-    None: off on AMX CPUs (cpu_has_amx), on elsewhere."""
+def open_gguf(path, n_ctx: int, threads: int = 2, n_batch: int = 512, buffers: str = "default", **kwargs):
+    """A llama_cpp.Llama on the file, prompts of up to n_batch tokens in one eval, weights in the buffers
+    asked for (BUFFERS; default_buffers says which work here); kwargs go to Llama."""
     _, llama_cpp = _modules()
-    n_batch = max(n_batch, 32)
-    extra = not cpu_has_amx() if extra_buffers is None else extra_buffers
-    with _model_params(llama_cpp.llama_cpp, extra):
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                               n_threads=threads, n_threads_batch=threads, verbose=False, **kwargs)
+    n_batch, keep = max(n_batch, 32), []
+    with _model_params(llama_cpp, buffers, keep):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                              n_threads=threads, n_threads_batch=threads, **{"verbose": False, **kwargs})
+    llm.moe_engine_keep = keep
+    return llm
 
 
 def _greedy(llm) -> int:
@@ -201,6 +253,14 @@ def _greedy(llm) -> int:
     logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
     return int(np.ctypeslib.as_array(ctypes.cast(logits, ctypes.POINTER(ctypes.c_float)),
                                      shape=(llm.n_vocab(),)).argmax())
+
+
+def file_qtype(path) -> str:
+    """The QTYPES name of a GGUF file's general.file_type ("other" for the rest)."""
+    gguf, _ = _modules()
+    FT = gguf.LlamaFileType
+    kind = gguf.GGUFReader(path).fields["general.file_type"].contents()
+    return {FT.ALL_F32: "f32", FT.MOSTLY_BF16: "bf16", FT.MOSTLY_Q8_0: "q8_0", FT.MOSTLY_Q4_0: "q4_0"}.get(kind, "other")
 
 
 def greedy_run(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
@@ -220,10 +280,11 @@ def greedy_run(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], floa
 def llamacpp_rates(gguf_path, prompts: list[list[int]], new_tokens: int, threads: int = 2) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) at batch 1, the protocol of bench.decode.ours_rates (greedy_run). Several
     prompts run one after another, their times summed. gguf_path may also be a Llama from open_gguf (then
-    no load is counted, and threads is the Llama's)."""
+    no load is counted, and threads is the Llama's); a path is opened with default_buffers of its type."""
     opened = isinstance(gguf_path, (str, Path))
     longest = max(map(len, prompts))
-    llm = open_gguf(gguf_path, longest + new_tokens + 16, threads, longest) if opened else gguf_path
+    llm = (open_gguf(gguf_path, longest + new_tokens + 16, threads, longest, default_buffers(file_qtype(gguf_path)))
+           if opened else gguf_path)
     try:
         runs = [greedy_run(llm, prompt, new_tokens) for prompt in prompts]
     finally:
@@ -234,28 +295,29 @@ def llamacpp_rates(gguf_path, prompts: list[list[int]], new_tokens: int, threads
 
 
 def llamacpp_rows(model, qtypes, prompt_len: int, new_tokens: int, repeats: int = 3, threads: int = 2,
-                  seed: int = 0, extra_buffers: bool | None = None, folder=None) -> list[dict]:
+                  seed: int = 0, buffers: str | None = None, folder=None) -> list[dict]:
     """One row per GGUF type: the model written to a temporary file (deleted after), loaded once, then the
     best prefill and decode rate over repeats timed runs after a warm-up, on a random prompt of prompt_len
     token ids (torch.randint(3, vocab), as bench.decode draws them). folder: where the temporary file goes
-    (default: the system's temporary folder; the 3.56B shape in bf16 takes 7 GB there)."""
+    (default: the system's temporary folder; the 3.56B shape in bf16 takes 7 GB there). buffers: llama.cpp's
+    weight buffers (BUFFERS; default: default_buffers(qtype))."""
     gguf, _ = _modules()
     prompt = torch.randint(3, model.args.vocab_size, (prompt_len,),
                            generator=torch.Generator().manual_seed(seed)).tolist()
-    extra = not cpu_has_amx() if extra_buffers is None else extra_buffers
     rows = []
     for qtype in qtypes:
+        held = buffers or default_buffers(qtype)
         with tempfile.TemporaryDirectory(prefix="moe-engine-gguf-", dir=folder) as tmp:
             path = Path(tmp) / f"model-{qtype}.gguf"
             start = time.perf_counter()
             nbytes = write_gguf(model, path, qtype)
             write_s = time.perf_counter() - start
-            llm = open_gguf(path, prompt_len + new_tokens + 16, threads, prompt_len, extra)
+            llm = open_gguf(path, prompt_len + new_tokens + 16, threads, prompt_len, held)
             llamacpp_rates(llm, [prompt], new_tokens)                     # warm-up
             runs = [llamacpp_rates(llm, [prompt], new_tokens) for _ in range(repeats)]
             llm.close()
         rows.append({"engine": "llama.cpp", "qtype": qtype, "batch": 1, "prompt_len": prompt_len,
-                     "new_tokens": new_tokens, "threads": threads, "extra_buffers": extra, "file_bytes": nbytes,
+                     "new_tokens": new_tokens, "threads": threads, "weight_buffers": held, "file_bytes": nbytes,
                      "write_s": write_s, "types": dict(zip(("matrices", "embedding", "head"),
                                                            (t.name for t in _types(gguf, qtype)))),
                      "prefill_tok_s": max(r[0] for r in runs), "decode_tok_s": max(r[1] for r in runs)})
