@@ -116,9 +116,18 @@ def test_rows_time_each_type_and_leave_no_file():
     before = set(os.listdir(tempfile.gettempdir()))
     rows = L.llamacpp_rows(model, ["q4_0", "bf16"], prompt_len=8, new_tokens=4, repeats=1, threads=1)
     assert [r["qtype"] for r in rows] == ["q4_0", "bf16"]
-    assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
+    assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and not r["failed"] for r in rows)
+    assert [r["weight_buffers"] for r in rows] == [L.default_buffers("q4_0"), L.default_buffers("bf16")]
     assert rows[0]["file_bytes"] < rows[1]["file_bytes"]
     assert not {n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("moe-engine-gguf-")}
+
+
+def test_a_failing_llama_cpp_child_is_timed_again_plain(monkeypatch):
+    """llama.cpp segfaults in some weight buffers on some CPUs: the row is timed again with plain ones."""
+    monkeypatch.setattr(L, "default_buffers", lambda qtype: "no-such-buffers")   # the child refuses these
+    row, = L.llamacpp_rows(build_random("mixtral-tiny", "cpu", torch.float32), ["q8_0"], 8, 4, 1, threads=1)
+    assert row["weight_buffers"] == "plain" and row["decode_tok_s"] > 0
+    assert "exit 1" in row["failed"]["no-such-buffers"] and "no-such-buffers" in row["failed"]["no-such-buffers"]
 
 
 def test_bad_type_and_family_are_refused(tmp_path):

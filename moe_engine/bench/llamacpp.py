@@ -2,6 +2,11 @@
 
 import contextlib
 import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -166,9 +171,10 @@ def cpu_has_amx() -> bool:
 
 def default_buffers(qtype: str) -> str:
     """The weight buffers llamacpp_rows times qtype with: llama.cpp's own choice ("default": AMX where the CPU
-    has it, else its runtime repack), except on AMX CPUs, where llama-cpp-python 0.3.36 segfaults with it for
-    Q8_0 and Q4_0 (in the AMX buffers, ggml-org/llama.cpp#20824, open) and also while repacking Q8_0 into
-    CPU_REPACK: there Q4_0 is repacked without AMX ("repack") and the other types run unrepacked ("plain")."""
+    has it, else its runtime repack), except on AMX CPUs. There llama-cpp-python 0.3.36 segfaults with that
+    choice for Q8_0 and Q4_0: Q4_0 runs in CPU_REPACK alone, so its AMX buffers fail (like
+    ggml-org/llama.cpp#20824, open), and Q8_0 also fails while being repacked into CPU_REPACK. So there Q4_0
+    is repacked without AMX ("repack"), the other types run unrepacked ("plain")."""
     if not cpu_has_amx():
         return "default"
     return "repack" if qtype == "q4_0" else "plain"
@@ -259,8 +265,8 @@ def file_qtype(path) -> str:
     """The QTYPES name of a GGUF file's general.file_type ("other" for the rest)."""
     gguf, _ = _modules()
     FT = gguf.LlamaFileType
-    kind = gguf.GGUFReader(path).fields["general.file_type"].contents()
-    return {FT.ALL_F32: "f32", FT.MOSTLY_BF16: "bf16", FT.MOSTLY_Q8_0: "q8_0", FT.MOSTLY_Q4_0: "q4_0"}.get(kind, "other")
+    names = {FT.ALL_F32: "f32", FT.MOSTLY_BF16: "bf16", FT.MOSTLY_Q8_0: "q8_0", FT.MOSTLY_Q4_0: "q4_0"}
+    return names.get(gguf.GGUFReader(path).fields["general.file_type"].contents(), "other")
 
 
 def greedy_run(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
@@ -294,31 +300,65 @@ def llamacpp_rates(gguf_path, prompts: list[list[int]], new_tokens: int, threads
             len(prompts) * (new_tokens - 1) / sum(r[2] for r in runs))
 
 
+def _best_rates(path, prompt: list[int], new_tokens: int, repeats: int, threads: int, buffers: str) -> dict:
+    """The best prefill and decode rates over repeats timed runs after a warm-up, the file loaded once."""
+    llm = open_gguf(path, len(prompt) + new_tokens + 16, threads, len(prompt), buffers)
+    llamacpp_rates(llm, [prompt], new_tokens)
+    runs = [llamacpp_rates(llm, [prompt], new_tokens) for _ in range(repeats)]
+    llm.close()
+    return {"prefill_tok_s": max(r[0] for r in runs), "decode_tok_s": max(r[1] for r in runs)}
+
+
+def _best_rates_apart(path, prompt, new_tokens, repeats, threads, buffers) -> tuple[dict | None, str]:
+    """_best_rates in a child process, so that llama.cpp crashing (it segfaults in some weight buffers) or
+    holding memory does not touch the benchmark: (rates or None, the child's exit status and last words)."""
+    job = json.dumps({"path": str(path), "prompt": prompt, "new_tokens": new_tokens, "repeats": repeats,
+                      "threads": threads, "buffers": buffers})
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "moe_engine.bench.llamacpp", job], capture_output=True,
+                          text=True, env=env)
+    if done.returncode == 0:
+        return json.loads(done.stdout.strip().splitlines()[-1]), ""
+    status = (f"killed by {signal.Signals(-done.returncode).name}" if done.returncode < 0
+              else f"exit {done.returncode}")
+    return None, f"{status}: {(done.stderr.strip().splitlines() or [''])[-1][:200]}"
+
+
 def llamacpp_rows(model, qtypes, prompt_len: int, new_tokens: int, repeats: int = 3, threads: int = 2,
                   seed: int = 0, buffers: str | None = None, folder=None) -> list[dict]:
-    """One row per GGUF type: the model written to a temporary file (deleted after), loaded once, then the
-    best prefill and decode rate over repeats timed runs after a warm-up, on a random prompt of prompt_len
-    token ids (torch.randint(3, vocab), as bench.decode draws them). folder: where the temporary file goes
-    (default: the system's temporary folder; the 3.56B shape in bf16 takes 7 GB there). buffers: llama.cpp's
-    weight buffers (BUFFERS; default: default_buffers(qtype))."""
+    """One row per GGUF type: the model written to a temporary file (deleted after), then timed in a child
+    process (_best_rates_apart) on a random prompt of prompt_len token ids (torch.randint(3, vocab), as
+    bench.decode draws them). buffers: llama.cpp's weight buffers (BUFFERS; default: default_buffers(qtype));
+    where the child fails with them, once more with "plain", and the row says what failed. folder: where the
+    file goes (default: the system's temporary folder; the 3.56B shape in bf16 takes 7 GB there)."""
     gguf, _ = _modules()
+    if buffers not in (None, *BUFFERS):
+        raise MoeEngineError(f"llama.cpp weight buffers {buffers!r} are not one of {', '.join(BUFFERS)}")
     prompt = torch.randint(3, model.args.vocab_size, (prompt_len,),
                            generator=torch.Generator().manual_seed(seed)).tolist()
     rows = []
     for qtype in qtypes:
-        held = buffers or default_buffers(qtype)
+        row = {"engine": "llama.cpp", "qtype": qtype, "batch": 1, "prompt_len": prompt_len,
+               "new_tokens": new_tokens, "threads": threads,
+               "types": dict(zip(("matrices", "embedding", "head"), (t.name for t in _types(gguf, qtype)))),
+               "prefill_tok_s": None, "decode_tok_s": None, "failed": {}}
         with tempfile.TemporaryDirectory(prefix="moe-engine-gguf-", dir=folder) as tmp:
             path = Path(tmp) / f"model-{qtype}.gguf"
             start = time.perf_counter()
-            nbytes = write_gguf(model, path, qtype)
-            write_s = time.perf_counter() - start
-            llm = open_gguf(path, prompt_len + new_tokens + 16, threads, prompt_len, held)
-            llamacpp_rates(llm, [prompt], new_tokens)                     # warm-up
-            runs = [llamacpp_rates(llm, [prompt], new_tokens) for _ in range(repeats)]
-            llm.close()
-        rows.append({"engine": "llama.cpp", "qtype": qtype, "batch": 1, "prompt_len": prompt_len,
-                     "new_tokens": new_tokens, "threads": threads, "weight_buffers": held, "file_bytes": nbytes,
-                     "write_s": write_s, "types": dict(zip(("matrices", "embedding", "head"),
-                                                           (t.name for t in _types(gguf, qtype)))),
-                     "prefill_tok_s": max(r[0] for r in runs), "decode_tok_s": max(r[1] for r in runs)})
+            row["file_bytes"] = write_gguf(model, path, qtype)
+            row["write_s"] = time.perf_counter() - start
+            for held in dict.fromkeys([buffers or default_buffers(qtype), "plain"]):
+                rates, failure = _best_rates_apart(path, prompt, new_tokens, repeats, threads, held)
+                if rates is not None:
+                    row.update(rates, weight_buffers=held)
+                    break
+                row["failed"][held] = failure
+        rows.append(row)
     return rows
+
+
+if __name__ == "__main__":        # the child process of _best_rates_apart: one JSON job in, one JSON line out
+    job = json.loads(sys.argv[1])
+    print(json.dumps(_best_rates(job["path"], job["prompt"], job["new_tokens"], job["repeats"], job["threads"],
+                                 job["buffers"])))
