@@ -11,6 +11,7 @@ from hf_models import max_rel_error
 from moe_engine import LLM, SamplingParams
 from moe_engine.bench.models import build_random
 from moe_engine.errors import MoeEngineError
+from moe_engine.quantize import QuantSpec, quantize_weights
 
 gguf = pytest.importorskip("gguf", reason="gguf (llama.cpp's writer) is not installed: an optional extra",
                            exc_type=ImportError)
@@ -137,3 +138,7 @@ def test_bad_type_and_family_are_refused(tmp_path):
         L.open_gguf(tmp_path / "m.gguf", 64, buffers="amx")
     with pytest.raises(MoeEngineError, match="deepseek"):
         L.write_gguf(build_random("deepseek-tiny", "cpu", torch.float32), tmp_path / "m.gguf", "bf16")
+    quantized = build_random("mixtral-tiny", "cpu", torch.float32)
+    quantize_weights(quantized, QuantSpec("int8"), "cpu")
+    with pytest.raises(MoeEngineError, match="before quantizing"):
+        L.write_gguf(quantized, tmp_path / "m.gguf", "q8_0")

@@ -49,8 +49,9 @@ def _rope_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _tensor_plan(model, gguf, qtype: str) -> list[tuple[str, list, object]]:
-    """[(GGUF name, parts, GGML type)], in file order. The tensor is the parts (our tensors, or views of them)
-    stacked along dim 0 (the experts) or the one part; each is converted on its own while writing."""
+    """[(GGUF name, parts, GGML type)], in file order. The tensor is the one part (our tensor or a view of it),
+    or for the experts (names *_exps.weight) the parts stacked along a new dim 0; each part is converted on
+    its own while writing."""
     a = model.args
     matrix, embed_type, head_type = _types(gguf, qtype)
     f32 = gguf.GGMLQuantizationType.F32
@@ -59,7 +60,10 @@ def _tensor_plan(model, gguf, qtype: str) -> list[tuple[str, list, object]]:
 
     def ours(hf_name):
         param, index = targets[hf_name]
-        t = model.get_parameter(param)
+        try:
+            t = model.get_parameter(param)
+        except AttributeError:          # a QuantizedWeight module in the parameter's place
+            t = None
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise MoeEngineError(f"{param} is held as {type(t).__name__}; write the GGUF from a model held in "
                                  "float32 or bf16 (before quantizing it)")
@@ -144,7 +148,7 @@ def write_gguf(model, path, qtype: str) -> int:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     for name, parts, kind in plan:
-        shape = (len(parts), *parts[0].shape) if len(parts) > 1 else tuple(parts[0].shape)
+        shape = (len(parts), *parts[0].shape) if "_exps." in name else tuple(parts[0].shape)
         byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
         w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
     w.write_header_to_file()
