@@ -167,6 +167,7 @@ _MATRICES = rb"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down)_exps)\.weight"
 
 
 def cpu_has_amx() -> bool:
+    """Whether the CPU reports AMX (Linux /proc/cpuinfo; False where that cannot be read)."""
     try:
         return "amx_int8" in Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -247,7 +248,8 @@ def _model_params(llama_cpp, buffers: str, keep: list):
 
 def open_gguf(path, n_ctx: int, threads: int = 2, n_batch: int = 512, buffers: str = "default", **kwargs):
     """A llama_cpp.Llama on the file, prompts of up to n_batch tokens in one eval, weights in the buffers
-    asked for (BUFFERS; default_buffers says which work here); kwargs go to Llama."""
+    asked for (BUFFERS; default_buffers says which work here); kwargs go to Llama. Otherwise the binding's
+    defaults: an F16 KV cache, flash attention off (at the benchmark's short contexts attention is small)."""
     _, llama_cpp = _modules()
     n_batch, keep = max(n_batch, 32), []
     with _model_params(llama_cpp, buffers, keep):
