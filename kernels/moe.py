@@ -116,6 +116,37 @@ def fused_moe_narrow(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     return out
 
 
+# Quantized experts of at most this many tokens go through the Triton few-token kernel (on CUDA).
+QUANT_GEMV_MAX_TOKENS = 16
+
+
+def _quant_gemv_fits(x, w13, w2) -> bool:
+    from kernels.triton_quant_gemv import takes
+    return (x.shape[0] <= QUANT_GEMV_MAX_TOKENS and isinstance(w13, QuantizedWeight)
+            and isinstance(w2, QuantizedWeight) and takes(w13) and takes(w2))
+
+
+def fused_moe_quant_gemv(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                         b13=None, b2=None, activation: ClampedSwiGLU | None = None) -> torch.Tensor:
+    """fused_moe_ref for a few tokens with int8 / int4 experts, through the Triton kernel that dequantises
+    in registers (kernels/triton_quant_gemv.py): one launch for every (token, expert) pair's gate and up
+    rows, one for their down rows, then the weighted sum; no expert ids go to the host."""
+    from kernels.triton_quant_gemv import quant_gemv
+    _check_moe_args(x, w13, w2, topk_weights, topk_ids)
+    T, D = x.shape
+    k = topk_ids.shape[1]
+    ids = topk_ids.reshape(-1)                                           # [T*k]
+    h = quant_gemv(x, w13, ids, k)                                       # [T*k, 2I]
+    if b13 is not None:
+        h = h + b13[ids].to(h.dtype)
+    gate, up = h.chunk(2, dim=-1)
+    act = F.silu(gate) * up if activation is None else activation(gate, up)
+    y = quant_gemv(act, w2, ids)                                         # [T*k, D]
+    if b2 is not None:
+        y = y + b2[ids].to(y.dtype)
+    return (y.view(T, k, D) * topk_weights.view(T, k, 1).to(y.dtype)).sum(1)
+
+
 def fused_moe_quantized_cpu(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                             b13=None, b2=None, activation: ClampedSwiGLU | None = None) -> torch.Tensor:
     """fused_moe_ref for experts held quantized, run eagerly on the CPU: each expert that got tokens reads
@@ -279,16 +310,19 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     backend 'auto' runs Triton on CUDA tensors: a batch of a token or few goes through the few-token
     kernels (kernels/triton_moe_gemv.py), which also take shared experts whose width is a multiple of the
     routed one; larger batches through the tiled ones. On the CPU a compiled decode step takes the chosen
-    experts in place (fused_moe_gathered); run eagerly, a decode-sized batch with large experts runs them
-    densely, a larger batch goes through torch's grouped matmul where it fits; everything else, and backend
-    'torch', runs the reference (see kernels.backend). Shared experts not taken by a kernel are added after.
-    Experts held quantized (kernels.quant.QuantizedWeight) run fused_moe_quantized_cpu eagerly on the CPU
-    and the reference elsewhere for now.
+    experts in place (fused_moe_gathered); run eagerly, a decode-sized batch with large bf16 / fp16 experts
+    runs each chosen expert through the GEMV-shaped product (fused_moe_narrow), one with large float32
+    experts runs them densely, a larger batch goes through torch's grouped matmul where it fits; everything
+    else, and backend 'torch', runs the reference (see kernels.backend). Shared experts not taken by a kernel are added after.
+    Experts held quantized (kernels.quant.QuantizedWeight) run fused_moe_quantized_cpu eagerly on the CPU,
+    fused_moe_quant_gemv on CUDA for a few tokens (int8 / int4), and the reference otherwise.
     Experts with biases (b13, b2) or another activation (gpt-oss) run the reference, or where no host sync
     may happen (a compiled step, a CUDA graph being captured) and for decode-sized batches on CUDA,
     fused_moe_dense_biased."""
     if isinstance(w13, QuantizedWeight) or isinstance(w2, QuantizedWeight):
-        path = fused_moe_quantized_cpu if form(backend, x) == "cpu" else fused_moe_ref
+        f = form(backend, x)
+        path = (fused_moe_quantized_cpu if f == "cpu" else fused_moe_quant_gemv
+                if f == "triton" and _quant_gemv_fits(x, w13, w2) else fused_moe_ref)
         return add_shared(path(x, w13, w2, topk_weights, topk_ids, b13, b2, activation), x, shared)
     f = form(backend, x, w13, w2)
     if b13 is not None or b2 is not None or activation is not None:

@@ -32,7 +32,7 @@ def test_transformers_twin_shares_weights_and_agrees(name):
 def test_bench_decode_runs_and_writes_json(tmp_path):
     out = tmp_path / "decode.json"
     assert bench_decode_main(["--device", "cpu", "--models", "mixtral-tiny,deepseek-tiny", "--batches", "1,2",
-                              "--new-tokens", "4", "--prompt-len", "8", "--no-compile", "--out", str(out)]) == 0
+                              "--new-tokens", "4", "--prompt-len", "8", "--no-compile", "--llamacpp", "none", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["batch"]) for r in rows] == [("mixtral-tiny", 1), ("mixtral-tiny", 2),
                                                          ("deepseek-tiny", 1), ("deepseek-tiny", 2)]
@@ -44,7 +44,7 @@ def test_bench_decode_without_a_compiler_times_eager_only(tmp_path, monkeypatch,
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     out = tmp_path / "decode.json"
     assert bench_decode_main(["--device", "cpu", "--models", "mixtral-tiny", "--batches", "1", "--new-tokens", "4",
-                              "--prompt-len", "8", "--no-hf", "--repeats", "1", "--out", str(out)]) == 0
+                              "--prompt-len", "8", "--no-hf", "--repeats", "1", "--llamacpp", "none", "--out", str(out)]) == 0
     assert "timing eager decode only: compile=True needs a C++ compiler" in capsys.readouterr().out
     [row] = json.loads(out.read_text())["rows"]
     assert not row["compiled"] and row["ours_decode_tok_s"] > 0
@@ -54,7 +54,7 @@ def test_bench_decode_without_a_compiler_times_eager_only(tmp_path, monkeypatch,
 def test_bench_decode_on_the_cpu_compiles_by_default_and_times_eager_beside(tmp_path):
     out = tmp_path / "decode.json"
     assert bench_decode_main(["--device", "cpu", "--models", "mixtral-tiny", "--batches", "1", "--new-tokens", "4",
-                              "--prompt-len", "8", "--no-hf", "--repeats", "1", "--out", str(out)]) == 0
+                              "--prompt-len", "8", "--no-hf", "--repeats", "1", "--llamacpp", "none", "--out", str(out)]) == 0
     [row] = json.loads(out.read_text())["rows"]
     assert row["compiled"] and row["startup_s"] > 0
     assert row["ours_decode_tok_s"] > 0 and row["ours_eager_decode_tok_s"] > 0
@@ -95,7 +95,7 @@ def test_bench_decode_times_quantized_rows_beside_the_unquantized(tmp_path):
     out = tmp_path / "decode.json"
     assert bench_decode_main(["--device", "cpu", "--shape", "mixtral-tiny", "--quantization", "none,int8",
                               "--batches", "1", "--new-tokens", "4", "--prompt-len", "8", "--no-compile",
-                              "--repeats", "1", "--out", str(out)]) == 0
+                              "--repeats", "1", "--llamacpp", "none", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["quantization"] for r in rows] == ["none", "int8"]
     assert "hf_decode_tok_s" in rows[0] and "hf_decode_tok_s" not in rows[1]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from moe_engine.bench.llamacpp import llamacpp_rows
 from moe_engine.bench.models import SHAPES, build_random, hf_twin, weight_bytes
 from moe_engine.device import DTYPES, default_dtype, pick_device
 from moe_engine.cli.info import parameter_bytes
@@ -198,6 +199,10 @@ def main(argv=None) -> int:
                         "int4 (g128), fp8; quantized rows run eagerly and skip transformers")
     p.add_argument("--quantize-attention", action="store_true", help="quantized rows hold attention quantized too")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--llamacpp", default=None,
+                   help="GGUF types to time llama.cpp in, batch 1, on the same weights: comma list of bf16, "
+                        "q8_0, q4_0, f32, or 'none' (default on the CPU where llama-cpp-python and gguf import: "
+                        "bf16,q8_0,q4_0, for Mixtral-family models)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best is kept)")
     p.add_argument("--hf-repeats", type=int, default=None, help="timed transformers runs (default: --repeats)")
     p.add_argument("--compare-eager", action="store_true",
@@ -232,7 +237,9 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth(device, (1 << 30) if gpu else (256 << 20))
     machine = torch.cuda.get_device_name(device) if gpu else "CPU"
     print(f"device: {machine}, {torch.get_num_threads()} CPU threads, {dtype}, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    rows = []
+    llama_types = _llamacpp_types(a.llamacpp, gpu)
+    llama_models = [m for m in models if llama_types and _is_mixtral(m)]
+    rows, llama = [], []
     for name in models:
         if name in SHAPES and gpu:
             need = weight_bytes(name, dtype)
@@ -272,12 +279,59 @@ def main(argv=None) -> int:
                     row["vs_unquantized"] = row["ours_decode_tok_s"] / plain[0]["ours_decode_tok_s"]
                 rows.append(row)
                 _print_row(row)
+            if spec is None and name in llama_models:
+                for row in llamacpp_rows(model, llama_types, prompt_len, a.new_tokens, a.repeats, folder=REPO):
+                    row["model"] = name
+                    llama.append(row)
+                    _print_llamacpp(row)
             del model, hf
             if gpu:
                 torch.cuda.empty_cache()
-            _write(Path(a.out), machine, bandwidth, dtype, rows)   # after every model: a cut-short run keeps its rows
+            _write(Path(a.out), machine, bandwidth, dtype, rows, llama)   # after every model: a cut-short run keeps its rows
+    for row in llama:            # the quantized rows of ours come after llama.cpp ran: pair them now
+        ours = [r for r in rows if r["model"] == row["model"] and r["batch"] == 1
+                and r["quantization"] == LLAMACPP_PEERS.get(row["qtype"])]
+        if ours and row["decode_tok_s"]:
+            row["ours_vs_llamacpp"] = ours[0]["ours_decode_tok_s"] / row["decode_tok_s"]
+            print(f"{row['model']} batch 1: ours {ours[0]['quantization']} / llama.cpp {row['qtype']} decode "
+                  f"{row['ours_vs_llamacpp']:.2f}x")
+    _write(Path(a.out), machine, bandwidth, dtype, rows, llama)
     print(f"wrote {a.out}")
     return 0
+
+
+# Which of our rows each llama.cpp type is compared with (its nearest in bits per expert weight).
+LLAMACPP_PEERS = {"bf16": "none", "f32": "none", "q8_0": "int8", "q4_0": "int4"}
+
+
+def _llamacpp_types(asked: str | None, gpu: bool) -> list[str]:
+    if asked is not None:
+        return [] if asked == "none" else [t.strip() for t in asked.split(",")]
+    if gpu:
+        return []
+    try:
+        import gguf, llama_cpp      # noqa: F401  (optional: neither is a dependency of moe-engine)
+    except ImportError:
+        return []
+    return ["bf16", "q8_0", "q4_0"]
+
+
+def _is_mixtral(name: str) -> bool:
+    if name in SHAPES:
+        return SHAPES[name][0] == "mixtral"
+    try:
+        return json.loads((REPO / "weights" / name / "config.json").read_text()).get("model_type") == "mixtral"
+    except (OSError, ValueError):
+        return False
+
+
+def _print_llamacpp(row: dict) -> None:
+    if row["decode_tok_s"] is None:
+        print(f"{row['model']:18s} llama.cpp {row['qtype']}: failed ({row['failed']})")
+        return
+    print(f"{row['model'] + ' llama.cpp ' + row['qtype']:30s} batch   1  decode {row['decode_tok_s']:8.1f} tok/s"
+          f"  prefill {row['prefill_tok_s']:9.1f} tok/s  (GGUF {row['file_bytes'] / 1e9:.2f} GB, written in "
+          f"{row['write_s']:.0f} s)", flush=True)
 
 
 def _spec(method: str, attention: bool):
@@ -300,11 +354,11 @@ def _print_row(row: dict) -> None:
           f"  prefill {row['ours_prefill_tok_s']:9.1f} tok/s{hf_part}{limit_part}{vs}{compiled}", flush=True)
 
 
-def _write(out: Path, machine: str, bandwidth: float, dtype, rows: list[dict]) -> None:
+def _write(out: Path, machine: str, bandwidth: float, dtype, rows: list[dict], llama: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": machine, "copy_bandwidth_bytes_s": bandwidth, "dtype": str(dtype),
-                               "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows},
-                              indent=2))
+                               "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows,
+                               "llamacpp": llama}, indent=2))
 
 
 def _hf_from_folder(path, device, dtype):
