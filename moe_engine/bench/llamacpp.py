@@ -27,7 +27,8 @@ def _modules():
         import llama_cpp
     except ImportError as e:
         raise MoeEngineError(f"the llama.cpp comparison needs the gguf and llama-cpp-python packages ({e}); "
-                             "pip install gguf llama-cpp-python, or leave llama.cpp out") from None
+                             "pip install 'moe-engine[llamacpp]' (builds llama.cpp, ~10 min), or leave "
+                             "llama.cpp out") from None
     return gguf, llama_cpp
 
 

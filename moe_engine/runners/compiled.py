@@ -4,7 +4,8 @@ Each of a step's ~350-600 torch calls costs microseconds of Python and dispatch 
 fuses the step into a few dozen C++ kernels, twice: for a batch of one, and once for every larger batch
 (the batch size left dynamic, so such a batch runs unpadded); the table width (how many blocks the
 longest context spans) is dynamic too, so those two compiles serve every batch size and context length.
-Only torch.compile's public API is used: every call goes through its guards.
+Only torch.compile's public API is used: the first call of each shape goes through all its guards, later
+ones through those that tell its compiled steps apart (torch.compiler.set_stance).
 """
 
 import torch
@@ -29,6 +30,10 @@ class CompiledStep(StaticStep):
         self.compiled = torch.compile(self._greedy_step, dynamic=False, fullgraph=True,
                                       options={"cpp_wrapper": True})
         self.views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}   # (bs, width) -> head, tables
+        # (bs, width) of the calls torch.compile has already matched to a compiled step through all its
+        # guards; later calls of that shape check only the guards that tell its steps apart (see replay).
+        self.matched: set[tuple[int, int]] = set()
+        self.skip_guards = True
 
     def bucket(self, batch: int) -> int:
         """A step for more than one sequence takes the batch as it is (its batch size is dynamic): padding
@@ -79,7 +84,16 @@ class CompiledStep(StaticStep):
         grad = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
         try:
-            return self.compiled(head, tables, self.cache_parts)
+            if key in self.matched and self.skip_guards:
+                # torch.compile's public stance for a warmed-up function: of each compiled step's guards it
+                # checks only those that differ between its steps. Safe here because this shape was matched
+                # through every guard before and the step's inputs (static buffers, parameters, caches) keep
+                # their identity; a new shape, which may need a compile, always goes through all of them.
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self.compiled(head, tables, self.cache_parts)
+            out = self.compiled(head, tables, self.cache_parts)
+            self.matched.add(key)
+            return out
         finally:
             torch.set_grad_enabled(grad)
 
