@@ -130,6 +130,11 @@ class LLM:
         self.engine = Engine(model, runner, num_blocks, block_size, device, tokenizer,
                              config.max_num_seqs, config.max_num_batched_tokens, config.enable_prefix_caching,
                              eos_ids=_eos_ids(tokenizer, hf_config), speculative=config.speculative_config)
+        spec = config.speculative_config
+        if spec is not None and spec.method == "draft":
+            from moe_engine.speculative.draft import DraftModel
+            self.engine.spec.proposer = DraftModel(spec.model, device, dtype, model.args.vocab_size,
+                                                   self.max_model_len, config.max_num_seqs, tokenizer)
         self._next_id = 0
         self.last_stats: dict = {}          # of the latest stream(): prompt/generated tokens, seconds
         self.last_output: Sequence | None = None

@@ -112,3 +112,23 @@ def test_random_quantized_shapes_are_built_in_their_held_format():
     assert not any(n.endswith(("mlp.w13", "mlp.w2")) for n, _ in model.named_parameters())
     w = next(iter(held.values())).dequantize()
     assert 0.3 < float(w.std() * w.shape[-1] ** 0.5) < 3          # a spread like the full-precision weights'
+
+
+def test_every_benchmark_shape_builds_and_its_quantized_bytes_fit_the_machine_it_is_for():
+    """Each random shape builds (on the meta device: no memory); the ones named for a 24 GB CPU machine fit
+    it as the benchmark holds them (Qwen3-30B-A3B only with int4 experts)."""
+    from model_defs.moe import MoEBlock
+    from moe_engine.bench.models import SHAPES, hf_config_dict, _classes
+    from moe_engine.cli.info import parameter_bytes
+    from moe_engine.quantize import QuantSpec, quantize_weights
+    for name in SHAPES:
+        args_cls, model_cls = _classes(hf_config_dict(name))
+        with torch.device("meta"):
+            model = model_cls(args_cls.from_hf_config(hf_config_dict(name)), dtype=torch.bfloat16)
+        assert any(isinstance(m, MoEBlock) for m in model.modules()), name
+    with torch.device("meta"):
+        args_cls, model_cls = _classes(hf_config_dict("qwen3-30b-a3b"))
+        model = model_cls(args_cls.from_hf_config(hf_config_dict("qwen3-30b-a3b")), dtype=torch.bfloat16)
+    assert parameter_bytes(model)[0] > 60e9
+    quantize_weights(model, QuantSpec("int4"), "meta")
+    assert parameter_bytes(model)[0] < 20e9

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from model_defs import DeepseekArgs, DeepseekModel, MixtralArgs, MixtralModel
+from model_defs import model_family
 
 # Published shapes (config.json field names). Random weights: fine for speed, never for quality.
 SHAPES = {
@@ -24,6 +24,17 @@ SHAPES = {
         vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=8,
         num_attention_heads=16, num_key_value_heads=16, num_local_experts=64, num_experts_per_tok=8,
         max_position_embeddings=4096, rope_theta=1e4, rms_norm_eps=1e-5)),
+    # Real shapes for a 24 GB CPU machine: OLMoE-1B-7B in bf16 (~14 GB), Qwen3-30B-A3B with int4 experts
+    # (~18 GB; bench decode --quantization int4), DeepSeek-V2-Lite with int8 / int4 experts.
+    "olmoe-1b-7b": ("olmoe", dict(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+        max_position_embeddings=4096, rope_theta=1e4, rms_norm_eps=1e-5, norm_topk_prob=False)),
+    "qwen3-30b-a3b": ("qwen3_moe", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)),
     # Small stand-ins with the same structure, to check the benchmark's plumbing on a CPU.
     "mixtral-tiny": ("mixtral", dict(
         vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -43,7 +54,7 @@ def hf_config_dict(name: str) -> dict:
 
 
 def _classes(cfg: dict):
-    return (MixtralArgs, MixtralModel) if cfg["model_type"] == "mixtral" else (DeepseekArgs, DeepseekModel)
+    return model_family(cfg["model_type"])
 
 
 def weight_bytes(name: str, dtype) -> int:

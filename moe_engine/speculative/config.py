@@ -1,23 +1,26 @@
 """speculative_config={"method": ..., "num_speculative_tokens": k, ...} (vLLM's names), validated."""
 
+import os
 from dataclasses import dataclass
 
 from moe_engine.errors import MoeEngineError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """method "ngram": prompt lookup over the request's own tokens (the longest suffix of prompt_lookup_max
     down to prompt_lookup_min tokens that occurred before, its most recent occurrence; the k tokens after
-    it are the drafts). adaptive: the never-slower control (moe_engine.speculative.control) shortens k or
+    it are the drafts). method "draft": another checkpoint, `model` (a folder; same vocabulary), drafts k
+    tokens greedily with an engine of its own (moe_engine.speculative.draft). adaptive: the never-slower control (moe_engine.speculative.control) shortens k or
     turns speculation off for a request while its verify steps do not pay; False speculates always."""
     method: str = "ngram"
     num_speculative_tokens: int = 3
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
     adaptive: bool = True
+    model: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -29,6 +32,11 @@ class SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise MoeEngineError(f"bad speculative_config: prompt_lookup_min={self.prompt_lookup_min} is above "
                                  f"prompt_lookup_max={self.prompt_lookup_max}; make min <= max")
+        if self.method == "draft" and not isinstance(self.model, (str, os.PathLike)):
+            raise MoeEngineError("speculative_config method='draft' needs model: the draft checkpoint's folder "
+                                 "(same vocabulary as the target), e.g. {'method': 'draft', 'model': 'weights/tiny-mixtral'}")
+        if self.method != "draft" and self.model is not None:
+            raise MoeEngineError(f"speculative_config model= is for method='draft', not {self.method!r}; drop it")
         if not isinstance(self.adaptive, bool):
             raise MoeEngineError(f"bad speculative_config adaptive={self.adaptive!r}: must be True or False")
 
@@ -50,12 +58,14 @@ class SpeculativeConfig:
 
 
 def parse_speculative(text: str) -> dict:
-    """The command line's --speculative METHOD[:K] -> a speculative_config dict."""
+    """The command line's --speculative METHOD[:K] (draft: draft=DIR[:K]) -> a speculative_config dict."""
     method, _, k = text.partition(":")
-    config = {"method": method}
+    method, _, model = method.partition("=")
+    config = {"method": method} if not model else {"method": method, "model": model}
     if k:
         if not k.isdigit():
-            raise MoeEngineError(f"bad --speculative {text!r}: K must be a whole number, as in ngram:3")
+            raise MoeEngineError(f"bad --speculative {text!r}: K must be a whole number, as in ngram:3 or "
+                                 "draft=weights/tiny-mixtral:3")
         config["num_speculative_tokens"] = int(k)
     SpeculativeConfig.of(config)
     return config

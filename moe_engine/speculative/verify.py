@@ -14,8 +14,9 @@ class Speculator:
     """Proposes drafts (seq.draft_ids, which the scheduler turns into batch.drafts where blocks and the
     token budget allow) and verifies them once the target's forward has run over them."""
 
-    def __init__(self, config: SpeculativeConfig):
+    def __init__(self, config: SpeculativeConfig, proposer=None):
         self.config = config
+        self.proposer = proposer          # a batched proposer (speculative.draft.DraftModel); None: n-gram
         self.costs = StepCosts()          # measured step times, shared by every request
         self.num_steps = 0
         self.verify_steps = 0             # steps that verified drafts
@@ -26,6 +27,7 @@ class Speculator:
         """Before scheduling: drafts for each running sequence that is decoding and speculates."""
         self.num_steps += 1
         c = self.config
+        wanted = []
         for seq in running:
             seq.draft_ids = []
             if not seq.speculative or seq.num_cached + 1 != seq.num_tokens:
@@ -39,11 +41,16 @@ class Speculator:
                 k = choose_k(ctl, self.costs, k, len(running), self.num_steps)
             # Never past max_tokens (the step also emits the target's own token) or the longest context.
             k = min(k, seq.params.max_tokens - len(seq.output_ids) - 1, seq.max_len - seq.num_tokens)
-            if k >= 1:
+            if k >= 1 and self.proposer is not None:
+                wanted.append((seq, k))
+            elif k >= 1:
                 seq.draft_ids = propose_ngram(ids, k, c.prompt_lookup_min, c.prompt_lookup_max)
-            elif c.adaptive and not ctl.shadow:     # not verified: what it would have drafted, to score later
+            elif c.adaptive and not ctl.shadow and self.proposer is None:   # what it would have drafted, to score later
                 ctl.shadow = propose_ngram(ids, c.num_speculative_tokens, c.prompt_lookup_min, c.prompt_lookup_max)
                 ctl.shadow_at = len(ids)
+        if wanted:                      # one batched call for every request (a draft model's engine step)
+            for (seq, _), drafts in zip(wanted, self.proposer.propose(wanted)):
+                seq.draft_ids = drafts
 
     def record(self, batch, seconds: float) -> None:
         """The measured time of a step (plain decode, verify, or neither when it prefilled)."""
