@@ -92,3 +92,16 @@ def test_draft_settings_errors(tmp_path):
         LLM(WEIGHTS / "tiny-mixtral", speculative_config={"method": "draft", "model": str(other)})
     with pytest.raises(MoeEngineError, match="another tokenizer"):     # tiny-deepseek: 4096 ids, other text
         LLM(WEIGHTS / "tiny-mixtral", speculative_config=draft(3, WEIGHTS / "tiny-deepseek"))
+
+
+def test_bench_spec_times_a_quantized_copy_as_draft(tmp_path):
+    """bench spec --draft int4: draft rows beside n-gram's, in float32 with the same tokens as plain decoding."""
+    import json
+    from moe_engine.bench.spec import main
+    out = tmp_path / "spec.json"
+    assert main(["--models", "tiny-mixtral", "--batches", "1", "--draft", "int4", "--prompts-b1", "1",
+                 "--max-tokens", "12", "--snippet-tokens", "24", "--repeats", "1", "--out", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["workload"] == "plain"]
+    assert {r["method"] for r in rows} == {"none", "ngram:4", "ngram:4/forced", "draft:4", "draft:4/forced"}
+    forced = next(r for r in rows if r["method"] == "draft:4/forced")
+    assert forced["draft_tokens"] > 0 and all(r["same_tokens_as_none"] for r in rows)

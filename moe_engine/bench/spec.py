@@ -3,19 +3,21 @@
 it rewritten), batch 1 and 8; per method acceptance, tokens per verify step, tok/s and the speed-up over
 no speculation; greedy, so every method's tokens must equal plain decoding's. Prints a table, writes JSON.
 
-Methods: none, ngram:K (the never-slower control on) and ngram:K/forced (speculating every step). Runs of
+Methods: none, ngram:K (the never-slower control on) and ngram:K/forced (speculating every step); with
+--draft, draft:K and draft:K/forced (a draft model: a quantized copy of the model, or a folder). Runs of
 each method are interleaved and the best of --repeats kept: on a shared machine timings are noisy.
 """
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from moe_engine.device import pick_device
+from moe_engine.device import DTYPES, pick_device
 from moe_engine.llm import LLM, check_compile
 from moe_engine.sampling import SamplingParams
 from moe_engine.speculative import SpeculativeConfig, Speculator
@@ -61,22 +63,24 @@ class ExpertCounter:
 
 
 def distinct_experts(llm: LLM, config: SpeculativeConfig, prompts: list[list[int]], batch: int,
-                     params: SamplingParams) -> dict[int, float]:
+                     params: SamplingParams, proposers: dict | None = None) -> dict[int, float]:
     """An untimed run with the expert counter on."""
     counter = ExpertCounter(1 + config.num_speculative_tokens)
     llm.engine.routing_hook = counter
     try:
-        run_method(llm, config, prompts, batch, params)
+        run_method(llm, config, prompts, batch, params, proposers)
     finally:
         llm.engine.routing_hook = None
     return counter.summary()
 
 
 def run_method(llm: LLM, config: SpeculativeConfig | None, prompts: list[list[int]], batch: int,
-               params: SamplingParams) -> dict:
-    """Generate for prompts in groups of `batch` with this speculative config; time and counts."""
+               params: SamplingParams, proposers: dict | None = None) -> dict:
+    """Generate for prompts in groups of `batch` with this speculative config (a draft model's proposer
+    from proposers, by its folder); time and counts."""
+    proposers = proposers or {}
     engine = llm.engine
-    engine.spec = Speculator(config) if config is not None else None
+    engine.spec = Speculator(config, proposers.get(config.model)) if config is not None else None
     outs, start = [], time.perf_counter()
     for i in range(0, len(prompts), batch):
         outs += llm.generate(prompt_token_ids=prompts[i:i + batch], sampling_params=params)
@@ -95,11 +99,19 @@ def run_method(llm: LLM, config: SpeculativeConfig | None, prompts: list[list[in
 
 
 def measure(llm: LLM, model: str, batches: list[int], k: int, max_tokens: int, snippet_tokens: int,
-            repeats: int, prompts_b1: int) -> list[dict]:
+            repeats: int, prompts_b1: int, draft=None) -> list[dict]:
+    """draft: a draft model's folder, timed as draft:K (and draft:K/forced) beside n-gram."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     methods = {"none": None,
                f"ngram:{k}": SpeculativeConfig(num_speculative_tokens=k),
                f"ngram:{k}/forced": SpeculativeConfig(num_speculative_tokens=k, adaptive=False)}
+    proposers = {}
+    if draft is not None:
+        from moe_engine.speculative.draft import DraftModel
+        proposers[str(draft)] = DraftModel(draft, llm.device, llm.dtype, llm.model.args.vocab_size,
+                                           llm.max_model_len, max(batches), llm.tokenizer)
+        methods[f"draft:{k}"] = SpeculativeConfig("draft", k, model=str(draft))
+        methods[f"draft:{k}/forced"] = SpeculativeConfig("draft", k, adaptive=False, model=str(draft))
     rows = []
     for batch in batches:
         count = prompts_b1 if batch == 1 else batch
@@ -107,11 +119,11 @@ def measure(llm: LLM, model: str, batches: list[int], k: int, max_tokens: int, s
             best: dict[str, dict] = {}
             for _ in range(repeats):           # interleaved: a burst of load on the machine hits every method
                 for name, config in methods.items():
-                    row = run_method(llm, config, prompts, batch, params)
+                    row = run_method(llm, config, prompts, batch, params, proposers)
                     if name not in best or row["seconds"] < best[name]["seconds"]:
                         best[name] = row
             base = best["none"]
-            experts = distinct_experts(llm, methods[f"ngram:{k}/forced"], prompts, batch, params)
+            experts = distinct_experts(llm, methods[f"ngram:{k}/forced"], prompts, batch, params, proposers)
             print(f"{model:14s} {workload:5s} batch {batch}  distinct experts per MoE layer by rows per sequence: "
                   + ", ".join(f"{r}: {e:.2f}" for r, e in experts.items()), flush=True)
             for name, row in best.items():
@@ -146,6 +158,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="interleaved timed runs (best is kept)")
     p.add_argument("--compile", action="store_true", help="plain decode steps through torch.compile (CPU); "
                                                           "verify steps run eagerly")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="float32 (default): a verify step's rows then give plain decoding's greedy tokens exactly; "
+                        "in bf16 the few-row and one-row products round differently and tokens can part")
+    p.add_argument("--draft", default=None,
+                   help="also time a draft model: int4 or int8 (a copy of each model quantized so, written "
+                        "to a temporary folder by moe-engine quantize) or a folder (one --models entry)")
     p.add_argument("--out", default=str(REPO / "bench_results" / "spec.json"))
     a = p.parse_args(argv)
     device = pick_device(a.device)
@@ -153,17 +171,31 @@ def main(argv=None) -> int:
         check_compile(device)
     rows = []
     for model in a.models.split(","):
-        llm = LLM(REPO / "weights" / model, device=device, compile=a.compile)
+        llm = LLM(REPO / "weights" / model, device=device, dtype=DTYPES[a.dtype], compile=a.compile)
         run_method(llm, None, workloads(llm, model, 1, a.snippet_tokens)["plain"], 1,
                    SamplingParams(max_tokens=8, ignore_eos=True))                     # warm-up
-        rows += measure(llm, model, [int(b) for b in a.batches.split(",")], a.k, a.max_tokens,
-                        a.snippet_tokens, a.repeats, a.prompts_b1)
+        with tempfile.TemporaryDirectory(prefix="moe-engine-draft-") as tmp:
+            draft = _draft_for(model, a.draft, Path(tmp))
+            rows += measure(llm, model, [int(b) for b in a.batches.split(",")], a.k, a.max_tokens,
+                            a.snippet_tokens, a.repeats, a.prompts_b1, draft)
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "compile": a.compile,
                                    "note": "timings on a shared machine: noisy", "rows": rows}, indent=2))
     print(f"wrote {a.out}")
     return 0
+
+
+def _draft_for(model: str, draft: str | None, tmp: Path):
+    """The draft model's folder for this model: None, a quantized copy made now, or the folder given."""
+    if draft in ("int4", "int8"):
+        from moe_engine.cli import main as cli
+        out = tmp / f"{model}-{draft}"
+        if cli(["quantize", "--model", str(REPO / "weights" / model), "--out", str(out),
+                "--quantization", draft, "--quiet"]) != 0:
+            raise SystemExit(f"could not write the {draft} draft of {model}")
+        return out
+    return draft
 
 
 if __name__ == "__main__":
