@@ -218,6 +218,7 @@ def _config(**changes):
     ("awq", _drop("qzeros"), None, f"{M}.qzeros is missing"),
     ("gptq", _narrow_scales, None, rf"{M}.scales is F16 \[2, 64\], expected a float \[3, 64\]"),
     ("awq", _narrow_scales, None, rf"{M}.scales is F16 \[2, 64\], expected a float \[3, 64\]"),
+    ("gptq", None, _config(sym=True), r"experts\.0\.w1\.qzeros: sym is true but the zero points are not 8"),
     ("gptq", None, _config(bits=3), "GPTQ bits=3 is not supported"),
     ("gptq", None, _config(bits=2), "GPTQ bits=2 is not supported"),
     ("awq", None, _config(bits=8), "AWQ bits=8 is not supported"),
