@@ -20,6 +20,7 @@ from moe_engine.checkpoint import TensorInfo, index_tensors, read_config, safete
 from moe_engine.compressed_tensors import read_packed
 from moe_engine.errors import MoeEngineError
 from moe_engine.fp8_checkpoint import keep_fp8, store_fp8
+from moe_engine.gptq_awq import read_gptq_awq
 from moe_engine.preflight import available_bytes, check_memory
 from moe_engine.quantize import QuantSpec, held_weight, quantize_weights
 
@@ -187,7 +188,8 @@ class _Holding:
     def __init__(self, quant, packed, block, tensors):
         self.quant, self.packed, self.block, self.tensors = quant, packed, block, tensors
         self.active = quant is not None or packed is not None or block is not None
-        self.label = (quant.format if quant is not None else "compressed-tensors" if packed is not None
+        self.label = (quant.format if quant is not None else getattr(packed, "label", "compressed-tensors")
+                      if packed is not None
                       else "fp8" if block is not None else None)     # how the quantized weights are held
 
     def apply(self, model, targets: dict, where, device) -> None:
@@ -222,9 +224,11 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
     raw = index_tensors(files)
     # MXFP4: each <name>_blocks / <name>_scales pair stands for the tensor <name>.
     tensors = mxfp4.logical_tensors(raw) if mxfp4.is_mxfp4(cfg) else raw
-    packed = read_packed(cfg, tensors, files)     # compressed-tensors pack-quantized, else None
+    # compressed-tensors pack-quantized, GPTQ or AWQ, else None
+    packed = read_packed(cfg, tensors, files) or read_gptq_awq(cfg, tensors, files)
     if packed is not None and quant is not None:
-        raise MoeEngineError(f"{path} is already quantized (compressed-tensors); load it without quantization=")
+        raise MoeEngineError(f"{path} is already quantized ({getattr(packed, 'label', 'compressed-tensors')}); "
+                             "load it without quantization=")
     block = fp8_block_size(cfg) if packed is None else None
     logical = packed.tensors if packed else tensors
     check_layers(args, cfg, logical, path)
