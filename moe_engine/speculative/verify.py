@@ -1,6 +1,8 @@
 """The engine's speculative hook: drafts proposed before a step is scheduled, the tokens each verifying
 sequence keeps from its 1 + k rows of logits afterwards, and the cache rewound past the rejected ones."""
 
+import time
+
 import torch
 
 from moe_engine.sampling import apply_repetition_penalty, target_probs
@@ -17,6 +19,7 @@ class Speculator:
     def __init__(self, config: SpeculativeConfig, proposer=None):
         self.config = config
         self.proposer = proposer          # a batched proposer (speculative.draft.DraftModel); None: n-gram
+        self.proposal_seconds = 0.0       # the proposer's time before the step now being scheduled
         self.costs = StepCosts()          # measured step times, shared by every request
         self.num_steps = 0
         self.verify_steps = 0             # steps that verified drafts
@@ -49,11 +52,17 @@ class Speculator:
                 ctl.shadow = propose_ngram(ids, c.num_speculative_tokens, c.prompt_lookup_min, c.prompt_lookup_max)
                 ctl.shadow_at = len(ids)
         if wanted:                      # one batched call for every request (a draft model's engine step)
+            start = time.perf_counter()
             for (seq, _), drafts in zip(wanted, self.proposer.propose(wanted)):
                 seq.draft_ids = drafts
+            self.proposal_seconds = time.perf_counter() - start
 
     def record(self, batch, seconds: float) -> None:
-        """The measured time of a step (plain decode, verify, or neither when it prefilled)."""
+        """The measured time of a step (plain decode, verify, or neither when it prefilled); a verify step
+        is charged the proposer's time too (a draft model's steps), so the control weighs the whole cost."""
+        if batch.drafts and any(batch.drafts):
+            seconds += self.proposal_seconds
+        self.proposal_seconds = 0.0
         self.costs.record(batch.num_tokens, batch.drafts or [[] for _ in batch.seqs], seconds)
 
     def verify(self, engine, batch, sampled: list, logits: torch.Tensor) -> list:
