@@ -16,14 +16,13 @@ dequantised to the model dtype at load (one warning counts them). Tensors with a
 (modules_to_not_convert, the head, ...) load as they are."""
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
 
 from kernels.quant import QuantizedSlot, QuantizedWeight
 from moe_engine.checkpoint import TensorInfo
-from moe_engine.compressed_tensors import SCALE_DTYPES, unpack_int32
+from moe_engine.compressed_tensors import SCALE_DTYPES, IntScheme, unpack_int32
 from moe_engine.errors import MoeEngineError
 from moe_engine.quantize import held_weight, swap_weight
 
@@ -31,21 +30,6 @@ PARTS = ("qweight", "qzeros", "scales", "g_idx")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)      # AutoAWQ GEMM: nibble i of a word holds output AWQ_ORDER[i]
 AWQ_UNDO = (0, 4, 1, 5, 2, 6, 3, 7)       # output j of a word is in nibble AWQ_UNDO[j]
 INDEX_DTYPES = ("I32", "I64")
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """The checkpoint's weight quantization: bits, group size (None: per output channel), symmetric."""
-    bits: int
-    group: int | None
-    symmetric: bool
-
-    def block(self, K: int) -> tuple[int, int]:
-        return (1, self.group or K)
-
-    @property
-    def format(self) -> str:
-        return f"int{self.bits}"
 
 
 def _group_size(method: str, value) -> int | None:
@@ -57,7 +41,7 @@ def _group_size(method: str, value) -> int | None:
     return value
 
 
-def _scheme(method: str, q: dict) -> tuple[Scheme, bool]:
+def _scheme(method: str, q: dict) -> tuple[IntScheme, bool]:
     """(the scheme, whether zeros are stored minus one (GPTQ v1)), the config's variant checked."""
     if method == "gptq":
         bits = q.get("bits")
@@ -70,7 +54,7 @@ def _scheme(method: str, q: dict) -> tuple[Scheme, bool]:
                                  "supported; use a checkpoint with one scheme for every layer")
         if bits not in (4, 8):
             raise MoeEngineError(f"GPTQ bits={bits!r} is not supported (4 or 8)")
-        return Scheme(bits, _group_size(method, q.get("group_size", -1)), bool(q.get("sym", True))), fmt == "gptq"
+        return IntScheme(bits, _group_size(method, q.get("group_size", -1)), bool(q.get("sym", True))), fmt == "gptq"
     bits = q.get("bits", q.get("w_bit"))
     version = str(q.get("version") or "gemm").lower()
     if version != "gemm":
@@ -79,7 +63,7 @@ def _scheme(method: str, q: dict) -> tuple[Scheme, bool]:
         raise MoeEngineError(f"AWQ bits={bits!r} is not supported (4)")
     if q.get("zero_point") is False:
         raise MoeEngineError("AWQ zero_point: false is not supported (only AWQ GEMM with zero points)")
-    return Scheme(4, _group_size(method, q.get("group_size", q.get("q_group_size"))), False), False
+    return IntScheme(4, _group_size(method, q.get("group_size", q.get("q_group_size"))), False), False
 
 
 class GptqAwqCheckpoint:

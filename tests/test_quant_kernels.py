@@ -9,19 +9,9 @@ from kernels.backend import triton_available
 from kernels.moe import ClampedSwiGLU, fused_moe, fused_moe_ref
 from kernels.quant import QuantizedWeight
 from kernels.quant_ops import quantized_linear, quantized_linear_ref
+from test_cpu_quant import _rel, _weight
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-
-
-def _rel(a, b):
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
-
-
-def _weight(fmt, shape, group=None, asym=False, seed=0):
-    torch.manual_seed(seed)
-    qw = QuantizedWeight(fmt, shape, (1, group or shape[-1]), asym)
-    qw.copy_(torch.randn(shape) / shape[-1] ** 0.5)
-    return qw
 
 
 # (format, group, zero points, N, K): ragged N and K against the 32 x 64 band, groups under and over it
