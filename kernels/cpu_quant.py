@@ -15,17 +15,17 @@ import torch
 # Group sizes the int4 op takes.
 INT4_GROUPS = (32, 64, 128, 256)
 # The ops serve bf16 activations only: with float32 ones they are 10-100x slower than dequantising the
-# weight for F.linear (2-core EPYC with AMX, torch 2.13: an int4 2048x2048 expert at 1 row 8.0 ms in float32
-# against 0.20 ms in bf16). And only up to this many rows, past which dequantising for F.linear wins at
-# the shapes measured (int8: 768x256 at 64 rows 500 against 330 us, 2048x2048 at 64 rows 6.3 against ~12
-# ms; int4 2048x2048 at 256 rows still 22 against 36 ms).
+# weight for F.linear (2-core CPU with AMX, torch 2.13: an int4 2048x2048 expert at 1 row 8.0 ms in float32
+# against 0.20 ms in bf16). And only up to these row counts, a compromise across the shapes measured: int8
+# at 64 rows 6.3 against ~12 ms dequantised at 2048x2048 but 500 against 330 us at 768x256; int4 at 256
+# rows still 22 against 36 ms at 2048x2048.
 FUSED_MAX_ROWS = {"int8": 64, "int4": 1024}
 
 
 @functools.cache
 def int4_pack_block() -> int:
     """Rows per block of torch's CPU int4 byte order on this machine (0: the op is missing or its order is
-    not the one unpack_int4 reads): a block of B rows is held k-major, byte j of column k packing row j
+    not the one _unpack_blocked reads): a block of B rows is held k-major, byte j of column k packing row j
     (low nibble) and row j + B/2 (high nibble). Found by packing a probe and checking the round trip."""
     op = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
     if op is None or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
