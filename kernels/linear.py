@@ -60,10 +60,10 @@ def narrow_rows_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(x, w) for few rows x [M, K] of bf16 / fp16 and w [N, K] of the same dtype, written as w @ x.T
     (torch.mv for one row): on the CPU that reaches torch's GEMV-shaped kernel, which streams w about 1.5x
     as fast as F.linear's route (2-core EPYC with AVX512-BF16, bf16, a 2048x2048 weight: 1 row 720 -> 456
-    us, 8 rows 568 -> 411 us; a 50304x2048 LM head 14.1 -> 9.5 ms). [M, N], transposed in memory for M > 1."""
+    us, 8 rows 568 -> 411 us; a 50304x2048 LM head 14.1 -> 9.5 ms). [M, N], contiguous (callers view it)."""
     if x.shape[0] == 1:
         return torch.mv(w, x[0])[None]
-    return (w @ x.t()).t()
+    return (w @ x.t()).t().contiguous()
 
 
 def takes_narrow_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -82,8 +82,9 @@ def gemv_tile(x: torch.Tensor, w: torch.Tensor) -> GemmTile | None:
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, bias); decode rows on CUDA go to the Triton GEMV where it was measured faster, and
-    on the CPU to narrow_rows_product (large bf16 / fp16 weights) or column_split_linear. A CPU weight held narrower than x (bf16 under compile=True) is
-    read in place by a compiled step (gathered_linear) and widened for the product otherwise. A quantized
+    on the CPU to narrow_rows_product (large bf16 / fp16 weights) or column_split_linear. A CPU weight held
+    narrower than x (bf16 under compile=True) is read in place by a compiled step (gathered_linear) and
+    widened for the product otherwise. A quantized
     weight (kernels.quant.QuantizedWeight) goes to its op (kernels.quant_ops)."""
     if isinstance(w, QuantizedWeight):
         from kernels.quant_ops import quantized_linear

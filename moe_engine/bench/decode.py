@@ -265,13 +265,14 @@ def main(argv=None) -> int:
             model.store_weights(stored_dtype(dtype, compiled))   # as our engine holds them: the limit counts those bytes
             # The machine's rate drifts (a shared VM): measured again beside each model, the highest kept.
             bandwidth = max(bandwidth, copy_bandwidth(device, (1 << 30) if gpu else (256 << 20)))
-            limit = bandwidth / active_weight_bytes(model)
+            active = active_weight_bytes(model)
+            limit = bandwidth / active
             for row in measure(name, model, hf, device, batches, prompt_len, a.new_tokens, model.args.vocab_size,
                                a.repeats, compare_eager and spec is None,
                                not gpu if a.sequential is None else a.sequential,
                                False if a.no_graphs else None, a.hf_repeats, compiled):
                 row.update(quantization=q, dtype=str(dtype).removeprefix("torch."), bandwidth_limit_tok_s=limit,
-                           copy_bandwidth_bytes_s=bandwidth, active_weight_bytes=active_weight_bytes(model),
+                           copy_bandwidth_bytes_s=bandwidth, active_weight_bytes=active,
                            pct_of_limit_b1=100 * row["ours_decode_tok_s"] / limit if row["batch"] == 1 else None)
                 plain = [r for r in rows if r["model"] == name and r["batch"] == row["batch"]
                          and r["quantization"] == "none"]
