@@ -271,3 +271,12 @@ def test_mtp_bad_inputs(ckpt, tmp_path):
     with pytest.raises(MoeEngineError, match="multi-token-prediction layer"):
         LLM.from_model(plain.model, speculative_config=mtp(1))
     assert parse_speculative("mtp:2") == {"method": "mtp", "num_speculative_tokens": 2}
+
+
+def test_seeded_sampling_with_mtp_reproduces(ckpt):
+    """Sampled requests verify the MTP's greedy drafts as one-hot drafts, with the request's seed."""
+    llm = LLM(ckpt[1], speculative_config=mtp(3))
+    params = SamplingParams(max_tokens=16, temperature=0.8, seed=7, ignore_eos=True)
+    a, b = (llm.generate(prompt_token_ids=[prompt(12, 3)], sampling_params=params)[0] for _ in range(2))
+    assert a.token_ids == b.token_ids and a.num_draft_tokens > 0
+    assert_no_leak(llm)
