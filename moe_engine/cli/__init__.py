@@ -69,7 +69,8 @@ def build_parser() -> Parser:
     spec = Parser(add_help=False)
     spec.add_argument("--speculative", metavar="METHOD[:K]", default=None,
                       help="speculative decoding: ngram (prompt lookup over the request's own tokens) or "
-                           "draft=DIR (another checkpoint with the same tokenizer drafts greedily), with K "
+                           "draft=DIR (another checkpoint with the same tokenizer drafts greedily) or mtp "
+                           "(a DeepSeek-V3 checkpoint's multi-token-prediction layer), with K "
                            "drafts a step (default 3), e.g. ngram:5 or draft=weights/tiny-mixtral-int4:3")
 
     parser = Parser(prog="moe-engine", description="A Mixture-of-Experts LLM inference engine.")

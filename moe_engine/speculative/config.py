@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from moe_engine.errors import MoeEngineError
 
-METHODS = ("ngram", "draft")
+METHODS = ("ngram", "draft", "mtp")
 
 
 @dataclass(frozen=True)
@@ -13,7 +13,9 @@ class SpeculativeConfig:
     """method "ngram": prompt lookup over the request's own tokens (the longest suffix of prompt_lookup_max
     down to prompt_lookup_min tokens that occurred before, its most recent occurrence; the k tokens after
     it are the drafts). method "draft": another checkpoint, `model` (a folder; same vocabulary), drafts k
-    tokens greedily with an engine of its own (moe_engine.speculative.draft). adaptive: the never-slower control (moe_engine.speculative.control) shortens k or
+    tokens greedily with an engine of its own (moe_engine.speculative.draft). method "mtp": a DeepSeek-V3
+    checkpoint's multi-token-prediction layer drafts k tokens greedily from the target's hidden states
+    (moe_engine.speculative.mtp). adaptive: the never-slower control (moe_engine.speculative.control) shortens k or
     turns speculation off for a request while its verify steps do not pay; False speculates always."""
     method: str = "ngram"
     num_speculative_tokens: int = 3

@@ -68,6 +68,15 @@ class Speculator:
             ctl.ngrams = NgramIndex(self.config.prompt_lookup_min, self.config.prompt_lookup_max)
         return ctl.ngrams
 
+    def observe(self, engine, batch) -> None:
+        """After a step's tokens are in: a proposer that follows the target's steps (speculative.mtp, which
+        reads their hidden states) sees it; its time counts with the proposer's."""
+        watch = getattr(self.proposer, "observe", None)
+        if watch is not None:
+            start = time.perf_counter()
+            watch(engine, batch)
+            self.proposal_seconds += time.perf_counter() - start
+
     def record(self, batch, seconds: float) -> None:
         """The measured time of a step (plain decode, verify, or neither when it prefilled); a verify step
         is charged the proposer's time too (a draft model's steps), so the control weighs the whole cost."""
