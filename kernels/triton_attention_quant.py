@@ -95,6 +95,8 @@ def paged_decode_quant_triton(q: torch.Tensor, k_cache: QuantizedCache, v_cache:
                               scale: float, max_context: int, num_splits: int | None = None) -> torch.Tensor:
     """q [B, H, Dk] (one token per sequence) against compressed keys k_cache [S, Hkv, Dk] (data, maybe a tail)
     and values v_cache [S, Hkv, Dv] (MLA: k_cache.values(), the same data) -> [B, H, Dv]."""
+    if k_cache.zero is not None or v_cache.zero is not None:
+        raise ValueError("paged_decode_quant_triton reads fp8 / int8 caches; an int4 one takes paged_attention_ref")
     B, H, Dk = q.shape
     Hkv = k_cache.data.shape[1]
     group = H // Hkv
