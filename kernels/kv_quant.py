@@ -97,7 +97,7 @@ def quantize_int4(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     lo, hi = xs.amin(-1), xs.amax(-1)                                        # [..., G]
     zero = _to_half(lo, -torch.inf)                                          # at most the minimum
     scale = _to_half((hi - zero.float()) / 15, torch.inf)                    # 15 steps reach the maximum
-    inv = 1 / scale.float().clamp_min(torch.finfo(torch.float16).tiny)
+    inv = torch.where(scale > 0, 1 / scale.float(), 0)                       # a constant group: codes 0
     codes = ((xs - zero.float()[..., None]) * inv[..., None]).round().clamp(0, 15).to(torch.uint8).flatten(-2)
     return codes[..., 0::2] | (codes[..., 1::2] << 4), scale, zero
 
