@@ -279,10 +279,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     A decode batch (one token per sequence) runs the Triton kernel on CUDA tensors (backend 'auto') or
     when forced ('triton'), sinks and window included; prefill runs the reference either way. A compressed
     cache (QuantizedCache: its rows come out of every gather dequantised, so the reference reads it as it is)
-    has its own decode kernel (not for sinks, windows or int4: those run the reference)."""
+    has its own decode kernel (no sinks or windows: those layers run the reference)."""
     triton = form(backend, q, k_cache, v_cache) == "triton" and meta.is_decode
     if isinstance(k_cache, QuantizedCache):
-        if triton and sinks is None and window is None and k_cache.zero is None:   # int4: the reference
+        if triton and sinks is None and window is None:
             from kernels.triton_attention_quant import paged_decode_quant_triton
             return paged_decode_quant_triton(q, k_cache, v_cache, meta.block_tables, meta.device_context_lens(q.device),
                                              meta.block_size, scale, meta.max_context or max(meta.context_lens))

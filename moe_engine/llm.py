@@ -353,13 +353,9 @@ def allocate_kv_cache(model, num_slots: int, dtype: torch.dtype, device, kv_cach
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str, device, compile: bool) -> None:
-    """Where a compressed cache runs: not on MPS (no float8 there), not in the compiled CPU step; int4 on the
-    CPU only (no CUDA decode kernel reads it yet)."""
+    """Where a compressed cache runs: not on MPS (no float8 there), not in the compiled CPU step."""
     if kv_cache_dtype == "auto":
         return
-    if kv_cache_dtype == "int4" and device.type != "cpu":
-        raise MoeEngineError(f"kv_cache_dtype='int4' runs on the CPU only (no {device.type} kernel reads it yet); use "
-                             "kv_cache_dtype='fp8' or 'int8' there")
     if device.type == "mps":
         raise MoeEngineError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported on mps; use the CPU or CUDA, or "
                              "kv_cache_dtype='auto'")

@@ -42,18 +42,17 @@ def test_paged_attention_reads_the_int4_cache(kind, query_lens):
     assert k_cache.zero is not None and k_cache.data.shape[-1] * 2 == k_cache.width
     want = expected_over_dequantised(q, k_cache, v_cache, meta, 0.3)
     torch.testing.assert_close(paged_attention(q, k_cache, v_cache, meta, 0.3), want, atol=1e-5, rtol=1e-5)
-    if meta.is_decode:             # a forced Triton decode takes the reference: no kernel reads int4 yet
-        torch.testing.assert_close(paged_attention(q, k_cache, v_cache, meta, 0.3, backend="triton"), want,
-                                   atol=1e-5, rtol=1e-5)
 
 
-def test_the_fp8_int8_kernel_refuses_int4():
+@pytest.mark.parametrize("kind,splits", [("gqa", 1), ("mqa", 3), ("mla", 3)])
+def test_triton_decode_kernel_unpacks_int4_in_the_loop(kind, splits):
+    """The Triton decode kernel (the interpreter here) against the reference over the dequantised cache."""
     pytest.importorskip("triton")
     from kernels.triton_attention_quant import paged_decode_quant_triton
-    q, k_cache, v_cache, meta = compressed_case("gqa", "int4", [1, 1, 1, 1, 1])
-    with pytest.raises(ValueError, match="an int4 one takes paged_attention_ref"):
-        paged_decode_quant_triton(q, k_cache, v_cache, meta.block_tables, meta.device_context_lens(q.device),
-                                  meta.block_size, 0.3, max(meta.context_lens))
+    q, k_cache, v_cache, meta = compressed_case(kind, "int4", [1, 1, 1, 1, 1], seed=1)
+    out = paged_decode_quant_triton(q, k_cache, v_cache, meta.block_tables, meta.device_context_lens(q.device),
+                                    meta.block_size, 0.3, max(meta.context_lens), num_splits=splits)
+    torch.testing.assert_close(out, expected_over_dequantised(q, k_cache, v_cache, meta, 0.3), atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module", params=["tiny-mixtral", "tiny-deepseek"])
@@ -129,9 +128,8 @@ def test_capacity_on_the_shipped_models(name, per_token):
 
 
 def test_int4_where_it_cannot_run_is_one_clear_line(capsys):
-    for device in ("cuda", "mps"):
-        with pytest.raises(MoeEngineError, match=f"kv_cache_dtype='int4' runs on the CPU only \\(no {device} kernel"):
-            check_kv_cache_dtype("int4", torch.device(device), False)
+    with pytest.raises(MoeEngineError, match="kv_cache_dtype='int4' is not supported on mps; use the CPU or CUDA"):
+        check_kv_cache_dtype("int4", torch.device("mps"), False)
     with pytest.raises(MoeEngineError, match="compile=True does not support kv_cache_dtype='int4'"):
         LLM(WEIGHTS / "tiny-mixtral", kv_cache_dtype="int4", compile=True)
     with pytest.raises(ValueError, match="width 7 must be even"):
