@@ -93,7 +93,8 @@ def quantize_int4(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     """x [..., D] (D even) -> (packed [..., D // 2] uint8, scale [..., G], zero [..., G] float16): each group's
     values v coded round((v - zero) / scale) in 0..15 with zero its minimum and scale its range / 15 (both
     rounded to float16 first, so the codes are those of the stored scale); value 2i in byte i's low nibble."""
-    xs = x.float().unflatten(-1, (-1, group))                                # [..., G, group]
+    big = torch.finfo(INT4_SCALE_DTYPE).max                                  # beyond it float16 zeros overflow
+    xs = x.float().unflatten(-1, (-1, group)).clamp(-big, big)               # [..., G, group]
     lo, hi = xs.amin(-1), xs.amax(-1)                                        # [..., G]
     zero = _to_half(lo, -torch.inf)                                          # at most the minimum
     scale = _to_half((hi - zero.float()) / 15, torch.inf)                    # 15 steps reach the maximum

@@ -29,6 +29,10 @@ def test_round_trip_within_half_a_step(group):
     assert ((back - x).abs() <= 0.5 * step + x.abs() * 2 ** -20 + 1e-30).all()   # plus float32's rounding
     assert torch.equal(back[0, 0], torch.zeros(128))
     assert torch.allclose(back[1, 0], torch.full((128,), 0.3), rtol=2 ** -11, atol=0)   # float16's rounding
+    big = torch.tensor([[-1e6, 0.0], [1.0, 7e4]])                           # beyond float16: clipped to +-65504
+    big_q = quantize_int4(big, 2)
+    err = dequantize_int4(*big_q, torch.float32) - big.clamp(-65504, 65504)
+    assert torch.isfinite(big_q[1]).all() and (err.abs() <= 0.5 * big_q[1].float()).all()
     # The layout: value 2i in byte i's low nibble, 2i + 1 in its high one, codes (x - zero) / scale.
     codes = ((x - zero.float().repeat_interleave(group, -1)) / step.clamp_min(1e-30)).round().clamp(0, 15)
     assert torch.equal((packed & 15).float()[2:], codes[2:, :, 0::2]) and torch.equal((packed >> 4).float()[2:],
