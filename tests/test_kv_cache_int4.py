@@ -132,6 +132,8 @@ def test_capacity_on_the_shipped_models(name, per_token):
 
 
 def test_int4_where_it_cannot_run_is_one_clear_line(capsys):
+    with pytest.raises(MoeEngineError, match="unknown kv_cache_dtype 'int2': choose one of auto, fp8, int8, int4$"):
+        LLM(WEIGHTS / "tiny-mixtral", kv_cache_dtype="int2")
     with pytest.raises(MoeEngineError, match="kv_cache_dtype='int4' is not supported on mps; use the CPU or CUDA"):
         check_kv_cache_dtype("int4", torch.device("mps"), False)
     with pytest.raises(MoeEngineError, match="compile=True does not support kv_cache_dtype='int4'"):
