@@ -1,13 +1,23 @@
-"""Compressed KV cache: the layout a model declares, and fp8 e4m3 / int8 parts with float32 scales set at write."""
+"""Compressed KV cache: the layout a model declares, and fp8 e4m3 / int8 parts with float32 scales (int4: two
+values a byte, float16 scale and zero point per group) set at write."""
 
 from dataclasses import dataclass
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "fp8", "int8")
-# Storage dtype and the largest magnitude a scaled value may take in it.
-_STORAGE = {"fp8": (torch.float8_e4m3fn, 448.0), "int8": (torch.int8, 127.0)}
+KV_CACHE_DTYPES = ("auto", "fp8", "int8", "int4")
+# Storage dtype and the largest magnitude a scaled value may take in it (int4: the largest code, 0..15).
+_STORAGE = {"fp8": (torch.float8_e4m3fn, 448.0), "int8": (torch.int8, 127.0), "int4": (torch.uint8, 15.0)}
 SCALE_DTYPE = torch.float32
+# int4: asymmetric (scale and minimum per group, KIVI's form) in groups of INT4_GROUP along each token's row
+# (the whole row where it is not a multiple), both in float16: 64 + 2 * 2 * 2 bytes per 128 values.
+INT4_GROUP = 64
+INT4_SCALE_DTYPE = torch.float16
+
+
+def int4_group(width: int) -> int:
+    """Values per int4 scale in a row of width values."""
+    return INT4_GROUP if width % INT4_GROUP == 0 else width
 
 
 @dataclass(frozen=True)
@@ -43,10 +53,16 @@ class KVCacheLayout:
     def compressed(self) -> bool:
         return self.kv_cache_dtype != "auto"
 
+    def group(self, part: CachePart) -> int:
+        """Values per scale of a compressed part in this cache dtype."""
+        return int4_group(part.width) if self.kv_cache_dtype == "int4" else part.group or part.width
+
     def part_bytes(self, part: CachePart) -> int:
         """Bytes of one part per token and layer."""
         if not (self.compressed and part.compressed):
             return part.heads * part.width * self.dtype.itemsize
+        if self.kv_cache_dtype == "int4":            # two values a byte; a scale and a zero point per group
+            return part.heads * (part.width // 2 + 2 * (part.width // self.group(part)) * INT4_SCALE_DTYPE.itemsize)
         storage = _STORAGE[self.kv_cache_dtype][0]
         return part.heads * (part.width * storage.itemsize + part.scales * SCALE_DTYPE.itemsize)
 
@@ -73,6 +89,35 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return x if dtype == torch.float32 else x.to(dtype)
 
 
+def quantize_int4(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., D] (D even) -> (packed [..., D // 2] uint8, scale [..., G], zero [..., G] float16): each group's
+    values v coded round((v - zero) / scale) in 0..15 with zero its minimum and scale its range / 15 (both
+    rounded to float16 first, so the codes are those of the stored scale); value 2i in byte i's low nibble."""
+    big = torch.finfo(INT4_SCALE_DTYPE).max                                  # beyond it float16 zeros overflow
+    xs = x.float().unflatten(-1, (-1, group)).clamp(-big, big)               # [..., G, group]
+    lo, hi = xs.amin(-1), xs.amax(-1)                                        # [..., G]
+    zero = _to_half(lo, -torch.inf)                                          # at most the minimum
+    scale = _to_half((hi - zero.float()) / 15, torch.inf)                    # 15 steps reach the maximum
+    inv = torch.where(scale > 0, 1 / scale.float(), 0)                       # a constant group: codes 0
+    codes = ((xs - zero.float()[..., None]) * inv[..., None]).round().clamp(0, 15).to(torch.uint8).flatten(-2)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), scale, zero
+
+
+def _to_half(x: torch.Tensor, toward: float) -> torch.Tensor:
+    """x float32 -> float16, rounded toward -inf or +inf (so no value falls outside the stored range)."""
+    h = x.to(INT4_SCALE_DTYPE)
+    off = h.float() > x if toward < 0 else h.float() < x
+    return torch.where(off, torch.nextafter(h, torch.full_like(h, toward)), h)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """packed [..., D // 2], scale / zero [..., G] -> [..., D] in dtype: code * scale + zero (float32)."""
+    codes = torch.stack([packed & 15, packed >> 4], -1).flatten(-2)          # [..., D]
+    group = codes.shape[-1] // scale.shape[-1]
+    x = (codes.float().unflatten(-1, (-1, group)) * scale.float()[..., None] + zero.float()[..., None]).flatten(-2)
+    return x if dtype == torch.float32 else x.to(dtype)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as bytes where it is fp8: the CPU has no index_copy_ for float8."""
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
@@ -80,7 +125,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class QuantizedCache:
-    """One cache part held compressed: data [S, Hkv, D] (fp8 or int8) with scale [S, Hkv, D // group] float32,
+    """One cache part held compressed: data [S, Hkv, D] (fp8 or int8) with scale [S, Hkv, D // group] float32
+    (int4: data [S, Hkv, D // 2] uint8, two values a byte, with scale and zero [S, Hkv, D // group] float16),
     and optionally tail [S, Hkv, R] in the model dtype: key columns after the data kept as they are (MLA's rope
     key). It reads like the [S, Hkv, D + R] tensor it stands for: cache[slots] and cache.index_select(0, slots)
     give those rows dequantised into `dtype`, so the torch references read it unchanged; values() is the
@@ -90,29 +136,35 @@ class QuantizedCache:
     kv_cache_dtype: str
     dtype: torch.dtype                  # what reads dequantise into: the model's
     tail: torch.Tensor | None = None
+    zero: torch.Tensor | None = None    # int4's per-group minimum
 
     @classmethod
     def empty(cls, num_slots: int, heads: int, width: int, group: int, kv_cache_dtype: str, dtype: torch.dtype,
               device, tail_width: int = 0) -> "QuantizedCache":
         storage = _STORAGE[kv_cache_dtype][0]
-        data = torch.zeros(num_slots, heads, width, dtype=storage, device=device)
-        scale = torch.zeros(num_slots, heads, width // group, dtype=SCALE_DTYPE, device=device)
+        int4 = kv_cache_dtype == "int4"
+        if int4 and width % 2:
+            raise ValueError(f"an int4 cache packs two values a byte: width {width} must be even")
+        data = torch.zeros(num_slots, heads, width // 2 if int4 else width, dtype=storage, device=device)
+        scale_dtype = INT4_SCALE_DTYPE if int4 else SCALE_DTYPE
+        scale = torch.zeros(num_slots, heads, width // group, dtype=scale_dtype, device=device)
+        zero = torch.zeros_like(scale) if int4 else None
         tail = torch.zeros(num_slots, heads, tail_width, dtype=dtype, device=device) if tail_width else None
-        return cls(data, scale, kv_cache_dtype, dtype, tail)
+        return cls(data, scale, kv_cache_dtype, dtype, tail, zero)
 
     @property
     def width(self) -> int:
         """Compressed columns per head (MLA: the latent, which is also the value)."""
-        return self.data.shape[-1]
+        return self.data.shape[-1] * (2 if self.kv_cache_dtype == "int4" else 1)
 
     @property
     def group(self) -> int:
-        return self.data.shape[-1] // self.scale.shape[-1]
+        return self.width // self.scale.shape[-1]
 
     @property
     def shape(self) -> torch.Size:
         """As the keys read: [S, Hkv, D + R]."""
-        S, H, D = self.data.shape
+        S, H, D = *self.data.shape[:2], self.width
         return torch.Size((S, H, D + (0 if self.tail is None else self.tail.shape[-1])))
 
     @property
@@ -138,13 +190,17 @@ class QuantizedCache:
 
     def values(self) -> "QuantizedCache":
         """The same storage read as values: the data columns only [S, Hkv, D] (no tail)."""
-        return QuantizedCache(self.data, self.scale, self.kv_cache_dtype, self.dtype)
+        return QuantizedCache(self.data, self.scale, self.kv_cache_dtype, self.dtype, zero=self.zero)
 
     def write(self, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Rows slot_mapping [T] get values [T, Hkv, D + R]: the first D quantized (scales computed here), the
         rest stored in the tail as they are."""
         D = self.width
-        q, scale = quantize(values[..., :D], self.kv_cache_dtype, self.group)
+        if self.zero is not None:
+            q, scale, zero = quantize_int4(values[..., :D], self.group)
+            self.zero.index_copy_(0, slot_mapping, zero)
+        else:
+            q, scale = quantize(values[..., :D], self.kv_cache_dtype, self.group)
         _rows(self.data).index_copy_(0, slot_mapping, _rows(q))
         self.scale.index_copy_(0, slot_mapping, scale)
         if self.tail is not None:
@@ -153,8 +209,11 @@ class QuantizedCache:
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
         """slots [...] -> the dequantised rows [..., Hkv, D + R] in self.dtype."""
         flat = slots.reshape(-1)
-        q = _rows(self.data).index_select(0, flat).view(self.data.dtype)       # [N, Hkv, D]
-        x = dequantize(q, self.scale.index_select(0, flat), self.dtype)        # [N, Hkv, D]
+        q = _rows(self.data).index_select(0, flat).view(self.data.dtype)       # [N, Hkv, D] (int4: D / 2)
+        if self.zero is not None:
+            x = dequantize_int4(q, self.scale.index_select(0, flat), self.zero.index_select(0, flat), self.dtype)
+        else:
+            x = dequantize(q, self.scale.index_select(0, flat), self.dtype)    # [N, Hkv, D]
         if self.tail is not None:
             x = torch.cat([x, self.tail.index_select(0, flat)], -1)            # [N, Hkv, D + R]
         return x.view(*slots.shape, *x.shape[1:])

@@ -304,7 +304,8 @@ class DeepseekModel(CausalLM):
 
     def kv_cache_layout(self, dtype, kv_cache_dtype: str = "auto") -> KVCacheLayout:
         """The latent and the rope key (FlashMLA's layout): compressed, the latent has one scale per 128
-        values (per the whole latent when it is not a multiple of 128) and the rope key stays in dtype."""
+        values (per the whole latent when it is not a multiple of 128; int4: kernels.kv_quant.int4_group) and
+        the rope key stays in dtype."""
         a = self.args
         L = a.kv_lora_rank
         group = 128 if L % 128 == 0 else L
@@ -316,8 +317,8 @@ class DeepseekModel(CausalLM):
         """Per layer [S, L + R]; compressed, a QuantizedCache [S, 1, L] with the rope key [S, 1, R] as its tail."""
         a = self.args
         if kv_cache_dtype != "auto":
-            latent = self.kv_cache_layout(dtype, kv_cache_dtype).parts[0]
-            return [QuantizedCache.empty(num_slots, 1, a.kv_lora_rank, latent.group or latent.width, kv_cache_dtype,
+            layout = self.kv_cache_layout(dtype, kv_cache_dtype)
+            return [QuantizedCache.empty(num_slots, 1, a.kv_lora_rank, layout.group(layout.parts[0]), kv_cache_dtype,
                                          dtype, device, tail_width=a.qk_rope_head_dim) for _ in self.layers]
         width = a.kv_lora_rank + a.qk_rope_head_dim
         return [torch.zeros(num_slots, width, dtype=dtype, device=device) for _ in self.layers]

@@ -148,7 +148,8 @@ class MixtralModel(CausalLM):
         return min(self.args.max_position_embeddings, self.args.sliding_window or 1 << 62)
 
     def kv_cache_layout(self, dtype, kv_cache_dtype: str = "auto") -> KVCacheLayout:
-        """Keys and values per KV head; compressed, one scale per token and head."""
+        """Keys and values per KV head; compressed, one scale per token and head (int4: per group of 64 values
+        with a zero point, kernels.kv_quant.int4_group)."""
         a = self.args
         return KVCacheLayout((CachePart("k", a.kv_heads, a.dim_per_head), CachePart("v", a.kv_heads, a.dim_per_head)),
                              a.num_hidden_layers, dtype, kv_cache_dtype)
@@ -157,7 +158,9 @@ class MixtralModel(CausalLM):
         """Per layer the [2, S, Hkv, Dh] tensor; compressed, a (keys, values) pair of QuantizedCaches."""
         a = self.args
         if kv_cache_dtype != "auto":
-            return [tuple(QuantizedCache.empty(num_slots, a.kv_heads, a.dim_per_head, a.dim_per_head, kv_cache_dtype,
+            layout = self.kv_cache_layout(dtype, kv_cache_dtype)
+            group = layout.group(layout.parts[0])
+            return [tuple(QuantizedCache.empty(num_slots, a.kv_heads, a.dim_per_head, group, kv_cache_dtype,
                                                dtype, device) for _ in range(2))
                     for _ in range(a.num_hidden_layers)]
         return [torch.zeros(2, num_slots, a.kv_heads, a.dim_per_head, dtype=dtype, device=device)

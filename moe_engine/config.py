@@ -27,7 +27,8 @@ class EngineConfig:
       attention projections with quantize_attention, dense layers' MLPs with quantize_dense_mlp.
       quant_clip_search=False rounds to nearest instead of searching each group's range.
     kv_cache_dtype: "auto" (the model dtype), "fp8" (e4m3) or "int8": keys and values (MLA: the latent) held
-      compressed with float32 scales computed as each token is written (kernels.kv_quant).
+      compressed with float32 scales computed as each token is written (kernels.kv_quant); "int4": two values
+      a byte with a float16 scale and zero point per 64 values of each token's row.
     speculative_config: speculative decoding, vLLM's names: {"method": "ngram", "num_speculative_tokens": k,
       "prompt_lookup_min": 1, "prompt_lookup_max": 4, "adaptive": True} (moe_engine.speculative.config);
       stored as a SpeculativeConfig.

@@ -252,7 +252,7 @@ def test_info_reports_gpt_oss(saved, capsys):
     assert "gpt_oss" in out and "sliding window 8 on 2 of 3 layers" in out and "4 routed + 0 shared" in out
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8", "int4"])
 def test_speculation_over_a_compressed_cache_with_sinks_and_windows(saved, kv_cache_dtype):
     """Greedy n-gram speculation gives plain decoding's tokens on window + sink layers, the 1 + k verify rows
     reading the (compressed) paged cache across a window shorter than the context."""

@@ -1,4 +1,4 @@
-"""`moe-engine bench kv`: what a compressed KV cache (kv_cache_dtype fp8 / int8) costs in quality and gains in
+"""`moe-engine bench kv`: what a compressed KV cache (kv_cache_dtype fp8 / int8 / int4) costs in quality and gains in
 capacity: held-out perplexity through the paged cache, greedy agreement, and blocks at a fixed budget.
 Prints tables and writes JSON."""
 
@@ -13,7 +13,7 @@ from moe_engine.llm import LLM
 from moe_engine.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent.parent
-CACHE_DTYPES = ("auto", "fp8", "int8")
+CACHE_DTYPES = ("auto", "fp8", "int8", "int4")
 
 
 def shape_model(kind: str, dtype=torch.bfloat16):

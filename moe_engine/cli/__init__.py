@@ -49,9 +49,10 @@ def build_parser() -> Parser:
                         help="on the CPU, compile decode steps with torch.compile: faster steps after a compile "
                              "of tens of seconds (cached on disk: seconds in later runs)")
     add_quant_arguments(common)
-    common.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "int8"),
+    common.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "int8", "int4"),
                         help="KV cache storage: auto (the model dtype), fp8 (e4m3) or int8, with a scale per token "
-                             "and head (MLA: per 128 latent values) set as each token is written")
+                             "and head (MLA: per 128 latent values) set as each token is written, or int4 (a scale "
+                             "and zero point per 64 values)")
     common.add_argument("--quiet", action="store_true", help="no loading bar (shown on a terminal) and no stats line")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
