@@ -135,6 +135,9 @@ class LLM:
             from moe_engine.speculative.draft import DraftModel
             self.engine.spec.proposer = DraftModel(spec.model, device, dtype, model.args.vocab_size,
                                                    self.max_model_len, config.max_num_seqs, tokenizer)
+        elif spec is not None and spec.method == "self":
+            from moe_engine.speculative.self_draft import SelfDraft
+            self.engine.spec.proposer = SelfDraft(self.engine, spec.draft_top_k)
         self._next_id = 0
         self.last_stats: dict = {}          # of the latest stream(): prompt/generated tokens, seconds
         self.last_output: Sequence | None = None

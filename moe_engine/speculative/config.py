@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from moe_engine.errors import MoeEngineError
 
-METHODS = ("ngram", "draft")
+METHODS = ("ngram", "draft", "self")
 
 
 @dataclass(frozen=True)
@@ -13,7 +13,9 @@ class SpeculativeConfig:
     """method "ngram": prompt lookup over the request's own tokens (the longest suffix of prompt_lookup_max
     down to prompt_lookup_min tokens that occurred before, its most recent occurrence; the k tokens after
     it are the drafts). method "draft": another checkpoint, `model` (a folder; same vocabulary), drafts k
-    tokens greedily with an engine of its own (moe_engine.speculative.draft). adaptive: the never-slower control (moe_engine.speculative.control) shortens k or
+    tokens greedily with an engine of its own (moe_engine.speculative.draft). method "self": the MoE model
+    drafts for itself routing each token to its best `draft_top_k` experts (default 1; below the model's
+    own top_k), in its own cache slots (moe_engine.speculative.self_draft). adaptive: the never-slower control (moe_engine.speculative.control) shortens k or
     turns speculation off for a request while its verify steps do not pay; False speculates always."""
     method: str = "ngram"
     num_speculative_tokens: int = 3
@@ -21,6 +23,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     adaptive: bool = True
     model: str | None = None
+    draft_top_k: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -37,6 +40,13 @@ class SpeculativeConfig:
                                  "(same vocabulary as the target), e.g. {'method': 'draft', 'model': 'weights/tiny-mixtral'}")
         if self.method != "draft" and self.model is not None:
             raise MoeEngineError(f"speculative_config model= is for method='draft', not {self.method!r}; drop it")
+        if self.draft_top_k is not None:
+            if self.method != "self":
+                raise MoeEngineError(f"speculative_config draft_top_k= is for method='self', not {self.method!r}; drop it")
+            v = self.draft_top_k
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
+                raise MoeEngineError(f"bad speculative_config draft_top_k={v!r}: must be an integer, at least 1 and "
+                                     "below the model's experts per token")
         if not isinstance(self.adaptive, bool):
             raise MoeEngineError(f"bad speculative_config adaptive={self.adaptive!r}: must be True or False")
 

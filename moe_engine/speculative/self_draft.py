@@ -1,0 +1,124 @@
+"""method "self": the MoE model drafts for itself with cheaper routing (its best draft_top_k experts per token),
+in k one-token forwards over its own paged cache; no second model or cache is held.
+
+The draft's forwards write provisional K/V into the very slots the verify step then writes again: drafting
+token j of a sequence with num_cached = c runs position c + j (its last token at c, then the drafts) and
+writes slot c + j with the cheap routing's K/V; the verify forward over positions c .. c + k writes every
+one of those slots with the full routing's K/V, in each layer before that layer attends, so after it the
+cache holds what plain decoding would have written, and the rejected slots are rewound as for any method.
+A slot at or past num_cached is never registered as a prefix (block_manager.register_full_blocks), so
+provisional entries never reach the prefix cache.
+"""
+
+import torch
+
+from kernels.attention import AttentionMetadata
+from model_defs.moe import route
+from moe_engine.block_manager import blocks_for
+from moe_engine.errors import MoeEngineError
+
+
+class CheapRouting:
+    """A routing hook for the draft's forwards: the model's own routing (every variant: groups, bias,
+    scaling), cut to its best top_k experts per token, their weights scaled up to the full choice's total
+    weight (so a variant that does not normalise keeps its routed output's scale)."""
+
+    def __init__(self, top_k: int):
+        self.top_k = top_k
+
+    def begin_step(self, owners: list[int], token_ids: list[int], positions: list[int]) -> None:
+        pass
+
+    def route(self, moe_index, router_logits, cfg, bias):
+        weights, ids = route(router_logits, cfg, bias)                        # [T, K], best first
+        if self.top_k >= ids.shape[1]:
+            return weights, ids
+        kept = weights[:, :self.top_k]                                         # [T, k]
+        scale = weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp_min(1e-20)   # [T, 1]
+        return kept * scale, ids[:, :self.top_k].contiguous()
+
+
+def check_self_draft(model, draft_top_k: int | None) -> int:
+    """The draft's experts per token for this model (draft_top_k, default 1), or a one-line error: a model
+    without MoE layers, or draft_top_k not below the model's own top_k (a draft that costs a plain step
+    each token, while its verify step costs one more, can only be slower than plain decoding)."""
+    blocks = model.moe_blocks
+    if not blocks:
+        raise MoeEngineError("speculative method 'self' drafts with fewer experts per token, and this model has "
+                             "no MoE layers; use method 'ngram' or 'draft'")
+    full = min(b.routing.top_k for b in blocks)
+    top_k = 1 if draft_top_k is None else draft_top_k
+    if full == 1:
+        raise MoeEngineError("speculative method 'self': this model routes each token to 1 expert, so there is "
+                             "no cheaper routing to draft with; use method 'ngram' or 'draft'")
+    if not 1 <= top_k < full:
+        raise MoeEngineError(f"bad speculative_config draft_top_k={top_k}: this model routes each token to {full} "
+                             f"experts and a draft must route to fewer; give draft_top_k in 1..{full - 1}")
+    return top_k
+
+
+class SelfDraft:
+    """The batched proposer for method "self": all speculating requests draft together, one token each per
+    forward, k forwards (a request whose k is reached drops out), greedy (argmax) from the cheap forward."""
+
+    def __init__(self, engine, draft_top_k: int | None = None, check: bool = True):
+        """check=False lets a test draft with the model's full top_k (a draft identical to the target)."""
+        top_k = check_self_draft(engine.model, draft_top_k) if check else (draft_top_k or 1)
+        self.engine = engine
+        self.hook = CheapRouting(top_k)
+        self.rounds = 0
+        self.forwards = 0               # draft forwards run (each one token per drafting request)
+
+    def _reserved(self) -> int:
+        """Free blocks this step's scheduling may need before any draft: every running sequence's own next
+        tokens, and the first waiting request's admission (drafts never preempt or keep anyone waiting)."""
+        engine = self.engine
+        bs, sched = engine.block_size, engine.scheduler
+        need = sum(max(0, blocks_for(s.num_tokens, bs) - len(s.blocks)) for s in sched.running)
+        if sched.waiting and len(sched.running) < sched.max_num_seqs:
+            need += blocks_for(sched.waiting[0].num_tokens + 1, bs)
+        return need
+
+    def _allocate(self, wanted: list[tuple[object, int]]) -> list[int]:
+        """Give each drafting sequence the blocks for the k slots its drafts write (c .. c + k - 1), from
+        the free blocks past what scheduling needs; k shrinks to what fits. The scheduler adds the verify
+        step's last slot; the verify step trims what the rejected drafts held."""
+        blocks, bs = self.engine.blocks, self.engine.block_size
+        spare = blocks.num_free - self._reserved()
+        ks = []
+        for seq, k in wanted:
+            extra = lambda k: max(0, blocks_for(seq.num_cached + k, bs) - len(seq.blocks))   # noqa: E731
+            while k > 0 and extra(k) > spare:
+                k -= 1
+            spare -= extra(k)
+            blocks.grow(seq, k)
+            ks.append(k)
+        return ks
+
+    def propose(self, wanted: list[tuple[object, int]]) -> list[list[int]]:
+        """Draft tokens for each (request, k): up to k greedy tokens of the cheaply routed model."""
+        self.rounds += 1
+        engine = self.engine
+        runner, model = engine.runner, engine.model
+        ks = self._allocate(wanted)
+        drafts: list[list[int]] = [[] for _ in wanted]
+        last = [seq.all_ids[-1] for seq, _ in wanted]            # the token each draft forward feeds
+        longest = max(seq.max_len for seq, _ in wanted)
+        j = 0
+        while True:
+            active = [i for i, k in enumerate(ks) if k > j]
+            if not active:
+                return drafts
+            seqs = [wanted[i][0] for i in active]
+            positions = [s.num_cached + j for s in seqs]          # uncached: the verify step writes them again
+            meta = AttentionMetadata.build([s.blocks for s in seqs], [p + 1 for p in positions], [1] * len(seqs),
+                                           engine.block_size, engine.device, longest)
+            hidden = runner.forward([last[i] for i in active], positions, [s.request_id for s in seqs], meta,
+                                    runner.kv_caches, self.hook)                                   # [B, D]
+            with torch.inference_mode():
+                tokens = model.compute_logits(hidden).argmax(-1).tolist()                         # [B]
+            self.forwards += 1
+            for i, t in zip(active, tokens):
+                drafts[i].append(t)
+                last[i] = t
+            j += 1
