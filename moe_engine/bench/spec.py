@@ -4,7 +4,8 @@ it rewritten), batch 1 and 8; per method acceptance, tokens per verify step, tok
 no speculation; greedy, so every method's tokens must equal plain decoding's. Prints a table, writes JSON.
 
 Methods: none, ngram:K (the never-slower control on) and ngram:K/forced (speculating every step); with
---draft, draft:K and draft:K/forced (a draft model: a quantized copy of the model, or a folder). Runs of
+--draft, draft:K and draft:K/forced (a draft model: a quantized copy of the model, or a folder); with
+--self TOPK, self:K and self:K/forced (the model drafting for itself with its best TOPK experts). Runs of
 each method are interleaved and the best of --repeats kept: on a shared machine timings are noisy.
 """
 
@@ -77,10 +78,16 @@ def distinct_experts(llm: LLM, config: SpeculativeConfig, prompts: list[list[int
 def run_method(llm: LLM, config: SpeculativeConfig | None, prompts: list[list[int]], batch: int,
                params: SamplingParams, proposers: dict | None = None) -> dict:
     """Generate for prompts in groups of `batch` with this speculative config (a draft model's proposer
-    from proposers, by its folder); time and counts."""
+    from proposers, by its folder; method "self" drafts on the engine itself); time and counts."""
     proposers = proposers or {}
     engine = llm.engine
-    engine.spec = Speculator(config, proposers.get(config.model)) if config is not None else None
+    proposer = None
+    if config is not None and config.method == "self":
+        from moe_engine.speculative.self_draft import SelfDraft
+        proposer = SelfDraft(engine, config.draft_top_k)
+    elif config is not None:
+        proposer = proposers.get(config.model)
+    engine.spec = Speculator(config, proposer) if config is not None else None
     outs, start = [], time.perf_counter()
     for i in range(0, len(prompts), batch):
         outs += llm.generate(prompt_token_ids=prompts[i:i + batch], sampling_params=params)
@@ -99,8 +106,9 @@ def run_method(llm: LLM, config: SpeculativeConfig | None, prompts: list[list[in
 
 
 def measure(llm: LLM, model: str, batches: list[int], k: int, max_tokens: int, snippet_tokens: int,
-            repeats: int, prompts_b1: int, draft=None) -> list[dict]:
-    """draft: a draft model's folder, timed as draft:K (and draft:K/forced) beside n-gram."""
+            repeats: int, prompts_b1: int, draft=None, self_top_k: int | None = None) -> list[dict]:
+    """draft: a draft model's folder, timed as draft:K (and draft:K/forced) beside n-gram; self_top_k: the
+    model's own draft with that many experts per token, timed as self:K (and self:K/forced)."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     methods = {"none": None,
                f"ngram:{k}": SpeculativeConfig(num_speculative_tokens=k),
@@ -112,6 +120,9 @@ def measure(llm: LLM, model: str, batches: list[int], k: int, max_tokens: int, s
                                            llm.max_model_len, max(batches), llm.tokenizer)
         methods[f"draft:{k}"] = SpeculativeConfig("draft", k, model=str(draft))
         methods[f"draft:{k}/forced"] = SpeculativeConfig("draft", k, adaptive=False, model=str(draft))
+    if self_top_k is not None:
+        methods[f"self:{k}"] = SpeculativeConfig("self", k, draft_top_k=self_top_k)
+        methods[f"self:{k}/forced"] = SpeculativeConfig("self", k, adaptive=False, draft_top_k=self_top_k)
     rows = []
     for batch in batches:
         count = prompts_b1 if batch == 1 else batch
@@ -164,6 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--draft", default=None,
                    help="also time a draft model: int4 or int8 (a copy of each model quantized so, written "
                         "to a temporary folder by moe-engine quantize) or a folder (one --models entry)")
+    p.add_argument("--self", dest="self_top_k", type=int, default=None, metavar="TOPK",
+                   help="also time method self: the model drafting for itself with its best TOPK experts per token")
     p.add_argument("--out", default=str(REPO / "bench_results" / "spec.json"))
     a = p.parse_args(argv)
     device = pick_device(a.device)
@@ -177,7 +190,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="moe-engine-draft-") as tmp:
             draft = _draft_for(model, a.draft, Path(tmp))
             rows += measure(llm, model, [int(b) for b in a.batches.split(",")], a.k, a.max_tokens,
-                            a.snippet_tokens, a.repeats, a.prompts_b1, draft)
+                            a.snippet_tokens, a.repeats, a.prompts_b1, draft, a.self_top_k)
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "compile": a.compile,

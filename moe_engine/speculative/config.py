@@ -68,10 +68,16 @@ class SpeculativeConfig:
 
 
 def parse_speculative(text: str) -> dict:
-    """The command line's --speculative METHOD[:K] (draft: draft=DIR[:K]) -> a speculative_config dict."""
+    """The command line's --speculative METHOD[:K] (draft: draft=DIR[:K]; self: self[=TOPK][:K], TOPK being
+    draft_top_k) -> a speculative_config dict."""
     method, _, k = text.partition(":")
     method, _, model = method.partition("=")
     config = {"method": method} if not model else {"method": method, "model": model}
+    if method == "self" and model:
+        if not model.isdigit():
+            raise MoeEngineError(f"bad --speculative {text!r}: self=TOPK takes the draft's experts per token, "
+                                 "a whole number, as in self=1:3")
+        config = {"method": method, "draft_top_k": int(model)}
     if k:
         if not k.isdigit():
             raise MoeEngineError(f"bad --speculative {text!r}: K must be a whole number, as in ngram:3 or "

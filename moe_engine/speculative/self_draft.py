@@ -87,10 +87,9 @@ class SelfDraft:
         spare = blocks.num_free - self._reserved()
         ks = []
         for seq, k in wanted:
-            extra = lambda k: max(0, blocks_for(seq.num_cached + k, bs) - len(seq.blocks))   # noqa: E731
-            while k > 0 and extra(k) > spare:
+            while k > 0 and blocks_for(seq.num_cached + k, bs) - len(seq.blocks) > spare:
                 k -= 1
-            spare -= extra(k)
+            spare -= max(0, blocks_for(seq.num_cached + k, bs) - len(seq.blocks))
             blocks.grow(seq, k)
             ks.append(k)
         return ks
