@@ -144,3 +144,15 @@ def test_bench_spec_times_self(tmp_path):
     assert {r["method"] for r in rows} == {"none", "ngram:4", "ngram:4/forced", "self:4", "self:4/forced"}
     forced = next(r for r in rows if r["method"] == "self:4/forced")
     assert forced["draft_tokens"] > 0 and all(r["same_tokens_as_none"] for r in rows)
+
+
+def test_control_measures_a_plain_step_when_every_step_verified():
+    """A proposer that always drafts (self, draft) leaves no plain step to weigh verify steps against: once
+    a verify step is measured the control takes a plain one, then decides."""
+    from moe_engine.speculative.control import RequestControl, StepCosts, choose_k
+    costs, ctl = StepCosts(), RequestControl()
+    assert choose_k(ctl, costs, 3, 1, step=1) == 3                 # nothing measured: speculate
+    costs.record([1], [[5, 6, 7]], 0.040)
+    assert choose_k(ctl, costs, 3, 1, step=2) == 0                 # measure a plain step
+    costs.record([1], [[]], 0.010)
+    assert choose_k(ctl, costs, 3, 1, step=3) == 0                 # 4x a plain step for E(3) < 4: pause

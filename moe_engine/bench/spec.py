@@ -102,6 +102,8 @@ def run_method(llm: LLM, config: SpeculativeConfig | None, prompts: list[list[in
                    tokens_per_verify=spec.verified_tokens / spec.verified if spec.verified else None,
                    plain_step_ms={b: 1e3 * t for b, t in spec.costs.plain.items()},
                    verify_step_ms={f"{b},{k}": 1e3 * t for (b, k), t in spec.costs.verify.items()})
+        if getattr(proposer, "forwards", 0):     # method self: the cost of one of its draft forwards
+            row["draft_forward_ms"] = 1e3 * proposer.seconds / proposer.forwards
     return row
 
 

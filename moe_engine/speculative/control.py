@@ -91,6 +91,10 @@ def choose_k(ctl: RequestControl, costs: StepCosts, k_max: int, bs: int, step: i
     step when the pause is over (the verify cost is measured again)."""
     plain = costs.plain_time(bs)
     if plain is None:
+        # Nothing to weigh a verify step against yet: speculate until one is measured, then take one plain
+        # step to measure that (a proposer that always drafts, unlike n-gram, would otherwise never have one).
+        if costs.verify:
+            return 0
         ctl.k = k_max
         return k_max
     gain, k = max((expected_tokens(ctl.rate, k) * plain / costs.verify_time(bs, k, plain), k)

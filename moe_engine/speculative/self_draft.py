@@ -10,6 +10,8 @@ A slot at or past num_cached is never registered as a prefix (block_manager.regi
 provisional entries never reach the prefix cache.
 """
 
+import time
+
 import torch
 
 from kernels.attention import AttentionMetadata
@@ -67,7 +69,8 @@ class SelfDraft:
         self.engine = engine
         self.hook = CheapRouting(top_k)
         self.rounds = 0
-        self.forwards = 0               # draft forwards run (each one token per drafting request)
+        self.forwards = 0               # draft forwards run (each one token per drafting request) ...
+        self.seconds = 0.0              # ... and the time they took
 
     def _reserved(self) -> int:
         """Free blocks this step's scheduling may need before any draft: every running sequence's own next
@@ -97,6 +100,13 @@ class SelfDraft:
     def propose(self, wanted: list[tuple[object, int]]) -> list[list[int]]:
         """Draft tokens for each (request, k): up to k greedy tokens of the cheaply routed model."""
         self.rounds += 1
+        start = time.perf_counter()
+        try:
+            return self._propose(wanted)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _propose(self, wanted: list[tuple[object, int]]) -> list[list[int]]:
         engine = self.engine
         runner, model = engine.runner, engine.model
         ks = self._allocate(wanted)
