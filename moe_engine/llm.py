@@ -137,7 +137,7 @@ class LLM:
                                                    self.max_model_len, config.max_num_seqs, tokenizer)
         elif spec is not None and spec.method == "self":
             from moe_engine.speculative.self_draft import SelfDraft
-            self.engine.spec.proposer = SelfDraft(self.engine, spec.draft_top_k)
+            self.engine.spec.proposer = SelfDraft(self.engine, spec.draft_top_k, spec.draft_layers)
         self._next_id = 0
         self.last_stats: dict = {}          # of the latest stream(): prompt/generated tokens, seconds
         self.last_output: Sequence | None = None

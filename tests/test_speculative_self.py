@@ -1,7 +1,7 @@
 """Speculative decoding with the model drafting for itself (method "self", cheaper routing in its own cache
-slots): greedy tokens identical to plain decoding alone, in a mixed batch and under preemption; the cache
-after verification equal to plain decoding's; a draft routed like the target accepts every draft; bad
-settings are one clear line."""
+slots, optionally fewer layers): greedy tokens identical to plain decoding alone, in a mixed batch and under
+preemption; the cache after verification equal to plain decoding's; a draft routed like the target accepts
+every draft; bad settings are one clear line."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ import torch
 from conftest import WEIGHTS
 from moe_engine import LLM, MoeEngineError, SamplingParams
 from moe_engine.speculative.config import SpeculativeConfig, parse_speculative
-from moe_engine.speculative.self_draft import SelfDraft
+from moe_engine.speculative.self_draft import SelfDraft, spaced_layers
 from test_speculative import GREEDY, assert_no_leak, prompts_for, run_mixed
 
 
@@ -101,6 +101,24 @@ def test_a_draft_routed_like_the_target_accepts_every_draft(case):
     assert_no_leak(llm)
 
 
+def test_a_draft_of_fewer_layers(case):
+    """draft_layers=3 of 4 (layers 0, 2, 3; the full top_k): the skipped layer's slots are written by the
+    verify step alone; the same tokens, with a cache small enough to preempt."""
+    plain, prompts, reference = case
+    assert spaced_layers(4, 3) == [0, 2, 3] and spaced_layers(4, 2) == [0, 3] and spaced_layers(4, 4) is None
+    assert spaced_layers(8, 4) == [0, 2, 5, 7]
+    full = plain.model.moe_blocks[0].routing.top_k
+    longest = max(len(p) for p in prompts) + GREEDY.max_tokens
+    llm = LLM.from_model(plain.model, plain.tokenizer, block_size=16, num_kv_blocks=longest // 16 + 3,
+                         speculative_config={**self_spec(3, top_k=full), "draft_layers": 3})
+    assert llm.engine.spec.proposer.layers == [0, 2, 3]
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert sum(o.num_draft_tokens for o in outs) > sum(o.num_accepted_tokens for o in outs) > 0
+    assert_no_leak(llm)
+
+
 def test_static_decode_runner_and_seeded_sampling():
     """Plain steps through the static decode step (cuda_graphs=True runs it eagerly on the CPU), drafts and
     verify steps eagerly beside it: the same greedy tokens; seeded sampling with self drafts reproduces."""
@@ -118,7 +136,7 @@ def test_static_decode_runner_and_seeded_sampling():
 
 
 def test_self_settings_errors():
-    for bad in (0, 65, 1.5, True, "1"):
+    for bad in (0, 2000, 1.5, True, "1"):
         with pytest.raises(MoeEngineError, match="bad speculative_config draft_top_k"):
             SpeculativeConfig.of({"method": "self", "draft_top_k": bad})
     with pytest.raises(MoeEngineError, match="draft_top_k= is for method='self'"):
@@ -127,10 +145,17 @@ def test_self_settings_errors():
     assert parse_speculative("self=2:3") == {"method": "self", "draft_top_k": 2, "num_speculative_tokens": 3}
     with pytest.raises(MoeEngineError, match="self=TOPK takes"):
         parse_speculative("self=x:3")
-    with pytest.raises(MoeEngineError, match=r"routes each token to 2 experts .* draft_top_k in 1..1$"):
+    for bad in (1, 0, True):
+        with pytest.raises(MoeEngineError, match="bad speculative_config draft_layers"):
+            SpeculativeConfig.of({"method": "self", "draft_layers": bad})
+    with pytest.raises(MoeEngineError, match=r"routes each token to 2 experts, so this draft would cost a plain "
+                                             r"step .* draft_top_k in 1..1, or draft_layers below 4$"):
         LLM(WEIGHTS / "tiny-mixtral", speculative_config=self_spec(3, top_k=2))
-    with pytest.raises(MoeEngineError, match=r"routes each token to 4 experts .* draft_top_k in 1..3$"):
-        LLM(WEIGHTS / "tiny-deepseek", speculative_config=self_spec(3, top_k=4))
+    with pytest.raises(MoeEngineError, match=r"draft_top_k=5: this model routes each token to 4 experts and a "
+                                             r"draft must route to fewer; give draft_top_k in 1..3$"):
+        LLM(WEIGHTS / "tiny-deepseek", speculative_config=self_spec(3, top_k=5))
+    with pytest.raises(MoeEngineError, match=r"draft_layers=5: this model has 4 decoder layers; give draft_layers in 2..4$"):
+        LLM(WEIGHTS / "tiny-deepseek", speculative_config={**self_spec(3), "draft_layers": 5})
 
 
 def test_bench_spec_times_self(tmp_path):

@@ -84,7 +84,7 @@ def run_method(llm: LLM, config: SpeculativeConfig | None, prompts: list[list[in
     proposer = None
     if config is not None and config.method == "self":
         from moe_engine.speculative.self_draft import SelfDraft
-        proposer = SelfDraft(engine, config.draft_top_k)
+        proposer = SelfDraft(engine, config.draft_top_k, config.draft_layers)
     elif config is not None:
         proposer = proposers.get(config.model)
     engine.spec = Speculator(config, proposer) if config is not None else None

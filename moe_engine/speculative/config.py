@@ -15,7 +15,8 @@ class SpeculativeConfig:
     it are the drafts). method "draft": another checkpoint, `model` (a folder; same vocabulary), drafts k
     tokens greedily with an engine of its own (moe_engine.speculative.draft). method "self": the MoE model
     drafts for itself routing each token to its best `draft_top_k` experts (default 1; below the model's
-    own top_k), in its own cache slots (moe_engine.speculative.self_draft). adaptive: the never-slower control (moe_engine.speculative.control) shortens k or
+    own top_k) and, with `draft_layers`, only that many of its decoder layers, in its own cache slots
+    (moe_engine.speculative.self_draft). adaptive: the never-slower control (moe_engine.speculative.control) shortens k or
     turns speculation off for a request while its verify steps do not pay; False speculates always."""
     method: str = "ngram"
     num_speculative_tokens: int = 3
@@ -24,6 +25,7 @@ class SpeculativeConfig:
     adaptive: bool = True
     model: str | None = None
     draft_top_k: int | None = None
+    draft_layers: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -40,13 +42,15 @@ class SpeculativeConfig:
                                  "(same vocabulary as the target), e.g. {'method': 'draft', 'model': 'weights/tiny-mixtral'}")
         if self.method != "draft" and self.model is not None:
             raise MoeEngineError(f"speculative_config model= is for method='draft', not {self.method!r}; drop it")
-        if self.draft_top_k is not None:
+        for name, low, what in (("draft_top_k", 1, "below the model's experts per token"),
+                                ("draft_layers", 2, "at most the model's decoder layers")):
+            v = getattr(self, name)
+            if v is None:
+                continue
             if self.method != "self":
-                raise MoeEngineError(f"speculative_config draft_top_k= is for method='self', not {self.method!r}; drop it")
-            v = self.draft_top_k
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
-                raise MoeEngineError(f"bad speculative_config draft_top_k={v!r}: must be an integer, at least 1 and "
-                                     "below the model's experts per token")
+                raise MoeEngineError(f"speculative_config {name}= is for method='self', not {self.method!r}; drop it")
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= 1024:
+                raise MoeEngineError(f"bad speculative_config {name}={v!r}: must be an integer, at least {low} and {what}")
         if not isinstance(self.adaptive, bool):
             raise MoeEngineError(f"bad speculative_config adaptive={self.adaptive!r}: must be True or False")
 

@@ -1,5 +1,6 @@
-"""method "self": the MoE model drafts for itself with cheaper routing (its best draft_top_k experts per token),
-in k one-token forwards over its own paged cache; no second model or cache is held.
+"""method "self": the MoE model drafts for itself with cheaper routing (its best draft_top_k experts per token;
+optionally only draft_layers of its layers), in k one-token forwards over its own paged cache; no second
+model or cache is held.
 
 The draft's forwards write provisional K/V into the very slots the verify step then writes again: drafting
 token j of a sequence with num_cached = c runs position c + j (its last token at c, then the drafts) and
@@ -13,6 +14,7 @@ provisional entries never reach the prefix cache.
 import time
 
 import torch
+import torch.nn.functional as F
 
 from kernels.attention import AttentionMetadata
 from model_defs.moe import route
@@ -40,32 +42,54 @@ class CheapRouting:
         return kept * scale, ids[:, :self.top_k].contiguous()
 
 
-def check_self_draft(model, draft_top_k: int | None) -> int:
-    """The draft's experts per token for this model (draft_top_k, default 1), or a one-line error: a model
-    without MoE layers, or draft_top_k not below the model's own top_k (a draft that costs a plain step
-    each token, while its verify step costs one more, can only be slower than plain decoding)."""
+def check_self_draft(model, draft_top_k: int | None, draft_layers: int | None = None) -> tuple[int, list | None]:
+    """(experts per token, the decoder layers run or None for all) of this model's draft, or a one-line
+    error: a model without MoE layers, draft_top_k above the model's own top_k, draft_layers outside
+    2..its layers, or a draft that routes like the target in every layer (it costs a plain step each
+    token and its verify step comes on top: it can only be slower than plain decoding)."""
     blocks = model.moe_blocks
     if not blocks:
         raise MoeEngineError("speculative method 'self' drafts with fewer experts per token, and this model has "
                              "no MoE layers; use method 'ngram' or 'draft'")
-    full = min(b.routing.top_k for b in blocks)
+    full, num_layers = min(b.routing.top_k for b in blocks), len(model.layers)
     top_k = 1 if draft_top_k is None else draft_top_k
-    if full == 1:
-        raise MoeEngineError("speculative method 'self': this model routes each token to 1 expert, so there is "
-                             "no cheaper routing to draft with; use method 'ngram' or 'draft'")
-    if not 1 <= top_k < full:
+    if top_k > full:
         raise MoeEngineError(f"bad speculative_config draft_top_k={top_k}: this model routes each token to {full} "
-                             f"experts and a draft must route to fewer; give draft_top_k in 1..{full - 1}")
-    return top_k
+                             f"experts and a draft must route to fewer; give draft_top_k in 1..{max(1, full - 1)}")
+    if draft_layers is not None and not 2 <= draft_layers <= num_layers:
+        raise MoeEngineError(f"bad speculative_config draft_layers={draft_layers}: this model has {num_layers} "
+                             f"decoder layers; give draft_layers in 2..{num_layers}")
+    layers = spaced_layers(num_layers, draft_layers)
+    if top_k == full and layers is None:
+        fix = (f"give draft_top_k in 1..{full - 1}, or draft_layers below {num_layers}" if full > 1 else
+               f"it routes each token to 1 expert: give draft_layers below {num_layers}, or use method 'ngram'")
+        raise MoeEngineError(f"speculative_config draft_top_k={top_k}: this model routes each token to {full} "
+                             f"experts, so this draft would cost a plain step a token (and the verify step comes "
+                             f"on top); {fix}")
+    return top_k, layers
+
+
+def spaced_layers(num_layers: int, n: int | None) -> list[int] | None:
+    """The n decoder layers a draft of n layers runs: evenly spaced from the first to the last, both kept
+    (on the shipped models skipping either costs the most acceptance); None for all of them."""
+    if n is None or n >= num_layers:
+        return None
+    return sorted({round(i * (num_layers - 1) / (n - 1)) for i in range(n)})
 
 
 class SelfDraft:
     """The batched proposer for method "self": all speculating requests draft together, one token each per
     forward, k forwards (a request whose k is reached drops out), greedy (argmax) from the cheap forward."""
 
-    def __init__(self, engine, draft_top_k: int | None = None, check: bool = True):
-        """check=False lets a test draft with the model's full top_k (a draft identical to the target)."""
-        top_k = check_self_draft(engine.model, draft_top_k) if check else (draft_top_k or 1)
+    def __init__(self, engine, draft_top_k: int | None = None, draft_layers: int | None = None,
+                 check: bool = True):
+        """draft_layers: how many decoder layers the draft runs (spaced_layers), the others skipped (identity
+        on the residual stream; their slots are written by the verify step alone). check=False lets a
+        test draft exactly like the target (every layer, the model's own top_k)."""
+        if check:
+            top_k, self.layers = check_self_draft(engine.model, draft_top_k, draft_layers)
+        else:
+            top_k, self.layers = draft_top_k or 1, spaced_layers(len(engine.model.layers), draft_layers)
         self.engine = engine
         self.hook = CheapRouting(top_k)
         self.rounds = 0
@@ -122,8 +146,12 @@ class SelfDraft:
             positions = [s.num_cached + j for s in seqs]          # uncached: the verify step writes them again
             meta = AttentionMetadata.build([s.blocks for s in seqs], [p + 1 for p in positions], [1] * len(seqs),
                                            engine.block_size, engine.device, longest)
-            hidden = runner.forward([last[i] for i in active], positions, [s.request_id for s in seqs], meta,
-                                    runner.kv_caches, self.hook)                                   # [B, D]
+            ids = [last[i] for i in active]
+            if self.layers is None:
+                hidden = runner.forward(ids, positions, [s.request_id for s in seqs], meta, runner.kv_caches,
+                                        self.hook)                                                 # [B, D]
+            else:
+                hidden = self._forward_layers(ids, positions, meta, runner.kv_caches)            # [B, D]
             with torch.inference_mode():
                 tokens = model.compute_logits(hidden).argmax(-1).tolist()                         # [B]
             self.forwards += 1
@@ -131,3 +159,14 @@ class SelfDraft:
                 drafts[i].append(t)
                 last[i] = t
             j += 1
+
+    def _forward_layers(self, ids: list[int], positions: list[int], meta, kv_caches: list) -> torch.Tensor:
+        """CausalLM.forward over self.layers only -> hidden [B, D]."""
+        model, device = self.engine.model, self.engine.device
+        with torch.inference_mode():
+            x = F.embedding(torch.tensor(ids, device=device), model.embed)                         # [B, D]
+            angles = model.rotary.angles(torch.tensor(positions, device=device), x.dtype)
+            residual = None
+            for i in self.layers:
+                x, residual = model.layers[i](x, residual, angles, kv_caches[i], meta, self.hook)
+            return model.norm.add_and_norm(x, residual)[0]
