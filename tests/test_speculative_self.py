@@ -181,3 +181,17 @@ def test_control_measures_a_plain_step_when_every_step_verified():
     assert choose_k(ctl, costs, 3, 1, step=2) == 0                 # measure a plain step
     costs.record([1], [[]], 0.010)
     assert choose_k(ctl, costs, 3, 1, step=3) == 0                 # 4x a plain step for E(3) < 4: pause
+
+
+def test_bench_spec_forward_cost(tmp_path):
+    """bench spec --forward-cost: the draft forward, plain step and verify steps of a random shape timed."""
+    import json
+    from moe_engine.bench.spec import main
+    out = tmp_path / "cost.json"
+    assert main(["--forward-cost", "deepseek-tiny", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert set(got["ms"]) == {"1 row top-3 (plain step)", "1 row top-1 (self draft)", "1 row top-2 (self draft)",
+                              "2 rows top-3 (verify k=1)",
+                              "4 rows top-3 (verify k=3)"}
+    assert all(t > 0 for t in got["ms"].values())
+    assert got["distinct_experts_by_rows"]["1"] == 3 and got["distinct_experts_by_rows"]["4"] >= 3
