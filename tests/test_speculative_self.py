@@ -195,3 +195,19 @@ def test_bench_spec_forward_cost(tmp_path):
                               "4 rows top-3 (verify k=3)"}
     assert all(t > 0 for t in got["ms"].values())
     assert got["distinct_experts_by_rows"]["1"] == 3 and got["distinct_experts_by_rows"]["4"] >= 3
+
+
+@pytest.mark.parametrize("name", ["qwen2-step2-bias", "olmoe-clip", "glm-half-bias-qknorm"])
+def test_random_configs_of_other_families(tmp_path, name):
+    """Random Qwen2-MoE (gated shared expert, dense layers among MoE ones), OLMoE and GLM-4.5 (grouped
+    noaux_tc routing, a dense first layer): the same greedy tokens in a batch of 4, with drafts rejected."""
+    from test_families import prompt, tiny
+    path = tiny(tmp_path, name)
+    prompts = [prompt(n, seed) for n, seed in ((5, 1), (17, 2), (30, 3), (9, 4))]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    want = [o.token_ids for o in LLM(path).generate(prompt_token_ids=prompts, sampling_params=params)]
+    llm = LLM(path, speculative_config=self_spec(3))
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert [o.token_ids for o in outs] == want
+    assert sum(o.num_draft_tokens for o in outs) > sum(o.num_accepted_tokens for o in outs) > 0
+    assert_no_leak(llm)
