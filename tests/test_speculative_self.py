@@ -211,3 +211,15 @@ def test_random_configs_of_other_families(tmp_path, name):
     assert [o.token_ids for o in outs] == want
     assert sum(o.num_draft_tokens for o in outs) > sum(o.num_accepted_tokens for o in outs) > 0
     assert_no_leak(llm)
+
+
+def test_compressed_cache(case):
+    """An fp8 cache (scales per slot): the draft's provisional entries, quantized, are rewritten like any."""
+    plain, prompts, _ = case
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    base = LLM.from_model(plain.model, plain.tokenizer, kv_cache_dtype="fp8")
+    want = [o.token_ids for o in base.generate(prompt_token_ids=prompts[:4], sampling_params=params)]
+    llm = LLM.from_model(plain.model, plain.tokenizer, kv_cache_dtype="fp8", speculative_config=self_spec(3))
+    outs = llm.generate(prompt_token_ids=prompts[:4], sampling_params=params)
+    assert [o.token_ids for o in outs] == want and sum(o.num_draft_tokens for o in outs) > 0
+    assert_no_leak(llm)

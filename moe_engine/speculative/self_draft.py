@@ -161,7 +161,7 @@ class SelfDraft:
             j += 1
 
     def _forward_layers(self, ids: list[int], positions: list[int], meta, kv_caches: list) -> torch.Tensor:
-        """CausalLM.forward over self.layers only -> hidden [B, D]."""
+        """CausalLM.forward (every family's) over self.layers only -> hidden [B, D]."""
         model, device = self.engine.model, self.engine.device
         with torch.inference_mode():
             x = F.embedding(torch.tensor(ids, device=device), model.embed)                         # [B, D]
