@@ -179,3 +179,20 @@ def expand(model: nn.Module, table: NameTable, names=None) -> dict[str, Target]:
             chosen = table.layouts[0].name if names is None else _pick_layout(i, expanded, names)
             out.update(expanded[chosen])
     return out
+
+
+def expand_extra_layer(model: nn.Module, table: NameTable, i: int, layer: nn.Module, ours: str,
+                       names=None) -> dict[str, Target]:
+    """{hf name: Target} for a decoder layer kept outside model.layers under the dotted name `ours` whose
+    checkpoint tensors are those of layer i (DeepSeek's multi-token-prediction layer, i = num_hidden_layers):
+    the table's per-layer rules and its expert layouts, as expand gives them for model.layers[i]."""
+    proxy = nn.Module()                      # layers.{i} -> layer, so the rules expand as for a layer i
+    proxy.args, proxy.layers = model.args, nn.ModuleDict({str(i): layer})
+    kinds = _layer_kinds(layer)
+    out = _expand_rules(proxy, table.rules, i, kinds)
+    if "moe" in kinds and table.layouts:
+        expanded = {lay.name: _expand_rules(proxy, lay.rules, i, kinds) for lay in table.layouts}
+        chosen = table.layouts[0].name if names is None else _pick_layout(i, expanded, set(names))
+        out.update(expanded[chosen])
+    prefix = f"layers.{i}."
+    return {hf: (ours + "." + name[len(prefix):], index) for hf, (name, index) in out.items()}

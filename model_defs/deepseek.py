@@ -11,7 +11,8 @@ from kernels.attention import AttentionMetadata, causal_attention
 from kernels.kv_quant import CachePart, KVCacheLayout, QuantizedCache
 from kernels.linear import linear
 from model_defs.base import CausalLM, DecoderLayer
-from model_defs.checkpoint_names import COMMON_RULES, Layout, NameTable, Rows, Rule, fused_experts, swiglu_rules
+from model_defs.checkpoint_names import (COMMON_RULES, Layout, NameTable, Rows, Rule, Target, expand_extra_layer,
+                                         fused_experts, swiglu_rules)
 from model_defs.hf_config import args_from_hf_config
 from model_defs.layers import RMSNorm, Rotary, SwiGLU, weight, yarn_mscale
 from model_defs.moe import MoEBlock, RoutingConfig
@@ -222,28 +223,84 @@ class MLAttention(nn.Module):
         return torch.bmm(o, self.w_uv.transpose(1, 2)).transpose(0, 1)          # [n, H, v]
 
 
+def _decoder_layer(args: DeepseekArgs, i: int, rotary: Rotary, dtype, absorb: str) -> DecoderLayer:
+    """Decoder layer i (MLA + an MoE block where args.is_moe_layer(i), else a dense SwiGLU)."""
+    if args.is_moe_layer(i):
+        shared = args.moe_intermediate_size * (args.n_shared_experts or 0)
+        mlp = MoEBlock(args.hidden_size, args.moe_intermediate_size, args.routing(), shared, dtype)
+    else:
+        mlp = SwiGLU(args.hidden_size, args.intermediate_size, dtype)
+    return DecoderLayer(MLAttention(args, rotary, dtype, absorb), mlp, args.hidden_size, args.rms_norm_eps, dtype)
+
+
+# The multi-token-prediction layer's own tensors (its decoder layer's follow the main table's names).
+_NEXTN = (("enorm.weight", "enorm.weight"), ("hnorm.weight", "hnorm.weight"), ("eh_proj.weight", "eh_proj"),
+          ("shared_head.norm.weight", "head_norm.weight"), ("shared_head.head.weight", "head"))
+
+
+class MultiTokenPredictor(nn.Module):
+    """DeepSeek-V3's multi-token-prediction (MTP) module, checkpoint layer model.layers.{num_hidden_layers}:
+    at position p it combines the main model's hidden state h_p (after its final norm) with the embedding
+    of the next token t_{p+1}, eh_proj([enorm(embed(t_{p+1})); hnorm(h_p)]), runs one decoder layer (MLA
+    at position p, with a cache of its own, + MoE) and predicts t_{p+2} through shared_head (norm, head).
+    The embedding is the main model's. forward returns the layer's output before shared_head.norm, which is
+    also what a chained step takes as its h (as vLLM's deepseek_mtp does)."""
+
+    def __init__(self, args: DeepseekArgs, rotary: Rotary, dtype, absorb: str):
+        super().__init__()
+        D = args.hidden_size
+        self.enorm = RMSNorm(D, args.rms_norm_eps, dtype)
+        self.hnorm = RMSNorm(D, args.rms_norm_eps, dtype)
+        self.eh_proj = weight(D, 2 * D, dtype=dtype)
+        self.layer = _decoder_layer(args, args.num_hidden_layers, rotary, dtype, absorb)
+        self.head_norm = RMSNorm(D, args.rms_norm_eps, dtype)
+        self.head = weight(args.vocab_size, D, dtype=dtype)
+        self.rotary = rotary
+
+    def projections(self) -> list[nn.Parameter]:
+        return [self.eh_proj]
+
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """embeds [T, D] (of the tokens t_{p+1}), hidden [T, D] (h_p), positions [T] (p) -> [T, D]."""
+        x = linear(torch.cat([self.enorm(embeds), self.hnorm(hidden)], -1), self.eh_proj)     # [T, D]
+        out, residual = self.layer(x, None, self.rotary.angles(positions, x.dtype), cache, meta)
+        return out + residual
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, D] (forward's output) -> float32 [N, V]."""
+        return linear(self.head_norm(hidden), self.head).float()
+
+
 class DeepseekModel(CausalLM):
     name_table = DEEPSEEK_NAMES
 
-    def __init__(self, args: DeepseekArgs, dtype=torch.float32, absorb: str = "auto"):
+    def __init__(self, args: DeepseekArgs, dtype=torch.float32, absorb: str = "auto", mtp: bool = False):
+        """mtp: also build the multi-token-prediction layer (self.mtp) and load its weights (speculative
+        method "mtp"); without it a checkpoint's MTP tensors are ignored."""
         # V2 checkpoints always rotate interleaved pairs; V3 says so in rope_interleave.
         interleave = args.rope_interleave or args.model_type == "deepseek_v2"
         rotary = Rotary(args.qk_rope_head_dim, args.rope_theta, args.rope_scaling, interleave,
                         args.max_position_embeddings)
-        layers = []
-        for i in range(args.num_hidden_layers):
-            if args.is_moe_layer(i):
-                shared = args.moe_intermediate_size * (args.n_shared_experts or 0)
-                mlp = MoEBlock(args.hidden_size, args.moe_intermediate_size, args.routing(), shared, dtype)
-            else:
-                mlp = SwiGLU(args.hidden_size, args.intermediate_size, dtype)
-            layers.append(DecoderLayer(MLAttention(args, rotary, dtype, absorb), mlp, args.hidden_size,
-                                       args.rms_norm_eps, dtype))
+        layers = [_decoder_layer(args, i, rotary, dtype, absorb) for i in range(args.num_hidden_layers)]
         super().__init__(args, layers, rotary, dtype)
+        self.mtp = MultiTokenPredictor(args, rotary, dtype, absorb) if mtp else None
+
+    def checkpoint_targets(self, names=None) -> dict[str, Target]:
+        out = super().checkpoint_targets(names)
+        if self.mtp is not None:
+            n = self.args.num_hidden_layers
+            out.update(expand_extra_layer(self, self.name_table, n, self.mtp.layer, "mtp.layer", names))
+            out.update({f"model.layers.{n}.{hf}": (f"mtp.{ours}", None) for hf, ours in _NEXTN})
+        return out
 
     def post_load(self) -> None:
         for layer in self.layers:
             layer.attn.split_kv_b()
+        if self.mtp is not None:
+            self.mtp.layer.attn.split_kv_b()
+            if self.mtp.head.shape == self.lm_head.shape and torch.equal(self.mtp.head, self.lm_head):
+                self.mtp.head = self.lm_head       # shared_head.head is usually a copy of lm_head: hold one
 
     def kv_cache_layout(self, dtype, kv_cache_dtype: str = "auto") -> KVCacheLayout:
         """The latent and the rope key (FlashMLA's layout): compressed, the latent has one scale per 128

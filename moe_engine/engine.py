@@ -69,6 +69,7 @@ class Engine:
         logits, greedy = self.forward(batch)                                 # [N, V], N = len(sampled)
         if batch.drafts:    # a verify step: 1 + k rows for each sequence with k drafts
             produced = self.spec.verify(self, batch, sampled, logits)
+            self.spec.observe(self, batch)
             self.spec.record(batch, time.perf_counter() - started)
             return produced
         tokens = self.sample(logits, sampled, greedy)
@@ -88,6 +89,7 @@ class Engine:
                 self.scheduler.finish(seq)
             produced.append((seq, token))
         if self.spec is not None:
+            self.spec.observe(self, batch)
             self.spec.record(batch, time.perf_counter() - started)
         return produced
 

@@ -62,6 +62,10 @@ class LLM:
         if config.compile:
             check_compile(device)        # before the weights load and the cache is allocated
         path = Path(model).expanduser()
+        spec = config.speculative_config
+        if spec is not None and spec.method == "mtp":     # load the multi-token-prediction layer too
+            from moe_engine.speculative.mtp import mtp_model_kwargs
+            model_kwargs = {**model_kwargs, **mtp_model_kwargs(path)}
         loaded, hf_config = load_model(path, device, dtype, progress, quant=config.quant_spec(), engine=config,
                                        **model_kwargs)
         self._setup(loaded, hf_config, path, load_tokenizer(path, hf_config), device, dtype, config)
@@ -138,6 +142,10 @@ class LLM:
         elif spec is not None and spec.method == "self":
             from moe_engine.speculative.self_draft import SelfDraft
             self.engine.spec.proposer = SelfDraft(self.engine, spec.draft_top_k, spec.draft_layers)
+        elif spec is not None and spec.method == "mtp":
+            from moe_engine.speculative.mtp import MTPProposer
+            self.engine.spec.proposer = MTPProposer(self.engine, model, config.max_num_seqs,
+                                                    spec.num_speculative_tokens, self.max_model_len)
         self._next_id = 0
         self.last_stats: dict = {}          # of the latest stream(): prompt/generated tokens, seconds
         self.last_output: Sequence | None = None

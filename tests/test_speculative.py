@@ -3,6 +3,7 @@ rejection sampler's output distribution equal to the target's, and seeded sampli
 unchanged end to end."""
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -11,8 +12,8 @@ import torch
 from conftest import ROOT, WEIGHTS
 from moe_engine import LLM, MoeEngineError, SamplingParams
 from moe_engine.speculative.config import SpeculativeConfig, parse_speculative
-from moe_engine.speculative.control import RequestControl, StepCosts, choose_k, expected_tokens
-from moe_engine.speculative.ngram import propose_ngram
+from moe_engine.speculative.control import RequestControl, StepCosts, expected_tokens, plan
+from moe_engine.speculative.ngram import NgramIndex, propose_ngram
 from moe_engine.speculative.rejection import accept_greedy, rejection_sample
 
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
@@ -123,6 +124,25 @@ def test_ngram_proposer_longest_most_recent_match():
     assert propose_ngram([7, 7], 4, 1, 4) == [7]          # the drafts may run into the suffix itself
 
 
+def scan_ngram(ids, k, n_min, n_max):
+    """The lookup by a plain scan: the latest window of the last n tokens that ends before the last token."""
+    for n in range(min(n_max, len(ids) - 1), n_min - 1, -1):
+        hits = [i for i in range(len(ids) - n) if ids[i:i + n] == ids[len(ids) - n:]]
+        if hits and k >= 1:
+            return ids[hits[-1] + n:hits[-1] + n + k]
+    return []
+
+
+def test_ngram_index_grown_step_by_step_equals_a_scan():
+    gen = random.Random(0)
+    for n_min, n_max in ((1, 4), (2, 3), (1, 1)):
+        ids, index = [], NgramIndex(n_min, n_max)
+        for _ in range(300):
+            ids += [gen.randrange(6) for _ in range(gen.choice((1, 1, 3)))]     # accepted drafts come in runs
+            k = gen.randrange(0, 5)
+            assert index.propose(ids, k) == scan_ngram(ids, k, n_min, n_max), (ids, k)
+
+
 def test_speculative_config_errors():
     with pytest.raises(MoeEngineError, match="unknown speculative_config key"):
         SpeculativeConfig.of({"method": "ngram", "k": 3})
@@ -137,24 +157,29 @@ def test_speculative_config_errors():
         parse_speculative("ngram:five")
 
 
+def choose_k(ctl, costs, k_max, step):
+    """plan() for one request alone."""
+    return plan([(ctl, k_max)], costs, 1, step)[0]
+
+
 def test_never_slower_control():
     """A verify step costing more than its expected tokens are worth pauses speculation, then retries."""
     costs = StepCosts()
     for _ in range(5):
-        costs.record([1, 1], [[], []], 0.010)
-        costs.record([1, 1], [[3, 4, 5], [6]], 0.030)       # 3x a plain step
+        costs.record([1], [[]], 0.010)
+        costs.record([1], [[3, 4, 5]], 0.030)               # 3x a plain step
     ctl = RequestControl(accepted=1.0, trials=10.0)           # a = 0.1: E(3) = 1.11 tokens < 3
-    assert choose_k(ctl, costs, 3, 2, step=1) == 0
-    assert all(choose_k(ctl, costs, 3, 2, step=s) == 0 for s in range(2, ctl.paused_until))
-    assert choose_k(ctl, costs, 3, 2, step=ctl.paused_until) >= 1     # a probe once the pause is over
-    assert choose_k(ctl, costs, 3, 2, step=ctl.paused_until + 1) == 0  # still does not pay: a longer pause
+    assert choose_k(ctl, costs, 3, step=1) == 0
+    assert all(choose_k(ctl, costs, 3, step=s) == 0 for s in range(2, ctl.paused_until))
+    assert choose_k(ctl, costs, 3, step=ctl.paused_until) >= 1     # a probe once the pause is over
+    assert choose_k(ctl, costs, 3, step=ctl.paused_until + 1) == 0  # still does not pay: a longer pause
     good = RequestControl(accepted=9.5, trials=10.0)          # a = 0.95: E(3) = 3.7 tokens > 3
-    assert choose_k(good, costs, 3, 2, step=1) == 3
+    assert choose_k(good, costs, 3, step=1) == 3
     assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-12
     # Paused, the drafts it would have proposed are scored against the tokens that came: a run of matches
     # raises the rate until speculation pays again, before the pause is over.
     step = ctl.paused_until - 12                              # inside the (16-step) pause
-    while choose_k(ctl, costs, 3, 2, step) == 0 and step < ctl.paused_until:
+    while choose_k(ctl, costs, 3, step) == 0 and step < ctl.paused_until:
         ctl.shadow, ctl.shadow_at = [1, 2, 3], 10
         ctl.observe([0] * 10 + [1, 2])                        # not yet told: kept
         assert ctl.shadow
@@ -166,6 +191,27 @@ def test_never_slower_control():
     before = ctl.trials
     ctl.observe([1, 5])                                       # rejected at the 2nd: 1 accepted, 1 rejection
     assert not ctl.shadow and abs(ctl.trials - (0.8 * before + 2)) < 1e-9
+
+
+def test_never_slower_control_weighs_the_whole_batch():
+    """A verify step slows every request in the batch: one request's drafts that would pay alone (3.7
+    tokens for 1.6x a plain step) do not pay beside seven requests that gain nothing from them."""
+    costs = StepCosts()
+    for bs in (1, 8):
+        for _ in range(5):
+            costs.record([1] * bs, [[]] * bs, 0.010)
+            costs.record([1] * bs, [[3, 4, 5]] + [[]] * (bs - 1), 0.016)     # 2 ms a draft, whatever the batch
+    good, poor = RequestControl(accepted=9.5, trials=10.0), RequestControl(accepted=1.0, trials=10.0)
+    assert plan([(good, 3)], costs, 1, step=1) == [3]                        # alone: 3.71 tokens in 1.6x
+    assert plan([(RequestControl(9.5, 10.0), 3)] + [(RequestControl(1.0, 10.0), 3) for _ in range(7)],
+                costs, 8, step=1) == [0] * 8                                 # (8 + 2.7) / 1.6 < 8 tokens
+    cheap = StepCosts()                         # drafts at 0.5 ms: a likely request's pay, a poor one's not
+    for _ in range(5):
+        cheap.record([1] * 8, [[]] * 8, 0.010)
+        cheap.record([1] * 8, [[3, 4, 5]] + [[]] * 7, 0.0115)
+    assert plan([(RequestControl(9.5, 10.0), 3)] + [(RequestControl(1.0, 10.0), 3) for _ in range(7)],
+                cheap, 8, step=1) == [3] + [0] * 7
+    assert plan([(poor, 3), (RequestControl(9.5, 10.0), 0)], costs, 2, step=1)[1] == 0   # k_max 0: none
 
 
 def test_accept_greedy():

@@ -13,6 +13,10 @@ class EagerRunner:
     def __init__(self, model, kv_caches: list, block_size: int, device, max_model_len: int):
         self.model, self.kv_caches, self.block_size, self.device = model, kv_caches, block_size, device
         self.max_model_len = max_model_len     # bounds every context: attention launches sized once
+        # keep_hidden (set by a proposer that drafts from the target's hidden states, speculative.mtp): run
+        # keeps the step's hidden [T, D] of every fed row, their positions and query_start_loc in last_hidden.
+        self.keep_hidden = False
+        self.last_hidden = None
 
     def run(self, batch: ScheduledBatch, hook=None) -> StepOutput:
         """A sequence with drafts (batch.drafts) feeds them after its last token and gets a row of logits
@@ -33,6 +37,8 @@ class EagerRunner:
                 if ctx - len(d) == s.num_tokens
                 for r in range(meta.query_start_loc[i + 1] - 1 - len(d), meta.query_start_loc[i + 1])]
         hidden = self.forward(ids, positions, owners, meta, self.kv_caches, hook)      # [T, D]
+        if self.keep_hidden:
+            self.last_hidden = (hidden, positions, meta.query_start_loc)
         with torch.inference_mode():
             if len(rows) < hidden.shape[0]:     # some rows are prompt tokens that sample nothing
                 hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]

@@ -129,6 +129,7 @@ class DecodeRunner:
 
     def serves(self, batch: ScheduledBatch, hook) -> bool:
         return (hook is None and len(batch.seqs) <= self.static.rows and not batch.drafts
+                and not getattr(self.eager, "keep_hidden", False)   # a proposer wants every row's hidden state (speculative.mtp)
                 and all(n == 1 and s.num_cached + 1 == s.num_tokens for s, n in zip(batch.seqs, batch.num_tokens)))
 
     def run(self, batch: ScheduledBatch, hook=None) -> StepOutput:

@@ -335,6 +335,7 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
                 yield chunk("", role=True)
             elif echo:
                 yield chunk(echo)
+            pending = ""                    # chunks not yet written: what is ready goes out in one write
             while True:
                 if event[0] == "delta":
                     logprobs = None
@@ -344,21 +345,25 @@ def create_app(llm, served_model_name: str, api_key: str | None = None, max_wait
                         offset += sum(len(w) for w in logprobs.get("tokens", []))
                     streamed += event[2]
                     if event[1] or logprobs:
-                        yield chunk(event[1], logprobs=logprobs)
+                        pending += chunk(event[1], logprobs=logprobs)
                 elif event[0] == "done":
                     finish, counts = event[1], event[2]
-                    yield chunk("", finish)
                     break
                 else:                       # an engine failure mid-stream: say so, then end the stream
-                    yield f"data: {json.dumps({'error': {'message': event[1], 'type': 'server_error'}})}\n\n"
+                    pending += f"data: {json.dumps({'error': {'message': event[1], 'type': 'server_error'}})}\n\n"
                     finish = "error"
                     break
+                if pending and req.events.empty():
+                    yield pending
+                    pending = ""
                 event = await next_event(req)
+            # The end in one write: the finish chunk (not after an error), the usage chunk, [DONE].
+            tail = pending + (chunk("", finish) if finish != "error" else "")
             if include_usage:
                 body = {"id": rid, "object": chunk_kind, "created": created, "model": served_model_name,
                         "choices": [], "usage": usage(req, counts)}
-                yield f"data: {json.dumps(body)}\n\n"
-            yield "data: [DONE]\n\n"
+                tail += f"data: {json.dumps(body)}\n\n"
+            yield tail + "data: [DONE]\n\n"
         finally:
             if finish is None:              # the client went away (or the server is stopping)
                 loop.cancel(req)

@@ -18,13 +18,13 @@ class EngineProcess:
     Requests go down a pipe; each engine step's events for all requests come back in one message."""
 
     def __init__(self, model: str | Path, device=None, dtype=None, config: EngineConfig | None = None,
-                 max_waiting: int = 256, progress: bool = False):
+                 max_waiting: int = 256, progress: bool = False, threads: int | None = None):
         self.path, self.max_waiting = Path(model), max_waiting
         context = multiprocessing.get_context("spawn")     # a forked torch with threads running can deadlock
         self.conn, child = context.Pipe()
         self.process = context.Process(target=worker_main, name="moe-engine-worker", daemon=True,
                                        args=(child, str(model), device, dtype, config or EngineConfig(),
-                                             max_waiting, progress))
+                                             max_waiting, progress, threads))
         self.requests: dict[int, Request] = {}
         self.ids = itertools.count(1)
         self.lock = threading.Lock()            # guards the pipe's sending end and the counters
@@ -126,11 +126,16 @@ class _quiet:
         return kind is not None and issubclass(kind, (BrokenPipeError, OSError))
 
 
-def worker_main(conn, model: str, device, dtype, config: EngineConfig, max_waiting: int, progress: bool) -> None:
-    """The child: load the model, then run an EngineLoop whose events go back down the pipe."""
+def worker_main(conn, model: str, device, dtype, config: EngineConfig, max_waiting: int, progress: bool,
+                threads: int | None = None) -> None:
+    """The child: load the model, then run an EngineLoop whose events go back down the pipe. threads: the
+    child's torch threads on the CPU (None: one fewer than torch's default, leaving a core to the HTTP side)."""
+    import torch
     from moe_engine.llm import LLM
     try:
         llm = LLM(model, device, dtype, config=config, progress=progress)
+        if llm.device.type == "cpu":
+            torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
     except KeyboardInterrupt:
         return
     except MoeEngineError as e:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from moe_engine.errors import MoeEngineError
 
-METHODS = ("ngram", "draft", "self")
+METHODS = ("ngram", "draft", "self", "mtp")
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,9 @@ class SpeculativeConfig:
     tokens greedily with an engine of its own (moe_engine.speculative.draft). method "self": the MoE model
     drafts for itself routing each token to its best `draft_top_k` experts (default 1; below the model's
     own top_k) and, with `draft_layers`, only that many of its decoder layers, in its own cache slots
-    (moe_engine.speculative.self_draft). adaptive: the never-slower control (moe_engine.speculative.control) shortens k or
+    (moe_engine.speculative.self_draft). method "mtp": a DeepSeek-V3 checkpoint's multi-token-prediction
+    layer drafts k tokens greedily from the target's hidden states (moe_engine.speculative.mtp).
+    adaptive: the never-slower control (moe_engine.speculative.control) shortens k or
     turns speculation off for a request while its verify steps do not pay; False speculates always."""
     method: str = "ngram"
     num_speculative_tokens: int = 3

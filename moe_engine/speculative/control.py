@@ -1,10 +1,13 @@
-"""Never slower: per request, speculate only while the expected tokens of a verify step pay for its
-measured cost against a plain decode step; shorten k or pause speculation (and retry later) otherwise.
+"""Never slower: speculate only while a verify step's expected tokens pay for its measured cost against a
+plain decode step, judged for the whole batch; shorten k or pause a request's speculation (and retry later)
+otherwise.
 
-A verify step with k drafts and a per-draft acceptance rate a yields E(k) = 1 + a + ... + a^k tokens
-(accepted drafts + the target's own token); a plain step yields 1. With T_p the measured time of a plain
-decode step and T_v(k) that of a verify step (both shared by all requests, per batch size), k pays while
-E(k) * T_p > T_v(k). Cascade (arXiv 2506.20675) bounds MoE speculation's slowdown the same way.
+A request drafting k tokens at per-draft acceptance rate a yields E(k) = 1 + a + ... + a^k tokens in a
+verify step (accepted drafts + the target's own token); in a plain step it yields 1. A verify step costs
+the whole batch: with bs requests, T_p the measured time of a plain step and T_v(D) that of a verify step
+carrying D drafts in all, drafts pay while (bs + sum of (E_i - 1)) / T_v(D) > bs / T_p. Judging each
+request alone (E(k) T_p > T_v) would let one request's drafts slow the other bs - 1 down. Cascade
+(arXiv 2506.20675) bounds MoE speculation's slowdown the same way, per request.
 """
 
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ def expected_tokens(a: float, k: int) -> float:
 
 class StepCosts:
     """Measured seconds of plain decode steps (per batch size) and verify steps (per batch size and the
-    most drafts a sequence had), as decaying averages; steps with prefill chunks are not counted."""
+    drafts they carried in all), as decaying averages; steps with prefill chunks are not counted."""
 
     def __init__(self):
         self.plain: dict[int, float] = {}
@@ -30,26 +33,26 @@ class StepCosts:
     def record(self, num_tokens: list[int], drafts: list[list[int]], seconds: float) -> None:
         if any(n != 1 for n in num_tokens):
             return
-        bs, k = len(num_tokens), max((len(d) for d in drafts), default=0)
+        bs, k = len(num_tokens), sum(len(d) for d in drafts)
         table, key = (self.verify, (bs, k)) if k else (self.plain, bs)
         old = table.get(key)
         table[key] = seconds if old is None else DECAY * old + (1 - DECAY) * seconds
 
     def plain_time(self, bs: int) -> float | None:
-        if not self.plain:
-            return None
-        return self.plain[min(self.plain, key=lambda b: (abs(b - bs), b))]
+        """The measured plain step at this batch size (None: not yet; another size's would mislead)."""
+        return self.plain.get(bs)
 
     def verify_time(self, bs: int, k: int, plain: float) -> float:
-        """The measured time for (bs, k); else a line from (0, plain) through the nearest measured k at
-        the nearest measured batch size; else plain (untried: assume it pays, so it gets tried)."""
+        """The measured time for bs requests carrying k drafts in all; else a line from (0, plain) through
+        the nearest measured k at the nearest measured batch size (its cost over that size's plain step);
+        else plain (untried: assume it pays, so it gets tried)."""
         if (bs, k) in self.verify:
             return self.verify[(bs, k)]
         if not self.verify:
             return plain
         b = min({b for b, _ in self.verify}, key=lambda x: (abs(x - bs), x))
         near = min((kk for bb, kk in self.verify if bb == b), key=lambda x: (abs(x - k), x))
-        return plain + (self.verify[(b, near)] - plain) * k / near
+        return plain + (self.verify[(b, near)] - self.plain.get(b, plain)) * k / near
 
 
 @dataclass
@@ -64,6 +67,7 @@ class RequestControl:
     k: int = 1                 # the k chosen last (0: paused; a new request counts as speculating)
     shadow: list[int] = field(default_factory=list)   # drafts not verified, proposed when it had shadow_at tokens
     shadow_at: int = 0
+    ngrams: object = None      # its n-gram index (speculative.ngram.NgramIndex), for the n-gram method
 
     @property
     def rate(self) -> float:
@@ -85,28 +89,37 @@ class RequestControl:
             self.shadow = []
 
 
-def choose_k(ctl: RequestControl, costs: StepCosts, k_max: int, bs: int, step: int) -> int:
-    """How many drafts the request proposes this step (0: none). Where no k pays, speculation pauses
-    (doubling pauses); it resumes as soon as the measured rate says it pays, or for one probing verify
-    step when the pause is over (the verify cost is measured again)."""
+def plan(wants: list[tuple[RequestControl, int]], costs: StepCosts, bs: int, step: int) -> list[int]:
+    """How many drafts each (request, most it may draft) proposes this step (0: none), for the batch's
+    most expected tokens per second. Requests are taken likeliest first; each drafts the k that raises
+    the batch's rate most, or nothing. At a batch size, the first decode step is plain and the first
+    verify step holds one request's drafts, to measure. A request that stops paying pauses (doubling
+    pauses); it resumes as soon as its measured rate says it pays, or for one probing verify step when
+    its pause is over."""
     plain = costs.plain_time(bs)
-    if plain is None:
-        # Nothing to weigh a verify step against yet: speculate until one is measured, then take one plain
-        # step to measure that (a proposer that always drafts, unlike n-gram, would otherwise never have one).
-        if costs.verify:
-            return 0
-        ctl.k = k_max
-        return k_max
-    gain, k = max((expected_tokens(ctl.rate, k) * plain / costs.verify_time(bs, k, plain), k)
-                  for k in range(1, k_max + 1))
-    if gain >= 1.0:
-        ctl.pause, ctl.k = FIRST_PAUSE, k
-        return k
-    if ctl.k > 0:                       # it just stopped paying: pause
-        ctl.k, ctl.paused_until = 0, step + ctl.pause
-        ctl.pause = min(2 * ctl.pause, LONGEST_PAUSE)
-        return 0
-    if step < ctl.paused_until:
-        return 0
-    ctl.k = k                           # the pause is over: one probe
-    return k
+    if plain is None:                   # a plain step at this batch size first, to weigh drafts against
+        return [0] * len(wants)
+    untried = all(b != bs for b, _ in costs.verify)     # at this batch size: one request tries first
+    ks, probes, tokens, drafts = [0] * len(wants), [1] * len(wants), float(bs), 0
+    order = sorted(range(len(wants)), key=lambda i: -wants[i][0].rate)
+    for i in order:
+        ctl, k_max = wants[i]
+        now = tokens / costs.verify_time(bs, drafts, plain) if drafts else tokens / plain
+        if k_max < 1:
+            continue
+        rate, probes[i] = max(((tokens + expected_tokens(ctl.rate, k) - 1) / costs.verify_time(bs, drafts + k, plain), k)
+                              for k in range(1, k_max + 1))
+        if rate > now and not (untried and drafts):
+            ks[i], tokens, drafts = probes[i], tokens + expected_tokens(ctl.rate, probes[i]) - 1, drafts + probes[i]
+    for i in order:
+        ctl, k_max = wants[i]
+        if k_max < 1:                   # at its last token: nothing to decide
+            continue
+        if ks[i]:
+            ctl.pause, ctl.k = FIRST_PAUSE, ks[i]
+        elif ctl.k > 0:                 # it just stopped paying: pause
+            ctl.k, ctl.paused_until = 0, step + ctl.pause
+            ctl.pause = min(2 * ctl.pause, LONGEST_PAUSE)
+        elif step >= ctl.paused_until:  # the pause is over: one probe, at the k that came closest to paying
+            ks[i] = ctl.k = probes[i]
+    return ks

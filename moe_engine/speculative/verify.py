@@ -7,8 +7,8 @@ import torch
 
 from moe_engine.sampling import apply_repetition_penalty, target_probs
 from moe_engine.speculative.config import SpeculativeConfig
-from moe_engine.speculative.control import RequestControl, StepCosts, choose_k
-from moe_engine.speculative.ngram import propose_ngram
+from moe_engine.speculative.control import RequestControl, StepCosts, plan
+from moe_engine.speculative.ngram import NgramIndex
 from moe_engine.speculative.rejection import accept_greedy, rejection_sample
 
 
@@ -30,32 +30,52 @@ class Speculator:
         """Before scheduling: drafts for each running sequence that is decoding and speculates."""
         self.num_steps += 1
         c = self.config
-        wanted = []
+        candidates = []
         for seq in running:
             seq.draft_ids = []
             if not seq.speculative or seq.num_cached + 1 != seq.num_tokens:
                 continue
             if seq.spec_control is None:
                 seq.spec_control = RequestControl()
-            ctl, ids = seq.spec_control, seq.all_ids
-            k = c.num_speculative_tokens
             if c.adaptive:
-                ctl.observe(ids)
-                k = choose_k(ctl, self.costs, k, len(running), self.num_steps)
+                seq.spec_control.observe(seq.all_ids)
             # Never past max_tokens (the step also emits the target's own token) or the longest context.
-            k = min(k, seq.params.max_tokens - len(seq.output_ids) - 1, seq.max_len - seq.num_tokens)
+            candidates.append((seq, min(c.num_speculative_tokens, seq.params.max_tokens - len(seq.output_ids) - 1,
+                                        seq.max_len - seq.num_tokens)))
+        if c.adaptive:                  # the drafts that pay for the whole batch (control.plan)
+            ks = plan([(seq.spec_control, k) for seq, k in candidates], self.costs, len(running), self.num_steps)
+        else:
+            ks = [k for _, k in candidates]
+        wanted = []
+        for (seq, _), k in zip(candidates, ks):
+            ctl, ids = seq.spec_control, seq.all_ids
             if k >= 1 and self.proposer is not None:
                 wanted.append((seq, k))
             elif k >= 1:
-                seq.draft_ids = propose_ngram(ids, k, c.prompt_lookup_min, c.prompt_lookup_max)
+                seq.draft_ids = self.ngrams(ctl).propose(ids, k)
             elif c.adaptive and not ctl.shadow and self.proposer is None:   # what it would have drafted, to score later
-                ctl.shadow = propose_ngram(ids, c.num_speculative_tokens, c.prompt_lookup_min, c.prompt_lookup_max)
+                ctl.shadow = self.ngrams(ctl).propose(ids, c.num_speculative_tokens)
                 ctl.shadow_at = len(ids)
         if wanted:                      # one batched call for every request (a draft model's engine step)
             start = time.perf_counter()
             for (seq, _), drafts in zip(wanted, self.proposer.propose(wanted)):
                 seq.draft_ids = drafts
             self.proposal_seconds = time.perf_counter() - start
+
+    def ngrams(self, ctl: RequestControl) -> NgramIndex:
+        """The request's n-gram index, made at its first lookup."""
+        if ctl.ngrams is None:
+            ctl.ngrams = NgramIndex(self.config.prompt_lookup_min, self.config.prompt_lookup_max)
+        return ctl.ngrams
+
+    def observe(self, engine, batch) -> None:
+        """After a step's tokens are in: a proposer that follows the target's steps (speculative.mtp, which
+        reads their hidden states) sees it; its time counts with the proposer's."""
+        watch = getattr(self.proposer, "observe", None)
+        if watch is not None:
+            start = time.perf_counter()
+            watch(engine, batch)
+            self.proposal_seconds += time.perf_counter() - start
 
     def record(self, batch, seconds: float) -> None:
         """The measured time of a step (plain decode, verify, or neither when it prefilled); a verify step
