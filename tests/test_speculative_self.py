@@ -171,16 +171,19 @@ def test_bench_spec_times_self(tmp_path):
     assert forced["draft_tokens"] > 0 and all(r["same_tokens_as_none"] for r in rows)
 
 
-def test_control_measures_a_plain_step_when_every_step_verified():
-    """A proposer that always drafts (self, draft) leaves no plain step to weigh verify steps against: once
-    a verify step is measured the control takes a plain one, then decides."""
-    from moe_engine.speculative.control import RequestControl, StepCosts, choose_k
-    costs, ctl = StepCosts(), RequestControl()
-    assert choose_k(ctl, costs, 3, 1, step=1) == 3                 # nothing measured: speculate
-    costs.record([1], [[5, 6, 7]], 0.040)
-    assert choose_k(ctl, costs, 3, 1, step=2) == 0                 # measure a plain step
-    costs.record([1], [[]], 0.010)
-    assert choose_k(ctl, costs, 3, 1, step=3) == 0                 # 4x a plain step for E(3) < 4: pause
+def test_control_weighs_self_drafts_against_a_plain_step():
+    """A proposer that always drafts (self) still gets a plain step measured (control.plan's first decode
+    step at a batch size is plain), so the control weighs its verify steps, charged with the draft
+    forwards' time, against one, and the tokens stay plain decoding's."""
+    base = LLM(WEIGHTS / "tiny-deepseek")
+    prompt = prompts_for("tiny-deepseek")[1]
+    want = base.generate(prompt_token_ids=[prompt], sampling_params=GREEDY)[0].token_ids
+    llm = LLM.from_model(base.model, base.tokenizer, speculative_config=self_spec(3, adaptive=True))
+    out = llm.generate(prompt_token_ids=[prompt], sampling_params=GREEDY)[0]
+    costs = llm.engine.spec.costs
+    assert out.token_ids == want and out.num_draft_tokens > 0
+    assert costs.plain_time(1) is not None and any(b == 1 for b, _ in costs.verify)
+    assert_no_leak(llm)
 
 
 def test_bench_spec_forward_cost(tmp_path):
