@@ -139,6 +139,9 @@ class LLM:
             from moe_engine.speculative.draft import DraftModel
             self.engine.spec.proposer = DraftModel(spec.model, device, dtype, model.args.vocab_size,
                                                    self.max_model_len, config.max_num_seqs, tokenizer)
+        elif spec is not None and spec.method == "self":
+            from moe_engine.speculative.self_draft import SelfDraft
+            self.engine.spec.proposer = SelfDraft(self.engine, spec.draft_top_k, spec.draft_layers)
         elif spec is not None and spec.method == "mtp":
             from moe_engine.speculative.mtp import MTPProposer
             self.engine.spec.proposer = MTPProposer(self.engine, model, config.max_num_seqs,

@@ -4,7 +4,9 @@ it rewritten), batch 1 and 8; per method acceptance, tokens per verify step, tok
 no speculation; greedy, so every method's tokens must equal plain decoding's. Prints a table, writes JSON.
 
 Methods: none, ngram:K (the never-slower control on) and ngram:K/forced (speculating every step); with
---draft, draft:K and draft:K/forced (a draft model: a quantized copy of the model, or a folder). Runs of
+--draft, draft:K and draft:K/forced (a draft model: a quantized copy of the model, or a folder); with
+--self TOPK, self:K and self:K/forced (the model drafting for itself with its best TOPK experts);
+--forward-cost SHAPE times what bounds self at a real shape instead (forward_costs). Runs of
 each method are interleaved and the best of --repeats kept: on a shared machine timings are noisy.
 """
 
@@ -77,10 +79,16 @@ def distinct_experts(llm: LLM, config: SpeculativeConfig, prompts: list[list[int
 def run_method(llm: LLM, config: SpeculativeConfig | None, prompts: list[list[int]], batch: int,
                params: SamplingParams, proposers: dict | None = None) -> dict:
     """Generate for prompts in groups of `batch` with this speculative config (a draft model's proposer
-    from proposers, by its folder); time and counts."""
+    from proposers, by its folder; method "self" drafts on the engine itself); time and counts."""
     proposers = proposers or {}
     engine = llm.engine
-    engine.spec = Speculator(config, proposers.get(config.model)) if config is not None else None
+    proposer = None
+    if config is not None and config.method == "self":
+        from moe_engine.speculative.self_draft import SelfDraft
+        proposer = SelfDraft(engine, config.draft_top_k, config.draft_layers)
+    elif config is not None:
+        proposer = proposers.get(config.model)
+    engine.spec = Speculator(config, proposer) if config is not None else None
     outs, start = [], time.perf_counter()
     for i in range(0, len(prompts), batch):
         outs += llm.generate(prompt_token_ids=prompts[i:i + batch], sampling_params=params)
@@ -95,12 +103,15 @@ def run_method(llm: LLM, config: SpeculativeConfig | None, prompts: list[list[in
                    tokens_per_verify=spec.verified_tokens / spec.verified if spec.verified else None,
                    plain_step_ms={b: 1e3 * t for b, t in spec.costs.plain.items()},
                    verify_step_ms={f"{b},{k}": 1e3 * t for (b, k), t in spec.costs.verify.items()})
+        if getattr(proposer, "forwards", 0):     # method self: the cost of one of its draft forwards
+            row["draft_forward_ms"] = 1e3 * proposer.seconds / proposer.forwards
     return row
 
 
 def measure(llm: LLM, model: str, batches: list[int], k: int, max_tokens: int, snippet_tokens: int,
-            repeats: int, prompts_b1: int, draft=None) -> list[dict]:
-    """draft: a draft model's folder, timed as draft:K (and draft:K/forced) beside n-gram."""
+            repeats: int, prompts_b1: int, draft=None, self_top_k: int | None = None) -> list[dict]:
+    """draft: a draft model's folder, timed as draft:K (and draft:K/forced) beside n-gram; self_top_k: the
+    model's own draft with that many experts per token, timed as self:K (and self:K/forced)."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     methods = {"none": None,
                f"ngram:{k}": SpeculativeConfig(num_speculative_tokens=k),
@@ -112,6 +123,9 @@ def measure(llm: LLM, model: str, batches: list[int], k: int, max_tokens: int, s
                                            llm.max_model_len, max(batches), llm.tokenizer)
         methods[f"draft:{k}"] = SpeculativeConfig("draft", k, model=str(draft))
         methods[f"draft:{k}/forced"] = SpeculativeConfig("draft", k, adaptive=False, model=str(draft))
+    if self_top_k is not None:
+        methods[f"self:{k}"] = SpeculativeConfig("self", k, draft_top_k=self_top_k)
+        methods[f"self:{k}/forced"] = SpeculativeConfig("self", k, adaptive=False, draft_top_k=self_top_k)
     rows = []
     for batch in batches:
         count = prompts_b1 if batch == 1 else batch
@@ -145,6 +159,54 @@ def measure(llm: LLM, model: str, batches: list[int], k: int, max_tokens: int, s
     return rows
 
 
+def forward_costs(shape: str, device, dtype, context: int = 64, repeats: int = 4) -> dict:
+    """What bounds method self at a real shape (random weights): one batch-1 forward's time routed to the
+    model's top_k, to fewer experts (a self draft's forward), and over 2 and 4 rows (verify steps of k = 1
+    and 3), best of `repeats` interleaved, with the distinct experts per MoE layer those rows touch."""
+    from kernels.attention import AttentionMetadata
+    from moe_engine.bench.models import build_random
+    from moe_engine.speculative.self_draft import CheapRouting
+    model = build_random(shape, device, dtype)
+    top_k = model.moe_blocks[0].routing.top_k
+    llm = LLM.from_model(model, None, max_model_len=context + 16, max_num_seqs=1)
+    seq = llm._new_sequence(list(range(100, 100 + context)), SamplingParams(max_tokens=8, ignore_eos=True))
+    engine = llm.engine
+    engine.step()                                           # the prompt is cached
+    engine.blocks.grow(seq, 5)
+    runner = engine.runner
+
+    def forward(rows: int, hook) -> float:
+        c = seq.num_cached
+        meta = AttentionMetadata.build([seq.blocks], [c + rows], [rows], engine.block_size, device, c + 16)
+        start = time.perf_counter()
+        hidden = runner.forward([7 + j for j in range(rows)], list(range(c, c + rows)), [0] * rows, meta,
+                                runner.kv_caches, hook)
+        with torch.inference_mode():
+            model.compute_logits(hidden).argmax(-1).tolist()
+        return time.perf_counter() - start
+
+    cases = {f"1 row top-{top_k} (plain step)": (1, None)}
+    cases.update({f"1 row top-{k} (self draft)": (1, CheapRouting(k)) for k in (1, 2, top_k // 2) if k < top_k})
+    cases.update({f"{r} rows top-{top_k} (verify k={r - 1})": (r, None) for r in (2, 4)})
+    best = {name: float("inf") for name in cases}
+    for round_ in range(repeats + 1):                                 # interleaved; round 0 warms up
+        for name, (rows, hook) in cases.items():
+            t = forward(rows, hook)
+            best[name] = min(best[name], t) if round_ else best[name]
+    distinct = {}
+    for rows in (1, 2, 4):
+        counter = ExpertCounter(4)
+        forward(rows, counter)
+        distinct[rows] = counter.summary()[rows]
+    plain = best[f"1 row top-{top_k} (plain step)"]
+    for name, t in best.items():
+        print(f"{shape} {name:28s} {1e3 * t:8.1f} ms  {t / plain:4.2f}x a plain step", flush=True)
+    print(f"{shape} distinct experts per MoE layer by rows: "
+          + ", ".join(f"{r}: {e:.1f}" for r, e in distinct.items()), flush=True)
+    return {"shape": shape, "dtype": str(dtype), "ms": {n: 1e3 * t for n, t in best.items()},
+            "distinct_experts_by_rows": distinct}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="moe-engine bench spec", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,9 +226,23 @@ def main(argv=None) -> int:
     p.add_argument("--draft", default=None,
                    help="also time a draft model: int4 or int8 (a copy of each model quantized so, written "
                         "to a temporary folder by moe-engine quantize) or a folder (one --models entry)")
+    p.add_argument("--self", dest="self_top_k", type=int, default=None, metavar="TOPK",
+                   help="also time method self: the model drafting for itself with its best TOPK experts per token")
+    p.add_argument("--forward-cost", default=None, metavar="SHAPE",
+                   help="instead: time what bounds method self at a real shape (random weights, e.g. mixtral-3.6b "
+                        "with --dtype bfloat16): a batch-1 forward with the model's top_k, with fewer experts, "
+                        "and over the 2 and 4 rows of a verify step")
     p.add_argument("--out", default=str(REPO / "bench_results" / "spec.json"))
     a = p.parse_args(argv)
     device = pick_device(a.device)
+    if a.forward_cost:
+        row = forward_costs(a.forward_cost, device, DTYPES[a.dtype], repeats=max(a.repeats, 4))
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(),
+                                   "note": "timings on a shared machine: noisy", **row}, indent=2))
+        print(f"wrote {a.out}")
+        return 0
     if a.compile:
         check_compile(device)
     rows = []
@@ -177,7 +253,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="moe-engine-draft-") as tmp:
             draft = _draft_for(model, a.draft, Path(tmp))
             rows += measure(llm, model, [int(b) for b in a.batches.split(",")], a.k, a.max_tokens,
-                            a.snippet_tokens, a.repeats, a.prompts_b1, draft)
+                            a.snippet_tokens, a.repeats, a.prompts_b1, draft, a.self_top_k)
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "compile": a.compile,

@@ -69,10 +69,11 @@ def build_parser() -> Parser:
 
     spec = Parser(add_help=False)
     spec.add_argument("--speculative", metavar="METHOD[:K]", default=None,
-                      help="speculative decoding: ngram (prompt lookup over the request's own tokens) or "
-                           "draft=DIR (another checkpoint with the same tokenizer drafts greedily) or mtp "
-                           "(a DeepSeek-V3 checkpoint's multi-token-prediction layer), with K "
-                           "drafts a step (default 3), e.g. ngram:5 or draft=weights/tiny-mixtral-int4:3")
+                      help="speculative decoding: ngram (prompt lookup over the request's own tokens), "
+                           "draft=DIR (another checkpoint with the same tokenizer drafts greedily), self[=TOPK] "
+                           "(the MoE model drafts for itself with its best TOPK experts, default 1) or mtp "
+                           "(a DeepSeek-V3 checkpoint's multi-token-prediction layer), with K drafts a step "
+                           "(default 3), e.g. ngram:5, draft=weights/tiny-mixtral-int4:3 or self=1:3")
 
     parser = Parser(prog="moe-engine", description="A Mixture-of-Experts LLM inference engine.")
     from moe_engine import __version__
