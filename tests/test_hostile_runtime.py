@@ -379,12 +379,22 @@ def test_cli_real_closed_stdin():
         "error: stdin is closed but `generate -` reads it; pipe text in, or pass it as an argument"]
 
 
-def test_cli_real_ctrl_c_during_start_up():
+@pytest.mark.parametrize("delay", [0.2, 0.6, 1.2])
+def test_cli_real_ctrl_c_during_start_up(delay):
+    # At 0.2 s numpy is importing (a swallowed KeyboardInterrupt there once gave a half-imported-module
+    # traceback); at 0.6 s a CI run ran the whole command and exited 0; at 1.2 s the model is loading.
     p = _subprocess(["generate", "def a():", "--max-tokens", "100000", "--device", "cpu", "--quiet"])
-    time.sleep(0.6)                                     # importing torch / loading the model
+    time.sleep(delay)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "Traceback" not in err and err.strip() == "interrupted"
+
+
+def test_cli_main_in_process_leaves_sigint_as_it_was():
+    before = signal.getsignal(signal.SIGINT)
+    assert cli.main(["generate", "", "--device", "cpu"]) == 2           # refused before the model loads
+    assert cli.main(["info", "--model", "no/such/model"]) == 2
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # --- 9. Python API types ------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -18,6 +20,35 @@ BENCHMARKS = {"decode": "moe_engine.bench.decode", "kernels": "moe_engine.bench.
 
 class UsageError(Exception):
     """A command line argparse refused; printed on one line like our own errors."""
+
+
+class StartUpInterrupt:
+    """The SIGINT handler while torch imports and the model loads: say so and leave at once, as nothing has
+    been produced yet. A raised KeyboardInterrupt is not enough there: a third-party `except:` around an
+    optional import can swallow it, and the command then ran to the end as if never interrupted (or failed
+    later with a traceback from a half-imported module)."""
+
+    def __call__(self, signum, frame):
+        _say("\ninterrupted")
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+
+def catch_start_up_interrupts():
+    """Install StartUpInterrupt; returns the handler it replaced, or None where it installed nothing (not the
+    main thread, or SIGINT ignored as in a background job)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) == signal.SIG_IGN):
+        return None
+    return signal.signal(signal.SIGINT, StartUpInterrupt())
+
+
+def started() -> None:
+    """Start-up is over: from here Ctrl-C raises KeyboardInterrupt, which the command turns into a clean stop
+    that keeps what it produced (the text so far, a finished file)."""
+    if isinstance(signal.getsignal(signal.SIGINT), StartUpInterrupt):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class Parser(argparse.ArgumentParser):
@@ -171,7 +202,9 @@ def llm_settings(args):
 def load_llm(args):
     from moe_engine.llm import LLM
     path, device, dtype, config = llm_settings(args)
-    return LLM(path, device, dtype, config=config, progress=show_progress(args))
+    llm = LLM(path, device, dtype, config=config, progress=show_progress(args))
+    started()
+    return llm
 
 
 def show_progress(args) -> bool:
@@ -309,6 +342,10 @@ COMMANDS = {"generate": run_generate, "chat": run_chat, "info": run_info, "bench
             "serve": lambda args: importlib.import_module("moe_engine.serve.cli").run(args)}
 
 
+# Commands whose start-up includes loading the model (load_llm ends it); the others start at once.
+LOADS_FIRST = ("generate", "chat", "routing")
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split()) or "(no message)"
 
@@ -321,11 +358,15 @@ def _say(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The command; returns its exit code: 0, 1 (failed while running), 2 (bad input), 130 (Ctrl-C)."""
+    previous = catch_start_up_interrupts()
     try:
         return _main(sys.argv[1:] if argv is None else list(argv))
-    except KeyboardInterrupt:        # also while torch and the model load, before anything else ran
+    except KeyboardInterrupt:
         _say("\ninterrupted")
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:             # called in-process (tests, scripts): leave SIGINT as it was
+            signal.signal(signal.SIGINT, previous)
 
 
 def _main(argv: list) -> int:
@@ -336,6 +377,8 @@ def _main(argv: list) -> int:
         if sys.stdout is None:
             raise MoeEngineError("stdout is closed, so there is nowhere to write the output; "
                                  "redirect it to a file or /dev/null instead of closing it")
+        if args.command not in LOADS_FIRST:
+            started()
         return COMMANDS[args.command](args)
     except UsageError as e:
         _say(f"error: {_one_line(e)}")
