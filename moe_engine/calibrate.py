@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from kernels.quant import QuantizedWeight
 from model_defs.moe import MoEBlock
 from moe_engine.errors import MoeEngineError
-from moe_engine.gptq import gptq_quantize
+from moe_engine.gptq import gptq_search
 from moe_engine.quantize import QuantSpec, held_weight, quantize_weights
 
 WINDOW = 256         # tokens per forward: the tiny models were trained on 256-token windows
@@ -152,7 +152,7 @@ def calibrated_quantize(model, spec: QuantSpec, hessians: list[ExpertHessians], 
         group = spec.group_size if bits == 4 else w.shape[-1]
         ok = (n >= min_tokens).nonzero().flatten().tolist()                  # the experts GPTQ calibrates
         if ok:
-            q, scale, zero = gptq_quantize(w[ok], H[ok], bits, group, not spec.symmetric, qw.scale.dtype)
+            q, scale, zero = gptq_search(w[ok], H[ok], bits, group, not spec.symmetric, qw.scale.dtype)
             for j, e in enumerate(ok):
                 qw.store_quantized(lead if lead is not None else (e,), q[j], scale[j],
                                    None if zero is None else zero[j])
