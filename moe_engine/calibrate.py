@@ -14,10 +14,12 @@ from moe_engine.gptq import gptq_search
 from moe_engine.quantize import QuantSpec, held_weight, quantize_weights
 
 WINDOW = 256         # tokens per forward: the tiny models were trained on 256-token windows
-# An expert calibrated on fewer tokens than this keeps the uncalibrated clip search: measured on
-# tiny-mixtral (examples/calibration.txt, docs/quantization.md), GPTQ from n tokens beats the clip search
-# on held-out tokens' output error from about n = 16, and is clearly ahead by 64.
-MIN_TOKENS = 64
+# An expert calibrated on fewer tokens than this many times the model's hidden size keeps the clip search.
+# Measured on both tiny models (hidden 256; examples/calibration.txt windows spread over the file, the
+# held-out streams' output error (w - ŵ) H_val (w - ŵ)ᵀ of GPTQ over the clip search's, median per weight):
+# 1.5-2.2x under 256 tokens, 1.35-1.5x at 256-511, 1.05-1.10x at 512-1023, 0.93-0.96x at 1024-2047, 0.86x
+# at 2048-4095. Fewer tokens than inputs leave the Hessian short of rank and GPTQ fits the text it saw.
+MIN_TOKENS_PER_INPUT = 4
 
 
 @dataclass
@@ -100,7 +102,8 @@ def _mid(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
 
 def _accumulate(h: ExpertHessians, block: MoEBlock, x: torch.Tensor, topk_ids: torch.Tensor, keep: bool) -> None:
     if x.shape[0] != topk_ids.shape[0]:
-        raise RuntimeError(f"MoE layer {block.moe_index}: {x.shape[0]} input rows for {topk_ids.shape[0]} traced tokens")
+        raise RuntimeError(f"MoE layer {block.moe_index}: {x.shape[0]} input rows for {topk_ids.shape[0]} "
+                           "traced tokens")
     picked = []
     for e in range(h.counts.shape[0]):
         rows = (topk_ids == e).any(-1).nonzero().flatten()                   # [n]
@@ -121,18 +124,26 @@ def _accumulate(h: ExpertHessians, block: MoEBlock, x: torch.Tensor, topk_ids: t
         h.tokens.append(picked)
 
 
-def calibrated_quantize(model, spec: QuantSpec, hessians: list[ExpertHessians], min_tokens: int = MIN_TOKENS
+def min_tokens(model) -> int:
+    """The fewest calibration tokens an expert needs for GPTQ (MIN_TOKENS_PER_INPUT x the hidden size)."""
+    return MIN_TOKENS_PER_INPUT * model.moe_blocks[0].w13.shape[-1]
+
+
+def calibrated_quantize(model, spec: QuantSpec, hessians: list[ExpertHessians], least: int | None = None
                         ) -> dict[str, int]:
     """Replace the weights spec selects by QuantizedWeights (as the loader would): each routed or shared expert
-    with at least min_tokens calibration tokens quantized by GPTQ against its Hessians, the rest (and the
-    attention or dense MLPs, when asked: no Hessians are collected for them) by the clip search.
+    with at least `least` calibration tokens (default min_tokens(model)) quantized by GPTQ (gptq_search)
+    against its Hessians, the rest (and the attention or dense MLPs, when asked: no Hessians are collected
+    for them) by the clip search.
     Returns {"calibrated": experts, "fallback": experts, "other": other tensors}."""
     if spec.format not in ("int4", "int8"):
         raise MoeEngineError(f"--calibration quantizes int4 or int8, not {spec.method}")
     bits = 4 if spec.format == "int4" else 8
+    least = min_tokens(model) if least is None else least
     full = {name: held_weight(model, name).detach().float().clone() for name in model.quantizable_weights()}
     names = quantize_weights(model, spec, torch.device("cpu"))
-    per_layer = {f"layers.{i}.mlp.": layer.mlp for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoEBlock)}
+    per_layer = {f"layers.{i}.mlp.": layer.mlp for i, layer in enumerate(model.layers)
+                 if isinstance(layer.mlp, MoEBlock)}
     counts = {"calibrated": 0, "fallback": 0, "other": 0}
     for name in names:
         qw: QuantizedWeight = held_weight(model, name)
@@ -150,7 +161,7 @@ def calibrated_quantize(model, spec: QuantSpec, hessians: list[ExpertHessians], 
         else:
             H, n, lead = h.h_mid if down else h.h_in, h.counts, None
         group = spec.group_size if bits == 4 else w.shape[-1]
-        ok = (n >= min_tokens).nonzero().flatten().tolist()                  # the experts GPTQ calibrates
+        ok = (n >= least).nonzero().flatten().tolist()                  # the experts GPTQ calibrates
         if ok:
             q, scale, zero = gptq_search(w[ok], H[ok], bits, group, not spec.symmetric, qw.scale.dtype)
             for j, e in enumerate(ok):

@@ -1,11 +1,14 @@
 """Perplexity of quantized weights against the unquantised model on the held-out streams
-(`moe-engine bench quant`): round to nearest vs the clipping search, int4 g128/g64/g32, int8 and fp8."""
+(`moe-engine bench quant`): round to nearest vs the clipping search, int4 g128/g64/g32, int8 and fp8; with
+--calibration FILE, GPTQ instead (`moe-engine quantize --calibration`, the folder loaded back)."""
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from moe_engine.llm import LLM
 from moe_engine.perplexity import perplexity
@@ -27,22 +30,46 @@ def held_out(name: str) -> list[int]:
     return np.load(REPO / f"tests/data/{name}_val_tokens.npy").astype(np.int64)[:TOKENS + 1].tolist()
 
 
+def calibrated(model: Path, calibration: Path, group: int, symmetric: bool) -> tuple[LLM, float]:
+    """`moe-engine quantize --calibration` into a temporary folder, loaded back: (the LLM, seconds quantizing)."""
+    from moe_engine.cli import main as cli
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = ["--group-size", str(group)] + ([] if symmetric else ["--quant-asymmetric"])
+        start = time.perf_counter()
+        if cli(["quantize", "--model", str(model), "--out", f"{tmp}/q", "--quantization", "int4", "--quiet",
+                "--calibration", str(calibration)] + flags):
+            raise SystemExit(f"moe-engine quantize --calibration failed for {model}")
+        seconds = time.perf_counter() - start
+        return LLM(f"{tmp}/q", "cpu", torch.float32), seconds
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="moe-engine bench quant", description=__doc__)
     p.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-deepseek"])
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="rows for GPTQ calibrated on this text (e.g. examples/calibration.txt) instead")
     a = p.parse_args(argv)
     base = {}
     rows = {}
     for name in a.models:
         ids = held_out(name)
-        base[name] = perplexity(LLM(REPO / "weights" / name), ids, WINDOW)
+        path = REPO / "weights" / name
+        base[name] = perplexity(LLM(path, "cpu", torch.float32), ids, WINDOW)
+        if a.calibration is not None:
+            for g in (128, 64, 32):
+                for sym in (True, False):
+                    llm, seconds = calibrated(path, a.calibration, g, sym)
+                    label = f"int4 g{g}{' asym' if not sym else ''} GPTQ ({a.calibration.name})"
+                    rows.setdefault(label, {})[name] = (perplexity(llm, ids, WINDOW), seconds)
+            continue
         for label, settings in SETTINGS:
             start = time.perf_counter()
-            llm = LLM(REPO / "weights" / name, **settings)
+            llm = LLM(path, "cpu", torch.float32, **settings)
             load = time.perf_counter() - start
             rows.setdefault(label, {})[name] = (perplexity(llm, ids, WINDOW), load)
     print(f"Perplexity, {TOKENS} held-out tokens in {WINDOW}-token windows, experts quantized (routed and shared); "
-          "change against the unquantised model (float32 on the CPU); load time includes quantizing.\n")
+          "change against the unquantised model (float32 on the CPU); load time includes quantizing "
+          "(with --calibration: the time of `moe-engine quantize --calibration`).\n")
     print("| weights | " + " | ".join(a.models) + " |")
     print("|---|" + "---|" * len(a.models))
     print("| bf16 (as shipped) | " + " | ".join(f"{base[n]:.4f}" for n in a.models) + " |")

@@ -52,7 +52,7 @@ def calibrated_model(src: Path, args, spec):
     quantized: GPTQ for the experts that got enough tokens (moe_engine.calibrate)."""
     import time
 
-    from moe_engine.calibrate import MIN_TOKENS, calibrated_quantize, collect_hessians, read_calibration
+    from moe_engine.calibrate import calibrated_quantize, collect_hessians, min_tokens, read_calibration
     from moe_engine.cli import show_progress
     from moe_engine.llm import LLM
     from moe_engine.tokenizer import require_tokenizer
@@ -66,6 +66,6 @@ def calibrated_model(src: Path, args, spec):
     if not args.quiet:
         other = f", {counts['other']} other tensors by the clip search" if counts["other"] else ""
         print(f"calibrated on {len(ids)} tokens of {args.calibration}: {counts['calibrated']} experts by GPTQ, "
-              f"{counts['fallback']} fell back to the clip search (fewer than {MIN_TOKENS} tokens routed to "
-              f"them){other} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+              f"{counts['fallback']} fell back to the clip search (fewer than {min_tokens(llm.model)} tokens "
+              f"routed to them){other} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     return llm.model, llm.config
