@@ -229,7 +229,9 @@ def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     per_word = 32 // bits
     q = torch.nn.functional.pad(q, (0, -q.shape[1] % per_word))
     b = pack_int4(q) if bits == 4 else (q.to(torch.int16) + 128).to(torch.uint8)
-    return b.contiguous().view(torch.int32)
+    # Fresh row-major bytes: .contiguous() keeps any stride on a size-1 dimension (a [1, N] zero-point row of
+    # an asymmetric weight with one group per row came out with stride 1, which view refuses).
+    return b.new_empty(b.shape).copy_(b).view(torch.int32)
 
 
 # -- writing --------------------------------------------------------------------------------------------------
