@@ -150,3 +150,12 @@ def test_bad_calibration_files_are_one_line_errors(tmp_path, capsys, content, pr
     err = capsys.readouterr().err.strip()
     assert rc != 0 and len(err.splitlines()) == 1 and problem in err and str(path) in err, err
     assert not (tmp_path / "q").exists()
+
+
+def test_a_zero_point_row_of_one_group_per_row_packs():
+    # GPTQ and the clip search give a weight with one group per row zero points [N, 1]; written transposed,
+    # that is a [1, N] row whose stride .contiguous() leaves as it was (this failed before for any writer).
+    from moe_engine.compressed_tensors import pack_int32, unpack_int32
+    zero = torch.randint(-8, 8, (256, 4), dtype=torch.int8)[:, :1]            # [256, 1], strides (4, 1)
+    packed = pack_int32(zero.t().contiguous(), 4)                             # [1, 32]
+    assert torch.equal(unpack_int32(packed, 4, 256), zero.t())
