@@ -135,7 +135,7 @@ def test_compiled_engines_with_larger_bounds_after_a_smaller_one(tmp_path):
     than fail (as declaring each engine's bounds to torch.compile once made it), decoding what its plain
     engine does."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
-    for seqs, length in ((8, 128), (32, 128), (4, 1024)):   # more sequences, then a longer max_model_len
+    for seqs, length in ((8, 128), (32, 1024)):   # more sequences and a longer max_model_len: either fails alone
         done = subprocess.run([sys.executable, "-c", _BOUNDS_SCRIPT, str(seqs), str(length),
                                str(WEIGHTS / "tiny-mixtral")], env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]

@@ -35,13 +35,14 @@ class StartUpInterrupt:
         os._exit(EXIT_INTERRUPTED)
 
 
-def catch_start_up_interrupts():
-    """Install StartUpInterrupt; returns the handler it replaced, or None where it installed nothing (not the
-    main thread, or SIGINT ignored as in a background job)."""
-    if (threading.current_thread() is not threading.main_thread()
+def on_sigint(handler):
+    """Install a SIGINT handler (None: leave things as they are); returns the one it replaced, or None.
+    Only the main thread can; a process told to ignore SIGINT (started in the background, nohup) keeps
+    ignoring it."""
+    if (handler is None or threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) == signal.SIG_IGN):
         return None
-    return signal.signal(signal.SIGINT, StartUpInterrupt())
+    return signal.signal(signal.SIGINT, handler)
 
 
 def started() -> None:
@@ -358,7 +359,7 @@ def _say(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The command; returns its exit code: 0, 1 (failed while running), 2 (bad input), 130 (Ctrl-C)."""
-    previous = catch_start_up_interrupts()
+    previous = on_sigint(StartUpInterrupt())
     try:
         return _main(sys.argv[1:] if argv is None else list(argv))
     except KeyboardInterrupt:

@@ -2,12 +2,11 @@
 answers streamed as they are generated, and a few /commands."""
 
 import dataclasses
-import signal
 import sys
-import threading
 import time
 import traceback
 
+from moe_engine.cli import on_sigint
 from moe_engine.errors import MoeEngineError
 from moe_engine.inputs import check_text
 from moe_engine.sampling import SamplingParams
@@ -80,7 +79,7 @@ class Chat:
         stream = self.llm.stream(ids, self.params)
         pieces, first_at, finish = [], None, None
         interrupted = []
-        previous = _on_sigint(lambda *_: interrupted.append(True))
+        previous = on_sigint(lambda *_: interrupted.append(True))
         start = time.perf_counter()
         try:
             for piece in stream:
@@ -96,7 +95,7 @@ class Chat:
             finish = "interrupted (Ctrl-C)"
         finally:
             stream.close()                  # cancels the request and frees its cache blocks
-            _on_sigint(previous)
+            on_sigint(previous)
         self.say()
         stats = dict(self.llm.last_stats)
         if finish is None:
@@ -183,14 +182,6 @@ class Chat:
                     traceback.print_exc()
                 self.say(f"error: {type(e).__name__}: {e}".splitlines()[0])
 
-
-def _on_sigint(handler):
-    """Install a SIGINT handler (None: leave things as they are); returns the one it replaced, or None.
-    A process told to ignore SIGINT (started in the background, nohup) keeps ignoring it."""
-    if (handler is None or threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) == signal.SIG_IGN):
-        return None
-    return signal.signal(signal.SIGINT, handler)
 
 
 def enable_line_editing() -> None:
