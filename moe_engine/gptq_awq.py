@@ -12,10 +12,9 @@ For a Linear `X` of logical weight [N, K] (bits b, group size g; g = K per chann
 Ours: signed q = unsigned - 2^(b-1), likewise the zero (symmetric GPTQ: the zero 2^(b-1), i.e. none).
 A GPTQ layer whose g_idx groups are contiguous runs of g inputs (any group order) is held quantized
 exactly, its scales reordered; activation-ordered layers whose groups interleave along K cannot be, and are
-dequantised to the model dtype at load (one warning counts them). Tensors with a plain `.weight`
-(modules_to_not_convert, the head, ...) load as they are."""
-
-import warnings
+dequantised to the model dtype at load (one warning counts them; moe_engine.group_index, shared with
+compressed-tensors' actorder). Tensors with a plain `.weight` (modules_to_not_convert, the head, ...) load as
+they are."""
 
 import torch
 from safetensors import safe_open
@@ -24,12 +23,13 @@ from kernels.quant import QuantizedSlot, QuantizedWeight
 from moe_engine.checkpoint import TensorInfo
 from moe_engine.compressed_tensors import SCALE_DTYPES, IntScheme, unpack_int32
 from moe_engine.errors import MoeEngineError
+from moe_engine.group_index import (GroupOrder, check_group_index, dequantize_by_index, read_group_index,
+                                    warn_dequantized)
 from moe_engine.quantize import held_weight, swap_weight
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)      # AutoAWQ GEMM: nibble i of a word holds output AWQ_ORDER[i]
 AWQ_UNDO = (0, 4, 1, 5, 2, 6, 3, 7)       # output j of a word is in nibble AWQ_UNDO[j]
-INDEX_DTYPES = ("I32", "I64")
 
 
 def _group_size(method: str, value) -> int | None:
@@ -74,7 +74,7 @@ class GptqAwqCheckpoint:
         self.method, self.label = method, method.upper()
         self.scheme, self.zeros_minus_one = _scheme(method, q)
         self.shapes: dict[str, tuple[int, int]] = {}
-        self.group_order: dict[str, torch.Tensor | None] = {}   # our group j -> the checkpoint's group
+        self.group_order: dict[str, GroupOrder] = {}
         self.dequantized: set[str] = set()                      # activation-ordered: held in full precision
         self.scale_dtypes: dict[str, torch.dtype] = {}
         self.tensors = {n: t for n, t in tensors.items() if not n.endswith(tuple("." + p for p in PARTS))}
@@ -96,11 +96,7 @@ class GptqAwqCheckpoint:
         if problems:
             raise MoeEngineError(f"{self.label} checkpoint is inconsistent: {'; '.join(problems[:6])}"
                                  f"{' ...' if len(problems) > 6 else ''}; re-download or re-quantize it")
-        if self.dequantized:
-            warnings.warn(f"GPTQ desc_act: {len(self.dequantized)} of {len(self.shapes)} quantized layers have "
-                          "activation-ordered groups that interleave along the input (g_idx), which our "
-                          "contiguous groups cannot hold exactly; those layers are dequantised to the model dtype "
-                          f"at load (full-precision memory), e.g. {min(self.dequantized)}", stacklevel=4)
+        warn_dequantized("GPTQ desc_act", "g_idx", self.dequantized, len(self.shapes))
 
     def _check(self, module: str, tensors, handles) -> str | None:
         """One line naming the tensor and what is wrong with it, or None (the layer's shape and group order
@@ -126,22 +122,12 @@ class GptqAwqCheckpoint:
             return f"{module}.qzeros is missing"
         if zero.dtype != "I32" or zero.shape != want or N % per_word:
             return f"{module}.qzeros is {zero.dtype} {list(zero.shape)}, expected I32 {list(want)}"
-        self.shapes[module] = (N, K)
-        self.group_order[module] = None
         g_info = tensors.get(module + ".g_idx") if self.method == "gptq" else None
-        if g_info is None:
-            return None
-        if g_info.shape != (K,) or g_info.dtype not in INDEX_DTYPES:
-            return f"{module}.g_idx is {g_info.dtype} {list(g_info.shape)}, expected I32 {[K]}"
-        g_idx = handles[g_info.file].get_tensor(module + ".g_idx").long()
-        if g_idx.min() < 0 or g_idx.max() >= G:
-            return f"{module}.g_idx holds groups outside 0..{G - 1}"
-        group = s.group or K
-        runs = g_idx.view(G, group)                                  # [G, g]: our groups, contiguous along K
-        if bool((runs == runs[:, :1]).all()):                        # each run one group: exact, reordered
-            order = runs[:, 0]
-            self.group_order[module] = None if torch.equal(order, torch.arange(G)) else order
-        else:
+        order = check_group_index(module + ".g_idx", g_info, handles, K, s.group or K)
+        if isinstance(order, str):
+            return order
+        self.shapes[module], self.group_order[module] = (N, K), order
+        if order.interleaved:
             self.dequantized.add(module)
         return None
 
@@ -209,19 +195,15 @@ class GptqAwqCheckpoint:
         if isinstance(dest, QuantizedWeight):
             dest = dest[()]                      # the whole weight, as a slot
         if isinstance(dest, QuantizedSlot):
-            order = self.group_order[module]
-            if order is not None:
-                scale, zero = scale[:, order], None if zero is None else zero[:, order]
-            dest.store_quantized(q, scale, zero)
+            dest.store_quantized(q, *self.group_order[module].reorder(scale, zero))
             return
         N, K = self.shapes[module]
         g_info = tensors.get(module + ".g_idx") if self.method == "gptq" else None
         if g_info is not None:
-            g_idx = handles[g_info.file].get_tensor(module + ".g_idx").long()        # [K]
+            g_idx = read_group_index(module + ".g_idx", g_info, handles)                # [K]
         else:
             g_idx = torch.arange(K) // (self.scheme.group or K)
-        w = q.float() if zero is None else q.float() - zero.float()[:, g_idx]
-        dest.copy_(w * scale.float()[:, g_idx])
+        dest.copy_(dequantize_by_index(q, scale, zero, g_idx))
 
 
 def read_gptq_awq(cfg: dict, tensors: dict[str, TensorInfo], files) -> GptqAwqCheckpoint | None:
