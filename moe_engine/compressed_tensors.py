@@ -5,7 +5,13 @@ The layout (compressed_tensors.compressors.pack_quantized): for a Linear `X`, `X
 [N, ceil(K * bits / 32)] holds the signed values q + 2^(bits-1), element k at bits k*bits of the row's bit
 stream (little-endian words); `X.weight_scale` [N, K / group] (group) or [N, 1] (channel); asymmetric:
 `X.weight_zero_point` packed the same way along the rows, int32 [ceil(N * bits / 32), K / group];
-`X.weight_shape` [2] = (N, K). weight = (q - zero) * scale."""
+`X.weight_shape` [2] = (N, K). weight = (q - zero) * scale.
+
+Activation ordering (weights args `actorder`): "weight" ("static") reorders columns only while GPTQ runs and
+stores the usual layout; "group" ("dynamic", or true) adds `X.weight_g_idx` int32 [K], input k's group, so
+weight[n, k] = (q[n, k] - zero[n, g]) * scale[n, g] with g = g_idx[k] (moe_engine.group_index: held exactly
+when the groups are permuted whole, dequantised at load when they interleave along K; a g_idx of all -1 is
+compressed-tensors' "not set", column order)."""
 
 import json
 import re
@@ -20,11 +26,14 @@ from safetensors.torch import save_file
 from kernels.quant import QuantizedSlot, QuantizedWeight, dequantize_values, pack_int4
 from moe_engine.checkpoint import TensorInfo
 from moe_engine.errors import MoeEngineError
+from moe_engine.group_index import (GroupOrder, check_group_index, dequantize_by_index, read_group_index,
+                                    warn_dequantized)
 from moe_engine.quantize import QuantSpec, held_weight, swap_weight
 
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 SCALE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 SHARD_BYTES = 2 << 30
+ACTORDERS = (None, False, True, "group", "weight", "dynamic", "static")   # dynamic = group, static = weight
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,10 @@ def _scheme_for(module: str, groups) -> IntScheme:
                                      "loader (int, 4 or 8 bits)")
             if strategy not in ("group", "channel"):
                 raise MoeEngineError(f"{module}: quantization strategy {strategy!r} is not supported (group, channel)")
+            actorder = w.get("actorder")
+            if (actorder.lower() if isinstance(actorder, str) else actorder) not in ACTORDERS:
+                raise MoeEngineError(f"{module}: actorder {actorder!r} is not known (group, weight or null); "
+                                     "fix config.json")
             group = w.get("group_size") if strategy == "group" else None
             if strategy == "group" and (not isinstance(group, int) or group < 1):
                 raise MoeEngineError(f"{module}: group strategy without a valid group_size ({group!r}); fix config.json")
@@ -92,6 +105,8 @@ class PackedCheckpoint:
         groups = _schemes(q)
         self.schemes: dict[str, IntScheme] = {}
         self.scale_dtypes: dict[str, torch.dtype] = {}
+        self.group_order: dict[str, GroupOrder] = {}
+        self.dequantized: set[str] = set()              # activation-ordered, interleaved: held in full precision
         self.tensors = {n: t for n, t in tensors.items() if not n.endswith(tuple("." + p for p in PARTS))}
         problems = []
         for name in sorted(tensors):
@@ -113,6 +128,7 @@ class PackedCheckpoint:
         if problems:
             raise MoeEngineError(f"pack-quantized checkpoint is inconsistent: {'; '.join(problems[:6])}"
                                  f"{' ...' if len(problems) > 6 else ''}; re-download or re-quantize it")
+        warn_dequantized("compressed-tensors actorder", "weight_g_idx", self.dequantized, len(self.schemes))
 
     @staticmethod
     def _shape(module, tensors, handles) -> tuple[int, int]:
@@ -120,10 +136,8 @@ class PackedCheckpoint:
         return tuple(int(v) for v in handles[info.file].get_tensor(module + ".weight_shape").tolist())
 
     def _check(self, module: str, s: IntScheme, tensors, handles) -> str | None:
-        """One line naming the tensor and what is wrong with it, or None."""
+        """One line naming the tensor and what is wrong with it, or None (the layer's group order recorded)."""
         packed = tensors[module + ".weight_packed"]
-        if module + ".weight_g_idx" in tensors:
-            return f"{module}.weight_g_idx: activation-ordered groups (actorder=group) are not supported yet"
         if packed.dtype != "I32":
             return f"{module}.weight_packed is {packed.dtype}, expected I32"
         if module + ".weight_shape" not in tensors:
@@ -152,6 +166,13 @@ class PackedCheckpoint:
                 return f"{module}.weight_zero_point is missing (the scheme is asymmetric)"
             if zero.shape != want or zero.dtype != "I32":
                 return f"{module}.weight_zero_point is {zero.dtype} {list(zero.shape)}, expected I32 {list(want)}"
+        order = check_group_index(module + ".weight_g_idx", tensors.get(module + ".weight_g_idx"), handles, K,
+                                  s.group or K, unset_in_order=True)
+        if isinstance(order, str):
+            return order
+        self.group_order[module] = order
+        if order.interleaved:
+            self.dequantized.add(module)
         return None
 
     def holds(self, name: str) -> bool:
@@ -165,8 +186,9 @@ class PackedCheckpoint:
         return None if name.endswith(tuple("." + p for p in PARTS)) else name
 
     def prepare(self, model, targets: dict, device) -> list[str]:
-        """Replace each quantizable weight whose checkpoint tensors are all packed with one scheme by a
-        QuantizedWeight of that scheme (the rest stay full precision and get dequantised values)."""
+        """Replace each quantizable weight whose checkpoint tensors are all packed with one scheme (and none
+        with interleaved groups) by a QuantizedWeight of that scheme (the rest stay full precision and get
+        dequantised values)."""
         sources: dict[str, list[str]] = {}
         for name, (param, _) in targets.items():
             sources.setdefault(param, []).append(name)
@@ -174,7 +196,8 @@ class PackedCheckpoint:
         for param in model.quantizable_weights():
             names = sources.get(param, [])
             schemes = {self.schemes.get(n.removesuffix(".weight")) for n in names}
-            if not names or len(schemes) != 1 or None in schemes:
+            if (not names or len(schemes) != 1 or None in schemes
+                    or any(n.removesuffix(".weight") in self.dequantized for n in names)):
                 continue
             (s,) = schemes
             p = held_weight(model, param)
@@ -186,7 +209,7 @@ class PackedCheckpoint:
 
     def write(self, name: str, handles, tensors: dict[str, TensorInfo], dest) -> None:
         """Read X.weight's packed parts and store them in dest: a QuantizedWeight (slot) of the same scheme
-        takes the values as they are; a full-precision destination gets them dequantised."""
+        takes the values (the groups in our order); a full-precision destination gets them dequantised."""
         module = name.removesuffix(".weight")
         s = self.schemes[module]
 
@@ -199,10 +222,14 @@ class PackedCheckpoint:
         zero = None if s.symmetric else unpack_int32(get("weight_zero_point").t(), s.bits, N).t()  # [N, G]
         if isinstance(dest, QuantizedWeight):
             dest = dest[()]                      # the whole weight, as a slot
+        order = self.group_order[module]
         if isinstance(dest, QuantizedSlot):
-            dest.store_quantized(q, scale, zero)
+            dest.store_quantized(q, *order.reorder(scale, zero))
+        elif order.interleaved:
+            g_idx = read_group_index(f"{module}.weight_g_idx", tensors[f"{module}.weight_g_idx"], handles)  # [K]
+            dest.copy_(dequantize_by_index(q, scale, zero, g_idx))
         else:
-            dest.copy_(dequantize_values(q, scale, zero, s.block(K)))
+            dest.copy_(dequantize_values(q, *order.reorder(scale, zero), s.block(K)))
 
 
 def read_packed(cfg: dict, tensors: dict[str, TensorInfo], files) -> PackedCheckpoint | None:
