@@ -1,5 +1,5 @@
 """Compressed KV cache: the layout a model declares, and fp8 e4m3 / int8 parts with float32 scales (int4: two
-values a byte, float16 scale and zero point per group) set at write."""
+values a byte, float16 scale and zero point per group) set at write, or fixed per head at load (fp8 / int8)."""
 
 from dataclasses import dataclass
 
@@ -82,6 +82,18 @@ def quantize(x: torch.Tensor, kv_cache_dtype: str, group: int) -> tuple[torch.Te
     return y.to(storage).flatten(-2), scale
 
 
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, kv_cache_dtype: str, group: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., H, D] with a given scale per head, scale [H] (a checkpoint's k_scale / v_scale) -> (q [..., H, D] in
+    the storage dtype, that scale in every group's slot [..., H, D // group]): values beyond the storage's range
+    saturate (e4m3 at +-448, int8 at +-127 after rounding)."""
+    storage, qmax = _STORAGE[kv_cache_dtype]
+    y = x.float() / scale[:, None]                                           # [..., H, D]
+    y = (y.round() if storage == torch.int8 else y).clamp(-qmax, qmax)
+    slots = scale[:, None].expand(*x.shape[:-1], x.shape[-1] // group)       # [..., H, G]
+    return y.to(storage), slots
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """q [..., D], scale [..., G] -> [..., D] in dtype (computed in float32, rounded once)."""
     group = q.shape[-1] // scale.shape[-1]
@@ -137,20 +149,28 @@ class QuantizedCache:
     dtype: torch.dtype                  # what reads dequantise into: the model's
     tail: torch.Tensor | None = None
     zero: torch.Tensor | None = None    # int4's per-group minimum
+    # [Hkv] float32: a scale per head fixed at load (a checkpoint's k_scale / v_scale), written into every
+    # token's scale slots instead of one computed from the token, so every reader works unchanged. fp8 / int8.
+    fixed_scale: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, num_slots: int, heads: int, width: int, group: int, kv_cache_dtype: str, dtype: torch.dtype,
-              device, tail_width: int = 0) -> "QuantizedCache":
+              device, tail_width: int = 0, fixed_scale: torch.Tensor | None = None) -> "QuantizedCache":
         storage = _STORAGE[kv_cache_dtype][0]
         int4 = kv_cache_dtype == "int4"
         if int4 and width % 2:
             raise ValueError(f"an int4 cache packs two values a byte: width {width} must be even")
+        if fixed_scale is not None:
+            if int4 or tuple(fixed_scale.shape) != (heads,):
+                raise ValueError(f"a fixed scale is one per head ([{heads}]) of an fp8 / int8 cache, got "
+                                 f"{list(fixed_scale.shape)} for {kv_cache_dtype}")
+            fixed_scale = fixed_scale.to(device=device, dtype=SCALE_DTYPE)
         data = torch.zeros(num_slots, heads, width // 2 if int4 else width, dtype=storage, device=device)
         scale_dtype = INT4_SCALE_DTYPE if int4 else SCALE_DTYPE
         scale = torch.zeros(num_slots, heads, width // group, dtype=scale_dtype, device=device)
         zero = torch.zeros_like(scale) if int4 else None
         tail = torch.zeros(num_slots, heads, tail_width, dtype=dtype, device=device) if tail_width else None
-        return cls(data, scale, kv_cache_dtype, dtype, tail, zero)
+        return cls(data, scale, kv_cache_dtype, dtype, tail, zero, fixed_scale)
 
     @property
     def width(self) -> int:
@@ -190,15 +210,18 @@ class QuantizedCache:
 
     def values(self) -> "QuantizedCache":
         """The same storage read as values: the data columns only [S, Hkv, D] (no tail)."""
-        return QuantizedCache(self.data, self.scale, self.kv_cache_dtype, self.dtype, zero=self.zero)
+        return QuantizedCache(self.data, self.scale, self.kv_cache_dtype, self.dtype, zero=self.zero,
+                              fixed_scale=self.fixed_scale)
 
     def write(self, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Rows slot_mapping [T] get values [T, Hkv, D + R]: the first D quantized (scales computed here), the
-        rest stored in the tail as they are."""
+        """Rows slot_mapping [T] get values [T, Hkv, D + R]: the first D quantized (scales computed here, or the
+        fixed scale), the rest stored in the tail as they are."""
         D = self.width
         if self.zero is not None:
             q, scale, zero = quantize_int4(values[..., :D], self.group)
             self.zero.index_copy_(0, slot_mapping, zero)
+        elif self.fixed_scale is not None:
+            q, scale = quantize_with_scale(values[..., :D], self.fixed_scale, self.kv_cache_dtype, self.group)
         else:
             q, scale = quantize(values[..., :D], self.kv_cache_dtype, self.group)
         _rows(self.data).index_copy_(0, slot_mapping, _rows(q))

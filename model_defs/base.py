@@ -39,6 +39,9 @@ class CausalLM(nn.Module):
     """
 
     name_table: NameTable
+    # The KV-cache scales the checkpoint carries, set by the runtime's loader (opaque here; None: none). The
+    # runtime picks which apply and hands them to allocate_kv_cache.
+    checkpoint_kv_scales = None
 
     def __init__(self, args, layers: list[DecoderLayer], rotary: nn.Module, dtype):
         super().__init__()

@@ -154,15 +154,23 @@ class MixtralModel(CausalLM):
         return KVCacheLayout((CachePart("k", a.kv_heads, a.dim_per_head), CachePart("v", a.kv_heads, a.dim_per_head)),
                              a.num_hidden_layers, dtype, kv_cache_dtype)
 
-    def allocate_kv_cache(self, num_slots: int, dtype, device, kv_cache_dtype: str = "auto") -> list:
-        """Per layer the [2, S, Hkv, Dh] tensor; compressed, a (keys, values) pair of QuantizedCaches."""
+    def allocate_kv_cache(self, num_slots: int, dtype, device, kv_cache_dtype: str = "auto",
+                          kv_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list:
+        """Per layer the [2, S, Hkv, Dh] tensor; compressed, a (keys, values) pair of QuantizedCaches.
+        kv_scales (fp8 / int8): per layer the (keys', values') scales [Hkv] every token is written with (a
+        checkpoint's k_scale / v_scale) instead of scales computed per token and head."""
         a = self.args
+        if kv_scales is not None and len(kv_scales) != a.num_hidden_layers:
+            raise ValueError(f"kv_scales holds {len(kv_scales)} layers, the model {a.num_hidden_layers}")
         if kv_cache_dtype != "auto":
             layout = self.kv_cache_layout(dtype, kv_cache_dtype)
             group = layout.group(layout.parts[0])
             return [tuple(QuantizedCache.empty(num_slots, a.kv_heads, a.dim_per_head, group, kv_cache_dtype,
-                                               dtype, device) for _ in range(2))
-                    for _ in range(a.num_hidden_layers)]
+                                               dtype, device, fixed_scale=None if kv_scales is None else s)
+                          for s in (kv_scales[i] if kv_scales is not None else (None, None)))
+                    for i in range(a.num_hidden_layers)]
+        if kv_scales is not None:
+            raise ValueError("kv_scales apply to a compressed cache (kv_cache_dtype fp8 / int8), not to 'auto'")
         return [torch.zeros(2, num_slots, a.kv_heads, a.dim_per_head, dtype=dtype, device=device)
                 for _ in range(a.num_hidden_layers)]
 

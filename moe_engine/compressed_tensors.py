@@ -28,6 +28,7 @@ from moe_engine.checkpoint import TensorInfo
 from moe_engine.errors import MoeEngineError
 from moe_engine.group_index import (GroupOrder, check_group_index, dequantize_by_index, read_group_index,
                                     warn_dequantized)
+from moe_engine.kv_scales import kv_cache_only
 from moe_engine.quantize import QuantSpec, held_weight, swap_weight
 
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
@@ -235,8 +236,8 @@ class PackedCheckpoint:
 def read_packed(cfg: dict, tensors: dict[str, TensorInfo], files) -> PackedCheckpoint | None:
     """The checkpoint's pack-quantized view when config.json says compressed-tensors, else None."""
     q = cfg.get("quantization_config")
-    if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors":
-        return None
+    if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors" or kv_cache_only(q):
+        return None                  # (a KV-cache-only config: the weights are dense; moe_engine.kv_scales)
     return PackedCheckpoint(q, tensors, {f: safe_open(f, framework="pt") for f in files})
 
 
@@ -318,8 +319,11 @@ def write_packed(src: Path, out: Path, model, targets: dict, tensors: dict[str, 
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy2(f, out / f.name)
+    source = cfg.get("quantization_config")
     cfg = dict(cfg)
     cfg["quantization_config"] = quantization_config(bits, spec, sorted(ignore))
+    if isinstance(source, dict):      # the KV scales are copied as they are: so is what they are for
+        cfg["quantization_config"]["kv_cache_scheme"] = source.get("kv_cache_scheme")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return {"quantized": quantized, "kept": len(tensors) - quantized, "files": len(names)}
 

@@ -28,7 +28,9 @@ class EngineConfig:
       quant_clip_search=False rounds to nearest instead of searching each group's range.
     kv_cache_dtype: "auto" (the model dtype), "fp8" (e4m3) or "int8": keys and values (MLA: the latent) held
       compressed with float32 scales computed as each token is written (kernels.kv_quant); "int4": two values
-      a byte with a float16 scale and zero point per 64 values of each token's row.
+      a byte with a float16 scale and zero point per 64 values of each token's row. A checkpoint's own
+      k_scale / v_scale are used by the cache they were calibrated for (fp8, or int8 where its kv_cache_scheme
+      says so), never under "auto" (moe_engine.kv_scales, docs/kv_cache.md).
     speculative_config: speculative decoding, vLLM's names: {"method": "ngram", "num_speculative_tokens": k,
       "prompt_lookup_min": 1, "prompt_lookup_max": 4, "adaptive": True} (moe_engine.speculative.config);
       stored as a SpeculativeConfig.

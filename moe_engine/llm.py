@@ -23,6 +23,7 @@ from moe_engine.errors import MoeEngineError
 from moe_engine.inputs import (check_bool, check_text, conversations, is_integer, template_settings, token_batch,
                                token_list)
 from moe_engine.kv_cache import plan_num_blocks
+from moe_engine.kv_scales import cache_scales
 from moe_engine.loader import load_model
 from moe_engine.sampling import SamplingParams
 from moe_engine.tokenizer import load_tokenizer, require_tokenizer
@@ -114,8 +115,10 @@ class LLM:
         num_blocks = plan_num_blocks(self.bytes_per_token, block_size, self.max_model_len,
                                      config.max_num_seqs, kv_cache_bytes, config.num_kv_blocks)
         self.num_blocks = num_blocks
+        self.kv_scales, self.kv_scales_info = cache_scales(model, config.kv_cache_dtype)   # the checkpoint's, or None
         # One block more than the block manager hands out: padding rows of a graph-replayed batch write there.
-        kv_caches = allocate_kv_cache(model, (num_blocks + 1) * block_size, dtype, device, config.kv_cache_dtype)
+        kv_caches = allocate_kv_cache(model, (num_blocks + 1) * block_size, dtype, device, config.kv_cache_dtype,
+                                      self.kv_scales)
         cuda_graphs = config.cuda_graphs
         quantized = any(isinstance(m, QuantizedWeight) for m in model.modules())
         if quantized and (cuda_graphs and device.type == "cuda" or config.compile):
@@ -308,7 +311,7 @@ class LLM:
                                  f"[0, {self.model.args.vocab_size}); check the input")
         T = len(ids)
         caches = allocate_kv_cache(self.model, blocks_for(T, self.block_size) * self.block_size,
-                                   self.dtype, self.device, self.kv_cache_dtype)   # so attention reads it compressed
+                                   self.dtype, self.device, self.kv_cache_dtype, self.kv_scales)   # as the engine's
         meta = AttentionMetadata.build([list(range(blocks_for(T, self.block_size)))], [T], [T],
                                        self.block_size, self.device)
         hidden = self.engine.runner.forward(ids, list(range(T)), [-1] * T, meta, caches, self.engine.routing_hook)   # [T, D]
@@ -317,10 +320,12 @@ class LLM:
 
     def cache_info(self) -> dict:
         """The paged KV cache: num_blocks (handed out to requests), block_size, bytes_per_token (all layers,
-        scales included), dtype (the cache dtype setting and what it stores) and tokens (num_blocks * block_size)."""
+        scales included), dtype (the cache dtype setting and what it stores), tokens (num_blocks * block_size) and
+        kv_scales (how keys and values are scaled: computed at write, or the checkpoint's k_scale / v_scale)."""
         stored = str(self.dtype).removeprefix("torch.") if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
         return {"num_blocks": self.num_blocks, "block_size": self.block_size, "bytes_per_token": self.bytes_per_token,
-                "kv_cache_dtype": self.kv_cache_dtype, "dtype": stored, "tokens": self.num_blocks * self.block_size}
+                "kv_cache_dtype": self.kv_cache_dtype, "dtype": stored, "tokens": self.num_blocks * self.block_size,
+                "kv_scales": self.kv_scales_info}
 
     def trace_routing(self, scores: bool = False):
         """`with llm.trace_routing() as trace:` records each MoE layer's top-k experts and weights (and with
@@ -357,9 +362,13 @@ def kv_bytes_per_token(model, dtype: torch.dtype, kv_cache_dtype: str = "auto") 
     return model.kv_cache_bytes_per_token(dtype, kv_cache_dtype)
 
 
-def allocate_kv_cache(model, num_slots: int, dtype: torch.dtype, device, kv_cache_dtype: str = "auto") -> list:
+def allocate_kv_cache(model, num_slots: int, dtype: torch.dtype, device, kv_cache_dtype: str = "auto",
+                      kv_scales: list | None = None) -> list:
+    """The model's caches; kv_scales (moe_engine.kv_scales.cache_scales): the scales every token is written with."""
     if kv_cache_dtype == "auto":
         return model.allocate_kv_cache(num_slots, dtype, device)
+    if kv_scales is not None:
+        return model.allocate_kv_cache(num_slots, dtype, device, kv_cache_dtype, kv_scales=kv_scales)
     return model.allocate_kv_cache(num_slots, dtype, device, kv_cache_dtype)
 
 

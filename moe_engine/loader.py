@@ -21,6 +21,7 @@ from moe_engine.compressed_tensors import read_packed
 from moe_engine.errors import MoeEngineError
 from moe_engine.fp8_checkpoint import keep_fp8, store_fp8
 from moe_engine.gptq_awq import read_gptq_awq
+from moe_engine.kv_scales import cache_scales, is_kv_scale_name, kv_cache_only, read_checkpoint_kv_scales
 from moe_engine.preflight import available_bytes, check_memory
 from moe_engine.quantize import QuantSpec, held_weight, quantize_weights
 
@@ -32,7 +33,7 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 def fp8_block_size(cfg: dict) -> tuple[int, int] | None:
     q = cfg.get("quantization_config")
-    if not q or mxfp4.is_mxfp4(cfg):
+    if not q or mxfp4.is_mxfp4(cfg) or isinstance(q, dict) and kv_cache_only(q):
         return None
     if q.get("quant_method") != "fp8":
         raise MoeEngineError(f"quantization method {q.get('quant_method')!r} is not supported (only fp8 "
@@ -55,7 +56,7 @@ def _dtype_problem(name: str, info: TensorInfo, dest: torch.Tensor, cfg: dict) -
         return None            # an integer destination (a quantized form) takes what its translator gives
     quant = cfg.get("quantization_config")
     if info.dtype not in FLOAT_DTYPES:
-        if isinstance(quant, dict) and quant.get("quant_method") not in (None, "fp8"):
+        if isinstance(quant, dict) and quant.get("quant_method") not in (None, "fp8") and not kv_cache_only(quant):
             return None        # packed integer weights of a quantized format
         return f"{name} has dtype {info.dtype}, expected a float type (this weight is not quantized)"
     declared = HALF_NAMES.get(str(cfg.get("torch_dtype") or cfg.get("dtype")))
@@ -95,6 +96,8 @@ def check_checkpoint(model, tensors: dict[str, TensorInfo], block: tuple[int, in
                                     f"{[math.ceil(want[0] / block[0]), math.ceil(want[1] / block[1])]}")
         elif name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in tensors:
             continue
+        elif is_kv_scale_name(name):
+            continue   # KV-cache scales: read apart (moe_engine.kv_scales), used only by a cache they fit
         elif 0 in info.shape:
             continue   # empty tensors (e.g. transformers' zero-width shared experts) carry nothing
         elif not model.ignored_checkpoint_name(name):
@@ -238,6 +241,10 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
     # memory preflight counts the weights as they will be held (quantized ones in their quantized form).
     shape_model = _build(model_cls, args, dtype, "meta", path, model_kwargs)
     check_checkpoint(shape_model, logical, block, cfg)
+    kv_scales = read_checkpoint_kv_scales(cfg, logical)
+    if engine is not None:          # scales that do not fit the cache asked for fail now, before the weights load
+        shape_model.checkpoint_kv_scales = kv_scales
+        cache_scales(shape_model, engine.kv_cache_dtype)
     largest = max((math.prod(t.shape) for t in tensors.values()), default=0)
     held.apply(shape_model, shape_model.checkpoint_targets(logical), "meta", device)
     check_memory(shape_model, torch.device(device), dtype, engine, largest, available_bytes(torch.device(device)),
@@ -288,4 +295,5 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
     bar.close()
     model.post_load()
     model.eval()
+    model.checkpoint_kv_scales = kv_scales
     return model, cfg

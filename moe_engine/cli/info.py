@@ -8,6 +8,7 @@ import torch
 from kernels.quant import QuantizedWeight
 from model_defs.moe import MoEBlock
 from moe_engine.checkpoint import safetensors_files
+from moe_engine.kv_scales import cache_scales
 from moe_engine.llm import kv_bytes_per_token
 from moe_engine.loader import load_model
 from moe_engine.quantize import QuantSpec, held_weight, quantized_weights
@@ -128,6 +129,8 @@ def describe(model_dir: Path, device: torch.device, dtype: torch.dtype, progress
     cache_name = dtype_name if kv_cache_dtype == "auto" else f"{kv_cache_dtype} (scales included)"
     rows.append(("kv cache", f"{kv:,} bytes per token in {cache_name} "
                              f"({_human(kv * context, 'B')} for a full {context}-token context)"))
+    if kv_cache_dtype != "auto" or model.checkpoint_kv_scales is not None:
+        rows.append(("kv scales", cache_scales(model, kv_cache_dtype)[1]))
     held = parameter_bytes(model)[0]
     picked = f", {dtype_reason}" if dtype_reason else ""
     rows.append(("dtype", f"{dtype_name} on {device.type}{picked} "
