@@ -90,7 +90,8 @@ class CausalLM(nn.Module):
     def quantizable_weights(self) -> dict[str, str]:
         """{parameter name: kind} of the weights that may be held quantized (moe_engine.quantize): "experts"
         (routed), "shared" (shared experts), "attention" (the projections attention modules list in
-        projections()) and "dense" (dense layers' MLPs). Never the embedding, LM head, router or norms."""
+        projections()), "dense" (dense layers' MLPs) and "head" (the LM head, unless it is the embedding's
+        tensor). Never the embedding, router or norms."""
         out = {}
         for i, layer in enumerate(self.layers):
             mlp = layer.mlp
@@ -103,6 +104,8 @@ class CausalLM(nn.Module):
             listed = {id(p) for p in layer.attn.projections()}
             held = [*layer.attn.named_parameters(), *layer.attn.named_children()]   # children: held quantized
             out.update({f"layers.{i}.attn.{n}": "attention" for n, p in held if id(p) in listed})
+        if not self.args.tie_word_embeddings:
+            out["lm_head"] = "head"
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

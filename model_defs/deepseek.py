@@ -299,7 +299,8 @@ class DeepseekModel(CausalLM):
             layer.attn.split_kv_b()
         if self.mtp is not None:
             self.mtp.layer.attn.split_kv_b()
-            if self.mtp.head.shape == self.lm_head.shape and torch.equal(self.mtp.head, self.lm_head):
+            same = isinstance(self.lm_head, torch.Tensor) and self.mtp.head.shape == self.lm_head.shape
+            if same and torch.equal(self.mtp.head, self.lm_head):
                 self.mtp.head = self.lm_head       # shared_head.head is usually a copy of lm_head: hold one
 
     def kv_cache_layout(self, dtype, kv_cache_dtype: str = "auto") -> KVCacheLayout:

@@ -24,7 +24,8 @@ class EngineConfig:
     quantization: hold weights quantized, quantized as they load (moe_engine.quantize.QuantSpec): "int8"
       (per output channel), "int4" (groups of quant_group_size along the input, symmetric unless
       quant_symmetric=False), "fp8" (e4m3 per channel) or "fp8-block" (128x128). Routed and shared experts;
-      attention projections with quantize_attention, dense layers' MLPs with quantize_dense_mlp.
+      attention projections with quantize_attention, dense layers' MLPs with quantize_dense_mlp, the LM head
+      with quantize_lm_head.
       quant_clip_search=False rounds to nearest instead of searching each group's range.
     kv_cache_dtype: "auto" (the model dtype), "fp8" (e4m3) or "int8": keys and values (MLA: the latent) held
       compressed with float32 scales computed as each token is written (kernels.kv_quant); "int4": two values
@@ -51,6 +52,7 @@ class EngineConfig:
     quantize_attention: bool = False
     quantize_dense_mlp: bool = False
     quant_clip_search: bool = True
+    quantize_lm_head: bool = False
     kv_cache_dtype: str = "auto"
     speculative_config: "SpeculativeConfig | dict | None" = None
 
@@ -79,7 +81,7 @@ class EngineConfig:
         if self.quantization is None:
             return None
         return QuantSpec(self.quantization, self.quant_group_size, self.quant_symmetric, self.quantize_attention,
-                         self.quantize_dense_mlp, self.quant_clip_search)
+                         self.quantize_dense_mlp, self.quant_clip_search, self.quantize_lm_head)
 
     @classmethod
     def split(cls, kwargs: dict) -> tuple["EngineConfig", dict]:

@@ -1,6 +1,8 @@
 """Quantized weights: the in-memory formats, their ops against dequantised references, quantizing at load
 (exactness against the dequantised model, bytes held, bad settings) and the CLI flags."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -170,7 +172,7 @@ def test_cli_quantization_flags(capsys):
     assert capsys.readouterr().out.startswith("Once")
     assert main(["info", "--model", str(WEIGHTS / "tiny-deepseek"), "--quantization", "int8"]) == 0
     out = capsys.readouterr().out
-    assert "routed experts       int8 channel sym" in out and "shared experts       int8 channel sym" in out
+    assert re.search(r"routed experts +int8 channel sym", out) and re.search(r"shared experts +int8 channel sym", out)
     assert main(["info", "--model", str(WEIGHTS / "tiny-mixtral"), "--quantization", "int4",
                  "--quant-group-size", "48"]) == 2
     assert "does not divide the input width 256 of layers.0.mlp.w13" in capsys.readouterr().err

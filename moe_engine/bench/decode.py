@@ -198,6 +198,7 @@ def main(argv=None) -> int:
                    help="comma list of how the experts are held, each timed beside the others: none, int8, "
                         "int4 (g128), fp8; quantized rows run eagerly and skip transformers")
     p.add_argument("--quantize-attention", action="store_true", help="quantized rows hold attention quantized too")
+    p.add_argument("--quantize-lm-head", action="store_true", help="quantized rows hold the LM head quantized too")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--llamacpp", default=None,
                    help="GGUF types to time llama.cpp in, batch 1, on the same weights: comma list of bf16, "
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     device = pick_device(a.device)
     gpu = device.type == "cuda"
     quants = [q.strip() for q in a.quantization.split(",")]
-    specs = {q: None if q == "none" else _spec(q, a.quantize_attention) for q in quants}
+    specs = {q: None if q == "none" else _spec(q, a.quantize_attention, a.quantize_lm_head) for q in quants}
     names = a.shape or a.models
     models = (names or ("mixtral-8x7b,deepseek-v2-lite" if gpu else "tiny-mixtral,tiny-deepseek")).split(",")
     batches = [int(b) for b in (a.batches or ("1,16,64" if gpu else "1,8")).split(",")]
@@ -254,7 +255,8 @@ def main(argv=None) -> int:
             else:
                 model = LLM(REPO / "weights" / name, device=device, dtype=dtype, num_kv_blocks=1,
                             quantization=None if spec is None else q,
-                            quantize_attention=spec is not None and a.quantize_attention).model
+                            quantize_attention=spec is not None and a.quantize_attention,
+                            quantize_lm_head=spec is not None and a.quantize_lm_head).model
             hf = None
             if not a.no_hf and spec is None:
                 try:
@@ -335,9 +337,9 @@ def _print_llamacpp(row: dict) -> None:
           f"{row['write_s']:.0f} s)", flush=True)
 
 
-def _spec(method: str, attention: bool):
+def _spec(method: str, attention: bool, head: bool):
     from moe_engine.quantize import QuantSpec
-    return QuantSpec(method, quantize_attention=attention)
+    return QuantSpec(method, quantize_attention=attention, quantize_lm_head=head)
 
 
 def _print_row(row: dict) -> None:

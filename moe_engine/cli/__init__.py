@@ -153,6 +153,8 @@ def add_quant_arguments(parser, required: bool = False) -> None:
     parser.add_argument("--quant-asymmetric", action="store_true", help="int4 with a zero point per group")
     parser.add_argument("--quantize-attention", action="store_true", help="quantize the attention projections too")
     parser.add_argument("--quantize-dense-mlp", action="store_true", help="quantize dense layers' MLPs too")
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="quantize the LM head too (not when it is tied to the embedding)")
     parser.add_argument("--no-clip-search", action="store_true",
                         help="round to nearest instead of searching each group's clipping range")
 
@@ -163,7 +165,8 @@ def quant_settings(args) -> dict:
         return {}
     return {"quantization": args.quantization, "quant_group_size": args.quant_group_size,
             "quant_symmetric": not args.quant_asymmetric, "quantize_attention": args.quantize_attention,
-            "quantize_dense_mlp": args.quantize_dense_mlp, "quant_clip_search": not args.no_clip_search}
+            "quantize_dense_mlp": args.quantize_dense_mlp, "quant_clip_search": not args.no_clip_search,
+            "quantize_lm_head": args.quantize_lm_head}
 
 
 def sampling_params(args):

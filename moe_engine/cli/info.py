@@ -14,7 +14,8 @@ from moe_engine.loader import load_model
 from moe_engine.quantize import QuantSpec, held_weight, quantized_weights
 
 GROUP_TITLES = {"experts": "routed experts", "shared": "shared experts", "attention": "attention",
-                "dense": "dense MLPs", "router": "routers", "embedding": "embedding + LM head", "norms": "norms"}
+                "dense": "dense MLPs", "router": "routers", "embedding": "embedding", "norms": "norms",
+                "head": "LM head"}
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

@@ -28,6 +28,9 @@ def run(args) -> int:
     if spec.format not in ("int4", "int8"):
         raise MoeEngineError(f"moe-engine quantize writes int4 or int8 (compressed-tensors pack-quantized), not "
                              f"{spec.method}; use --quantization int4 or int8")
+    if spec.quantize_lm_head and spec.format == "int4":
+        raise MoeEngineError("--quantize-lm-head holds the head in int8, and a pack-quantized folder holds one "
+                             "scheme; drop --quantize-lm-head (it can be asked for when loading) or use int8")
     src, out = resolve_model(args.model), Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MoeEngineError(f"{out} already exists and is not an empty folder; choose a new --out folder")
