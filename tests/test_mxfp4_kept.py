@@ -43,7 +43,8 @@ def test_values_are_dequantize_mxfp4_bit_for_bit(dtype):
     torch.testing.assert_close(qw.dequantize(dtype, 1), ref[1], rtol=0, atol=0, equal_nan=True)
     codes, exps, zero = qw.values((2,))
     assert zero is None and torch.equal(exps, scales[2])
-    assert torch.equal(codes[:, 0::2], blocks[2].flatten(-2) & 0xF) and torch.equal(codes[:, 1::2], blocks[2].flatten(-2) >> 4)
+    packed = blocks[2].flatten(-2)                                          # [10, 32]
+    assert torch.equal(codes[:, 0::2], packed & 0xF) and torch.equal(codes[:, 1::2], packed >> 4)
     twin = QuantizedWeight("mxfp4", qw.shape, MXFP4_BLOCK)                  # unpacked codes pack back to the bytes
     twin.store_quantized((), *qw.values()[:2])
     assert torch.equal(twin.qweight, qw.qweight) and torch.equal(twin.scale, qw.scale)
@@ -136,3 +137,33 @@ def test_info_reports_mxfp4_bytes(mxfp4_checkpoint, capsys):
     assert main(["info", "--model", str(mxfp4_checkpoint), *CPU, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "mxfp4 g32 e8m0" in out and "(0.266x bf16)" in out
+
+
+def test_row_order_only_where_rows_are_reordered():
+    from model_defs.gpt_oss import GptOssModel
+    from moe_engine.mxfp4 import row_order
+
+    class Plain:                     # no arrangement: transformers' [K, N] as it comes, blocks along K broken
+        def arrange_checkpoint_tensor(self, name, t):
+            return t
+
+    class GptOss:
+        arrange_checkpoint_tensor = GptOssModel.arrange_checkpoint_tensor
+
+    assert torch.equal(row_order(GptOss(), "m.layers.0.mlp.experts.gate_up_proj", 6, 64),
+                       torch.tensor([0, 2, 4, 1, 3, 5]))
+    assert torch.equal(row_order(GptOss(), "m.layers.0.mlp.experts.down_proj", 64, 32), torch.arange(64))
+    assert row_order(Plain(), "x", 64, 64) is None and row_order(Plain(), "x", 6, 64) is None
+
+
+def test_a_tensor_that_cannot_be_kept_is_dequantised_as_before(mxfp4_checkpoint, dequantised_twin, monkeypatch):
+    import moe_engine.mxfp4 as mx
+    real = mx.row_order
+    monkeypatch.setattr(mx, "row_order", lambda model, name, N, K: None if "down_proj" in name
+                        else real(model, name, N, K))
+    llm, plain = LLM(mxfp4_checkpoint, **F32), LLM(dequantised_twin, **F32)
+    mlp = llm.model.layers[0].mlp
+    assert isinstance(mlp.w13, QuantizedWeight) and isinstance(mlp.w2, torch.nn.Parameter)
+    assert torch.equal(mlp.w2, plain.model.layers[0].mlp.w2)
+    ids = prompt(12, seed=3)
+    assert max_rel_error(llm.prompt_logits(ids), plain.prompt_logits(ids)) <= 1e-4
