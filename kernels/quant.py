@@ -1,4 +1,5 @@
-"""Quantized weights in memory (int8, int4 in groups, fp8 e4m3), their quantizers and torch dequantisation."""
+"""Quantized weights in memory (int8, int4 in groups, fp8 e4m3, mxfp4 as checkpoints hold it), their quantizers
+and torch dequantisation."""
 
 import math
 
@@ -7,8 +8,11 @@ import torch.nn as nn
 
 from kernels import cpu_quant
 
-FORMATS = ("int8", "int4", "fp8")
+FORMATS = ("int8", "int4", "fp8", "mxfp4")
 FP8_MAX = 448.0                          # largest finite float8_e4m3fn
+# The 16 e2m1 codes of mxfp4: sign bit 3, then 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_BLOCK = (1, 32)                    # one e8m0 exponent per 32 values along the input
 # Shrink factors of each group's range tried by the clipping search (1.0 is round-to-nearest).
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 # The quantizers work on this many rows at a time, so their temporaries stay a few rows of a tensor.
@@ -25,6 +29,10 @@ class QuantizedWeight(nn.Module):
             packed uint8 [*lead, N, K / 2]; bn = 1, bk = the group size. The byte order is that of
             compressed-tensors' pack-quantized int32 words, so `packed.view(torch.int32)` is theirs.
       fp8:  q float8_e4m3fn [*lead, N, K]; (1, K) per channel, (128, 128) blocks, (N, K) per tensor.
+      mxfp4: q an e2m1 code in [0, 15] (E2M1), packed two per byte, even k in the low nibble: packed uint8
+            [*lead, N, K / 2]; block (1, 32), scale uint8 e8m0 exponents (2^(s - 127)) [*lead, N, K / 32]:
+            the bytes of an MXFP4 checkpoint's `_blocks` / `_scales` as read. Never quantized here (store
+            refuses); weight = E2M1[q] * 2^(scale - 127), computed as moe_engine.mxfp4 does.
     zero: int8 like scale (asymmetric int formats) or None (symmetric). Buffers, so .to() moves them and
     model.buffers() counts the bytes held. On the CPU an int4 weight's bytes may be held in the order of
     torch's fused int4 op instead (cpu_packed); values() reads either."""
@@ -40,11 +48,18 @@ class QuantizedWeight(nn.Module):
         self.op_order = False            # int4 bytes in the CPU op's order (see cpu_packed), not ours
         if fmt == "int4" and K % 2:
             raise ValueError(f"int4 needs an even input width, got {K}")
+        if fmt == "mxfp4" and (self.block != MXFP4_BLOCK or K % 32 or asymmetric):
+            raise ValueError(f"mxfp4 holds symmetric blocks {MXFP4_BLOCK} of an input width that is a multiple "
+                             f"of 32, not block {self.block} of width {K}")
+        if fmt == "mxfp4":
+            scale_dtype = torch.uint8
         q_shape, q_dtype = {"int8": ((*lead, N, K), torch.int8), "int4": ((*lead, N, K // 2), torch.uint8),
-                            "fp8": ((*lead, N, K), torch.float8_e4m3fn)}[fmt]
+                            "fp8": ((*lead, N, K), torch.float8_e4m3fn),
+                            "mxfp4": ((*lead, N, K // 2), torch.uint8)}[fmt]
         s_shape = (*lead, math.ceil(N / self.block[0]), math.ceil(K / self.block[1]))
         self.register_buffer("qweight", torch.zeros(q_shape, dtype=q_dtype, device=device))
-        self.register_buffer("scale", torch.ones(s_shape, dtype=scale_dtype, device=device))
+        one = 127 if fmt == "mxfp4" else 1                  # e8m0's 2^0
+        self.register_buffer("scale", torch.full(s_shape, one, dtype=scale_dtype, device=device))
         self.register_buffer("zero", torch.zeros(s_shape, dtype=torch.int8, device=device) if asymmetric else None)
 
     @property
@@ -71,6 +86,8 @@ class QuantizedWeight(nn.Module):
             kind = "channel" if (bn, bk) == (1, self.shape[-1]) else (
                 "tensor" if (bn, bk) == tuple(self.shape[-2:]) else f"block {bn}x{bk}")
             return f"fp8 {kind}"
+        if self.format == "mxfp4":
+            return "mxfp4 g32 e8m0"
         group = "channel" if self.format == "int8" and bk == self.shape[-1] else f"g{bk}"
         return f"{self.format} {group} {'asym' if self.asymmetric else 'sym'}"
 
@@ -78,12 +95,16 @@ class QuantizedWeight(nn.Module):
         return f"{self.describe()}, shape={list(self.shape)}"
 
     def unpacked(self, index=()) -> torch.Tensor:
-        """The integer (or fp8) values of weight[index] as stored: int8 [.., N, K] (fp8 as float8)."""
+        """The integer (or fp8) values of weight[index] as stored: int8 [.., N, K] (fp8 as float8; mxfp4: the
+        e2m1 codes, uint8)."""
         return self.values(index if isinstance(index, tuple) else (index,))[0]
 
     def dequantize(self, dtype=torch.float32, index=()) -> torch.Tensor:
         """weight[index] in dtype (index: over the lead dimensions, e.g. an expert id): [.., N, K]."""
-        return dequantize_values(*self.values(index if isinstance(index, tuple) else (index,)), self.block, dtype)
+        q, scale, zero = self.values(index if isinstance(index, tuple) else (index,))
+        if self.format == "mxfp4":
+            return dequantize_e2m1(q, scale, dtype)
+        return dequantize_values(q, scale, zero, self.block, dtype)
 
     def __getitem__(self, index) -> "QuantizedSlot":
         return QuantizedSlot(self, index if isinstance(index, tuple) else (index,))
@@ -102,6 +123,9 @@ class QuantizedWeight(nn.Module):
         """Quantize w (the full-precision values of weight[index]) into place. index: lead ids (all of them
         or a prefix), then, after all of them, optionally a row slice, which must start and end on a scale
         block boundary."""
+        if self.format == "mxfp4":
+            raise ValueError("mxfp4 weights hold a checkpoint's bytes as read (store_packed); they are not "
+                             "quantized here")
         self._to_our_order()
         w = w.to(self.qweight.device, torch.float32)
         clip_search = self.clip_search if clip_search is None else clip_search
@@ -115,18 +139,29 @@ class QuantizedWeight(nn.Module):
 
     def store_quantized(self, index: tuple, q: torch.Tensor, scale: torch.Tensor,
                         zero: torch.Tensor | None = None) -> None:
-        """Values already quantized into weight[index]: q int8 (fp8: float8) [.., n, K] unpacked, scale and
-        zero (int8, asymmetric only) in this weight's scale layout."""
+        """Values already quantized into weight[index]: q int8 (fp8: float8; mxfp4: uint8 codes) [.., n, K]
+        unpacked, scale and zero (int8, asymmetric only) in this weight's scale layout."""
         self._to_our_order()
         where, swhere = self._where(index)
         if (zero is not None) != self.asymmetric:
             raise ValueError(f"zero points {'given to a symmetric' if zero is not None else 'missing for an asymmetric'}"
                              " quantized weight")
-        q = pack_int4(q) if self.format == "int4" else q
+        q = pack_int4(q) if self.format == "int4" else pack_nibbles(q) if self.format == "mxfp4" else q
         self.qweight[where] = q.to(self.qweight.device)
         self.scale[swhere] = scale.to(self.scale.device, self.scale.dtype)
         if zero is not None:
             self.zero[swhere] = zero.to(self.zero.device, torch.int8)
+
+    def store_packed(self, index: tuple, packed: torch.Tensor, scale: torch.Tensor) -> None:
+        """weight[index] from bytes already in this weight's held form (qweight's and scale's layout and
+        dtypes, e.g. an MXFP4 checkpoint's blocks and scales), copied as they are."""
+        self._to_our_order()
+        where, swhere = self._where(index)
+        if packed.dtype != self.qweight.dtype or scale.dtype != self.scale.dtype:
+            raise ValueError(f"store_packed wants {self.qweight.dtype} values and {self.scale.dtype} scales, "
+                             f"got {packed.dtype} and {scale.dtype}")
+        self.qweight[where] = packed.to(self.qweight.device)
+        self.scale[swhere] = scale.to(self.scale.device)
 
     def values(self, index: tuple = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(q unpacked [.., n, K], scale, zero or None) of weight[index], as store_quantized takes them."""
@@ -140,6 +175,8 @@ class QuantizedWeight(nn.Module):
             q, scale = self.qweight[where], self.scale
         if self.format == "int4":
             q = torch.stack(((q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8), -1).flatten(-2)
+        elif self.format == "mxfp4":
+            q = torch.stack((q & 0xF, q >> 4), -1).flatten(-2)                  # [.., n, K] codes
         return q, scale[swhere], None if self.zero is None else self.zero[swhere]
 
     def copy_(self, w: torch.Tensor, clip_search: bool | None = None) -> None:
@@ -190,6 +227,9 @@ class QuantizedSlot:
     def copy_(self, w: torch.Tensor, clip_search: bool | None = None) -> None:
         self.weight.store(self.index, w, clip_search)
 
+    def store_packed(self, packed: torch.Tensor, scale: torch.Tensor) -> None:
+        self.weight.store_packed(self.index, packed, scale)
+
     def store_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> None:
         self.weight.store_quantized(self.index, q, scale, zero)
 
@@ -235,8 +275,23 @@ def _expand(s: torch.Tensor, bn: int, bk: int, N: int, K: int) -> torch.Tensor:
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int values in [-8, 7] [.., K] -> uint8 [.., K / 2]: (q + 8) two per byte, even k in the low nibble."""
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return pack_nibbles((q.to(torch.int16) + 8).to(torch.uint8))
+
+
+def pack_nibbles(u: torch.Tensor) -> torch.Tensor:
+    """uint8 values in [0, 15] [.., K] -> uint8 [.., K / 2]: two per byte, even k in the low nibble."""
+    u = u.to(torch.uint8)
     return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def dequantize_e2m1(codes: torch.Tensor, exponents: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """mxfp4: codes uint8 [.., N, K] (E2M1 indices), exponents uint8 [.., N, K / 32] (e8m0: 2^(e - 127)) ->
+    [.., N, K] in dtype, E2M1[code] * 2^(e - 127) by the same ops as moe_engine.mxfp4.dequantize_mxfp4 (so
+    bit for bit its values, an all-ones exponent included)."""
+    lut = torch.tensor(E2M1, dtype=dtype, device=codes.device)
+    values = lut[codes.long()].unflatten(-1, (-1, 32))                          # [.., N, K/32, 32]
+    e = exponents.to(torch.int32)[..., None] - 127                              # [.., N, K/32, 1]
+    return torch.ldexp(values, e).flatten(-2).to(dtype)
 
 
 def quantize_int(w: torch.Tensor, bits: int, group: int, asymmetric: bool = False, clip_search: bool = True,

@@ -186,14 +186,18 @@ def _build(model_cls, args, dtype, device, path, model_kwargs):
 
 class _Holding:
     """Which weights are held quantized, and how: quantized at load (quant), a compressed-tensors checkpoint
-    (packed), or an FP8 block-scaled checkpoint kept in FP8 (block without quant)."""
+    (packed), an FP8 block-scaled checkpoint kept in FP8 (block without quant), or an MXFP4 checkpoint's
+    experts kept in MXFP4 (kept_mxfp4 without quant)."""
 
-    def __init__(self, quant, packed, block, tensors):
-        self.quant, self.packed, self.block, self.tensors = quant, packed, block, tensors
-        self.active = quant is not None or packed is not None or block is not None
+    def __init__(self, quant, packed, block, tensors, raw, kept_mxfp4: bool):
+        self.quant, self.packed, self.block, self.tensors, self.raw = quant, packed, block, tensors, raw
+        self.kept_mxfp4 = kept_mxfp4 and quant is None and packed is None
+        self.mxfp4_orders: dict[str, torch.Tensor] = {}     # checkpoint name -> its row order, once kept
+        self.active = quant is not None or packed is not None or block is not None or self.kept_mxfp4
         self.label = (quant.format if quant is not None else getattr(packed, "label", "compressed-tensors")
                       if packed is not None
-                      else "fp8" if block is not None else None)     # how the quantized weights are held
+                      else "fp8" if block is not None
+                      else "mxfp4" if self.kept_mxfp4 else None)   # how the quantized weights are held
 
     def apply(self, model, targets: dict, where, device) -> None:
         """Swap the quantized weights in on `where` (the meta device for the preflight); device: the one
@@ -204,6 +208,8 @@ class _Holding:
             self.packed.prepare(model, targets, where)
         elif self.block is not None and torch.device(device).type != "mps":
             keep_fp8(model, targets, self.tensors, self.block, SCALE_SUFFIX, where)
+        elif self.kept_mxfp4 and torch.device(device).type != "mps":
+            self.mxfp4_orders = mxfp4.keep_mxfp4(model, targets, self.raw, self.tensors, where, self.mxfp4_orders)
 
 
 def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.dtype,
@@ -236,7 +242,7 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
     logical = packed.tensors if packed else tensors
     check_layers(args, cfg, logical, path)
     args = untie_separate_head(args, logical, path)
-    held = _Holding(quant, packed, block, tensors)
+    held = _Holding(quant, packed, block, tensors, raw, mxfp4.is_mxfp4(cfg))
     # Everything is checked on a meta-device model (shapes, no memory) before the real one is allocated; the
     # memory preflight counts the weights as they will be held (quantized ones in their quantized form).
     shape_model = _build(model_cls, args, dtype, "meta", path, model_kwargs)
@@ -268,8 +274,14 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
                 if base != name and base in tensors and tensors[base].dtype == "MXFP4":
                     name = base
                     dest = _dest(model, *targets[name])
+                    if name in held.mxfp4_orders:          # kept in 4 bits: the bytes as stored
+                        mxfp4.store_kept(handles, raw, name, dest, held.mxfp4_orders[name])
+                        bar.update()
+                        continue
                     where = device if torch.device(device).type == "cuda" else "cpu"
-                    for e, t in mxfp4.read_dequantized(handles, raw, name, dest.dtype, where):
+                    # A weight quantized at load (quantization=) quantizes from float32 values.
+                    wide = dest.dtype if isinstance(dest, torch.Tensor) else torch.float32
+                    for e, t in mxfp4.read_dequantized(handles, raw, name, wide, where):
                         dest[e].copy_(model.arrange_checkpoint_tensor(name, t))
                     bar.update()
                     continue
