@@ -65,6 +65,7 @@ class ScaledFp8Checkpoint:
     fp8 Linear X, its scale read with it; the scales are not targets of their own."""
 
     label = "fp8"
+    holds_float8 = True          # the loader prepares nothing on MPS (no float8 there): write() dequantises
 
     def __init__(self, q: dict, tensors: dict[str, TensorInfo]):
         ct = q.get("quant_method") == "compressed-tensors"

@@ -202,7 +202,8 @@ class _Holding:
         the model will run on (MPS keeps no FP8)."""
         if self.quant is not None:
             quantize_weights(model, self.quant, where)
-        elif self.packed is not None and not (self.packed.label == "fp8" and torch.device(device).type == "mps"):
+        elif self.packed is not None and not (getattr(self.packed, "holds_float8", False)
+                                              and torch.device(device).type == "mps"):
             self.packed.prepare(model, targets, where)     # (MPS has no float8: those fp8 weights are dequantised)
         elif self.block is not None and torch.device(device).type != "mps":
             keep_fp8(model, targets, self.tensors, self.block, SCALE_SUFFIX, where)
