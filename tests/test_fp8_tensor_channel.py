@@ -36,7 +36,8 @@ def tiny(tmp_path_factory):
 
 def _quantized_name(name: str) -> bool:
     """Experts and attention projections; never router, norms, embedding or head."""
-    return name.endswith(".weight") and (".experts." in name or ".self_attn." in name)
+    return name.endswith(".weight") and any(k in name for k in (".experts.", ".self_attn.", ".mlp.")) and (
+        "norm" not in name and not name.endswith(".gate.weight"))
 
 
 def _write(src, dst, twin, quantize, config: dict | None):
@@ -44,18 +45,23 @@ def _write(src, dst, twin, quantize, config: dict | None):
     model with weight = q.float() * scale (dequantised here, independently of the loader), no quantization."""
     for folder in (dst, twin):
         shutil.copytree(src, folder)
-    out, plain = {}, {}
-    for name, w in load_file(src / "model.safetensors").items():
-        if not _quantized_name(name):
-            out[name] = plain[name] = w
-            continue
-        parts = quantize(w)
-        module = name.removesuffix(".weight")
-        out.update({f"{module}.{k}": v for k, v in parts.items()})
-        scale = parts["weight_scale"].float().reshape(-1, 1)                  # [1, 1] or [N, 1]
-        plain[name] = parts["weight"].float() * scale
-    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
-    save_file(plain, twin / "model.safetensors", metadata={"format": "pt"})
+    for f in sorted(src.glob("*.safetensors")):
+        out, plain = {}, {}
+        for name, w in load_file(f).items():
+            if not _quantized_name(name) or w.dim() != 2:
+                out[name] = plain[name] = w
+                continue
+            parts = quantize(w)
+            module = name.removesuffix(".weight")
+            out.update({f"{module}.{k}": v for k, v in parts.items()})
+            scale = parts["weight_scale"].float().reshape(-1, 1)                  # [1, 1] or [N, 1]
+            plain[name] = parts["weight"].float() * scale
+        save_file(out, dst / f.name, metadata={"format": "pt"})
+        save_file(plain, twin / f.name, metadata={"format": "pt"})
+    index = dst / "model.safetensors.index.json"
+    if index.is_file():           # the shards gained scales: rebuild the map from the files
+        weight_map = {n: p.name for p in dst.glob("*.safetensors") for n in load_file(p)}
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     if config is not None:
         cfg = json.loads((dst / "config.json").read_text())
         cfg["quantization_config"] = config
@@ -232,3 +238,16 @@ def test_per_tensor_scale_of_wrong_shape(tiny, tmp_path):
     with pytest.raises(MoeEngineError, match=rf"{M}.weight_scale is F32 \[96, 1\], expected a float \[1\] "
                                              r"\(per tensor\)"):
         LLM(dst)
+
+
+def test_deepseek_mla_per_tensor(tmp_path):
+    """tiny-deepseek (MLA, shared experts, a dense first layer) per tensor: the fused q_a+kv_a stack and the
+    experts held in fp8 with a scale per row; MLA's kv_b (not quantizable) gets its dequantised values."""
+    from conftest import WEIGHTS
+    dst, twin = make_autofp8(WEIGHTS / "tiny-deepseek", tmp_path / "fp8", tmp_path / "twin")
+    llm, ref = LLM(dst), LLM(twin)
+    held = quantized_weights(llm.model)
+    assert {"layers.1.mlp.w13", "layers.1.mlp.w2"} <= set(held) and not any(n.endswith("kv_b") for n in held)
+    assert {q.describe() for q in held.values()} == {"fp8 channel"}
+    ids = list(range(3, 60))
+    assert max_rel_error(llm.prompt_logits(ids), ref.prompt_logits(ids)) <= 1e-4
