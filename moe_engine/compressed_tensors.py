@@ -62,8 +62,8 @@ def _schemes(q: dict) -> list[tuple[list[str], dict]]:
     for gname, g in groups.items():
         fmt = (g or {}).get("format") or top
         if fmt != "pack-quantized":
-            raise MoeEngineError(f"compressed-tensors format {fmt!r} (config group {gname}) is not supported: only "
-                                 "pack-quantized int4/int8 weights (W4A16, W8A16) load")
+            raise MoeEngineError(f"compressed-tensors format {fmt!r} (config group {gname}) is not supported: "
+                                 "pack-quantized int4/int8 (W4A16, W8A16) or float-quantized fp8 load, not mixed")
         if g.get("input_activations") or g.get("output_activations"):
             raise MoeEngineError(f"compressed-tensors config group {gname} quantizes activations; only weight-only "
                                  "schemes (W4A16, W8A16) load")

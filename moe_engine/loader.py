@@ -20,6 +20,7 @@ from moe_engine.checkpoint import TensorInfo, index_tensors, read_config, safete
 from moe_engine.compressed_tensors import read_packed
 from moe_engine.errors import MoeEngineError
 from moe_engine.fp8_checkpoint import keep_fp8, store_fp8
+from moe_engine.fp8_scaled import read_scaled_fp8
 from moe_engine.gptq_awq import read_gptq_awq
 from moe_engine.kv_scales import cache_scales, is_kv_scale_name, kv_cache_only, read_checkpoint_kv_scales
 from moe_engine.preflight import available_bytes, check_memory
@@ -67,8 +68,9 @@ def _dtype_problem(name: str, info: TensorInfo, dest: torch.Tensor, cfg: dict) -
 
 
 def check_checkpoint(model, tensors: dict[str, TensorInfo], block: tuple[int, int] | None,
-                     cfg: dict | None = None) -> None:
-    """One error naming every missing, unexpected, mis-shaped and mis-typed tensor, before anything is read."""
+                     cfg: dict | None = None, held=None) -> None:
+    """One error naming every missing, unexpected, mis-shaped and mis-typed tensor, before anything is read.
+    held: the checkpoint translator's holds(name), for fp8 weights whose scales it has checked itself."""
     targets = model.checkpoint_targets(tensors)   # the tensor names pick each MoE layer's expert layout
     missing = sorted(set(targets) - set(tensors))
     problems, unexpected = [], []
@@ -85,7 +87,7 @@ def check_checkpoint(model, tensors: dict[str, TensorInfo], block: tuple[int, in
             typed = _dtype_problem(name, info, dest, cfg or {})
             if typed:
                 problems.append(typed)
-            if info.dtype.startswith("F8"):
+            if info.dtype.startswith("F8") and not (held and held(name)):
                 scale = tensors.get(name + SCALE_SUFFIX)
                 if block is None:
                     problems.append(f"{name} is fp8 but config.json has no fp8 quantization_config")
@@ -204,8 +206,9 @@ class _Holding:
         the model will run on (MPS keeps no FP8)."""
         if self.quant is not None:
             quantize_weights(model, self.quant, where)
-        elif self.packed is not None:
-            self.packed.prepare(model, targets, where)
+        elif self.packed is not None and not (getattr(self.packed, "holds_float8", False)
+                                              and torch.device(device).type == "mps"):
+            self.packed.prepare(model, targets, where)     # (MPS has no float8: those fp8 weights are dequantised)
         elif self.block is not None and torch.device(device).type != "mps":
             keep_fp8(model, targets, self.tensors, self.block, SCALE_SUFFIX, where)
         elif self.kept_mxfp4 and torch.device(device).type != "mps":
@@ -233,8 +236,8 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
     raw = index_tensors(files)
     # MXFP4: each <name>_blocks / <name>_scales pair stands for the tensor <name>.
     tensors = mxfp4.logical_tensors(raw) if mxfp4.is_mxfp4(cfg) else raw
-    # compressed-tensors pack-quantized, GPTQ or AWQ, else None
-    packed = read_packed(cfg, tensors, files) or read_gptq_awq(cfg, tensors, files)
+    # FP8 per tensor/channel, compressed-tensors pack-quantized, GPTQ or AWQ, else None
+    packed = read_scaled_fp8(cfg, tensors) or read_packed(cfg, tensors, files) or read_gptq_awq(cfg, tensors, files)
     if packed is not None and quant is not None:
         raise MoeEngineError(f"{path} is already quantized ({getattr(packed, 'label', 'compressed-tensors')}); "
                              "load it without quantization=")
@@ -246,7 +249,7 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
     # Everything is checked on a meta-device model (shapes, no memory) before the real one is allocated; the
     # memory preflight counts the weights as they will be held (quantized ones in their quantized form).
     shape_model = _build(model_cls, args, dtype, "meta", path, model_kwargs)
-    check_checkpoint(shape_model, logical, block, cfg)
+    check_checkpoint(shape_model, logical, block, cfg, packed.holds if packed is not None else None)
     kv_scales = read_checkpoint_kv_scales(cfg, logical)
     if engine is not None:          # scales that do not fit the cache asked for fail now, before the weights load
         shape_model.checkpoint_kv_scales = kv_scales

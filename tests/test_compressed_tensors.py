@@ -186,13 +186,20 @@ def _format(q):
         q["config_groups"]["group_0"]["format"] = "float-quantized"
 
 
+def _mixed(q):
+    q["config_groups"]["group_1"] = dict(q["config_groups"]["group_0"], targets=["re:.*self_attn.*"],
+                                         format="float-quantized")
+
+
 @pytest.mark.parametrize("edit_tensors,edit_config,message", [
     (_drop("weight_scale"), None, f"{M}.weight_scale is missing"),
     (_reshape_scale, None, rf"{M}.weight_scale is BF16 \[256, 2\], expected a float \[256, 3\]"),
     (_drop("weight_zero_point"), None, f"{M}.weight_zero_point is missing"),
     (None, _group(256), "group size 256 does not divide the input width 384"),
     (None, _bits, "3-bit int weights are not supported"),
-    (None, _format, "compressed-tensors format 'float-quantized' .* is not supported"),
+    # float-quantized now loads (tests/test_fp8_tensor_channel.py): int weights under it are refused.
+    (None, _format, "group_0: 4-bit int weights are not supported by the float-quantized loader"),
+    (None, _mixed, "compressed-tensors format 'float-quantized' .* is not supported: .* not mixed"),
 ])
 def test_broken_packed_checkpoint_is_one_line_error(ct_folder, tmp_path, edit_tensors, edit_config, message):
     with pytest.raises(MoeEngineError, match=message) as e:
