@@ -172,7 +172,7 @@ def test_mps_dequantises(tiny, tmp_path):
     tensors = index_tensors([dst / "model.safetensors"])
     packed = read_scaled_fp8(json.loads((dst / "config.json").read_text()), tensors)
     model = llm.model
-    _Holding(None, packed, None, tensors).apply(model, model.checkpoint_targets(packed.tensors), "cpu", "mps")
+    _Holding(None, packed, None, tensors, tensors, False).apply(model, model.checkpoint_targets(packed.tensors), "cpu", "mps")
     assert not quantized_weights(model)
     dest = torch.empty(96, 64)
     with safe_open(dst / "model.safetensors", framework="pt") as f:
