@@ -29,7 +29,7 @@ from moe_engine.errors import MoeEngineError
 from moe_engine.group_index import (GroupOrder, check_group_index, dequantize_by_index, read_group_index,
                                     warn_dequantized)
 from moe_engine.kv_scales import kv_cache_only
-from moe_engine.quantize import QuantSpec, held_weight, swap_weight
+from moe_engine.quantize import QuantSpec, held_weight, keep_quantized
 
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 SCALE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -190,23 +190,16 @@ class PackedCheckpoint:
         """Replace each quantizable weight whose checkpoint tensors are all packed with one scheme (and none
         with interleaved groups) by a QuantizedWeight of that scheme (the rest stay full precision and get
         dequantised values)."""
-        sources: dict[str, list[str]] = {}
-        for name, (param, _) in targets.items():
-            sources.setdefault(param, []).append(name)
-        swapped = []
-        for param in model.quantizable_weights():
-            names = sources.get(param, [])
-            schemes = {self.schemes.get(n.removesuffix(".weight")) for n in names}
-            if (not names or len(schemes) != 1 or None in schemes
-                    or any(n.removesuffix(".weight") in self.dequantized for n in names)):
-                continue
+        def choose(p, parts):
+            modules = [n.removesuffix(".weight") for n, _ in parts]
+            schemes = {self.schemes.get(m) for m in modules}
+            if len(schemes) != 1 or None in schemes or any(m in self.dequantized for m in modules):
+                return None
             (s,) = schemes
-            p = held_weight(model, param)
-            scale_dtype = self.scale_dtypes[names[0].removesuffix(".weight")]
-            qw = QuantizedWeight(s.format, p.shape, s.block(p.shape[-1]), not s.symmetric, scale_dtype, device)
-            swap_weight(model, param, qw)
-            swapped.append(param)
-        return swapped
+            return QuantizedWeight(s.format, p.shape, s.block(p.shape[-1]), not s.symmetric,
+                                   self.scale_dtypes[modules[0]], device)
+
+        return keep_quantized(model, targets, choose)
 
     def write(self, name: str, handles, tensors: dict[str, TensorInfo], dest) -> None:
         """Read X.weight's packed parts and store them in dest: a QuantizedWeight (slot) of the same scheme

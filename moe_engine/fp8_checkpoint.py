@@ -6,7 +6,7 @@ import torch
 
 from kernels.quant import QuantizedSlot, QuantizedWeight
 from moe_engine.checkpoint import TensorInfo
-from moe_engine.quantize import held_weight, swap_weight
+from moe_engine.quantize import keep_quantized
 
 SCALE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
@@ -27,24 +27,18 @@ def keep_fp8(model, targets: dict, tensors: dict[str, TensorInfo], block: tuple[
     MLA's kv_b) keep their full-precision parameter and are dequantised into it, as before."""
     if torch.device(device).type == "mps":
         return []                                    # MPS has no float8
-    sources: dict[str, list] = {}
-    for name, (param, index) in targets.items():
-        sources.setdefault(param, []).append((name, index))
-    swapped = []
-    for param in model.quantizable_weights():
-        parts = sources.get(param, [])
-        p = held_weight(model, param)
-        if not parts or not isinstance(p, torch.nn.Parameter) or p.dim() < 2:
-            continue
+
+    def choose(p, parts):
+        if not isinstance(p, torch.nn.Parameter) or p.dim() < 2:
+            return None
         scales = {tensors[n + scale_suffix].dtype if n + scale_suffix in tensors else None for n, _ in parts}
         if (any(tensors[n].dtype != "F8_E4M3" for n, _ in parts) or len(scales) != 1 or None in scales
                 or not all(_on_blocks(p.shape, index, block[0]) for _, index in parts)):
-            continue
-        qw = QuantizedWeight("fp8", p.shape, block, scale_dtype=SCALE_DTYPES.get(scales.pop(), torch.float32),
-                             device=device)
-        swap_weight(model, param, qw)
-        swapped.append(param)
-    return swapped
+            return None
+        return QuantizedWeight("fp8", p.shape, block, scale_dtype=SCALE_DTYPES.get(scales.pop(), torch.float32),
+                               device=device)
+
+    return keep_quantized(model, targets, choose)
 
 
 def store_fp8(dest, q: torch.Tensor, scale_inv: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ from kernels.quant import QuantizedSlot, QuantizedWeight
 from moe_engine.checkpoint import TensorInfo
 from moe_engine.errors import MoeEngineError
 from moe_engine.kv_scales import kv_cache_only
-from moe_engine.quantize import held_weight, swap_weight
+from moe_engine.quantize import keep_quantized
 
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 SCALE_DTYPES = {"BF16", "F16", "F32"}
@@ -128,20 +128,13 @@ class ScaledFp8Checkpoint:
     def prepare(self, model, targets: dict, device) -> list[str]:
         """Replace each quantizable weight whose checkpoint tensors are all held e4m3 by an fp8 per-channel
         QuantizedWeight (the rest stay full precision and get dequantised values)."""
-        sources: dict[str, list[str]] = {}
-        for name, (param, _) in targets.items():
-            sources.setdefault(param, []).append(name)
-        swapped = []
-        for param in model.quantizable_weights():
-            names = sources.get(param, [])
-            p = held_weight(model, param)
-            if (not names or not isinstance(p, torch.nn.Parameter) or p.dim() < 2
-                    or not all(self.holds(n) and self.tensors[n].dtype == "F8_E4M3" for n in names)):
-                continue
-            qw = QuantizedWeight("fp8", p.shape, (1, p.shape[-1]), scale_dtype=torch.float32, device=device)
-            swap_weight(model, param, qw)
-            swapped.append(param)
-        return swapped
+        def choose(p, parts):
+            if (not isinstance(p, torch.nn.Parameter) or p.dim() < 2
+                    or not all(self.holds(n) and self.tensors[n].dtype == "F8_E4M3" for n, _ in parts)):
+                return None
+            return QuantizedWeight("fp8", p.shape, (1, p.shape[-1]), scale_dtype=torch.float32, device=device)
+
+        return keep_quantized(model, targets, choose)
 
     def write(self, name: str, handles, tensors: dict[str, TensorInfo], dest) -> None:
         """Read X.weight and its scale into dest: an fp8 QuantizedWeight (slot) takes the values as stored and

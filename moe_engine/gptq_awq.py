@@ -25,7 +25,7 @@ from moe_engine.compressed_tensors import SCALE_DTYPES, IntScheme, unpack_int32
 from moe_engine.errors import MoeEngineError
 from moe_engine.group_index import (GroupOrder, check_group_index, dequantize_by_index, read_group_index,
                                     warn_dequantized)
-from moe_engine.quantize import held_weight, swap_weight
+from moe_engine.quantize import keep_quantized
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)      # AutoAWQ GEMM: nibble i of a word holds output AWQ_ORDER[i]
@@ -144,20 +144,16 @@ class GptqAwqCheckpoint:
     def prepare(self, model, targets: dict, device) -> list[str]:
         """Replace each quantizable weight whose checkpoint tensors are all packed (and not activation-ordered)
         by a QuantizedWeight of the scheme; the rest stay full precision and get dequantised values."""
-        sources: dict[str, list[str]] = {}
-        for name, (param, _) in targets.items():
-            sources.setdefault(param, []).append(name)
-        swapped, s = [], self.scheme
-        for param in model.quantizable_weights():
-            modules = [n.removesuffix(".weight") for n in sources.get(param, [])]
-            if not modules or any(m not in self.shapes or m in self.dequantized for m in modules):
-                continue
-            p = held_weight(model, param)
-            qw = QuantizedWeight(s.format, p.shape, s.block(p.shape[-1]), not s.symmetric,
-                                 self.scale_dtypes[modules[0]], device)
-            swap_weight(model, param, qw)
-            swapped.append(param)
-        return swapped
+        s = self.scheme
+
+        def choose(p, parts):
+            modules = [n.removesuffix(".weight") for n, _ in parts]
+            if any(m not in self.shapes or m in self.dequantized for m in modules):
+                return None
+            return QuantizedWeight(s.format, p.shape, s.block(p.shape[-1]), not s.symmetric,
+                                   self.scale_dtypes[modules[0]], device)
+
+        return keep_quantized(model, targets, choose)
 
     def values(self, module: str, handles, tensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(signed q int8 [N, K], scale [N, G], signed zero int8 [N, G] or None if symmetric), the groups in

@@ -76,6 +76,24 @@ def swap_weight(model: torch.nn.Module, name: str, qw: QuantizedWeight) -> None:
     setattr(owner, attr, qw)
 
 
+def keep_quantized(model: torch.nn.Module, targets: dict, choose) -> list[str]:
+    """Swap a QuantizedWeight in for each quantizable weight a quantized checkpoint can fill as stored; the
+    names swapped. targets maps each checkpoint tensor to (param, index) as the loader will write it;
+    choose(p, parts) gets the held parameter and its [(tensor name, index)] and returns the QuantizedWeight
+    to put in its place, or None to keep it full precision (the loader then dequantises into it)."""
+    sources: dict[str, list] = {}
+    for name, (param, index) in targets.items():
+        sources.setdefault(param, []).append((name, index))
+    swapped = []
+    for param in model.quantizable_weights():
+        parts = sources.get(param)
+        qw = choose(held_weight(model, param), parts) if parts else None
+        if qw is not None:
+            swap_weight(model, param, qw)
+            swapped.append(param)
+    return swapped
+
+
 def quantize_weights(model: torch.nn.Module, spec: QuantSpec, device) -> list[str]:
     """Replace each weight spec selects by an empty QuantizedWeight on device (the full-precision tensor is
     dropped), for the loader to fill one checkpoint tensor at a time; the names replaced. A group size

@@ -9,19 +9,16 @@ columns sorted by g_idx (argsort) are quantized in contiguous runs of group_size
 column j, and put back in column order; a g_idx holding -1 is "not set", column order. actorder="weight"
 reorders only while GPTQ runs and stores no g_idx."""
 
-import json
-import shutil
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, WEIGHTS
-from hf_models import max_rel_error
-from moe_engine import LLM, MoeEngineError, SamplingParams
+from moe_engine import LLM
 from moe_engine.quantize import quantized_weights
+from quant_checkpoints import assert_broken_copy_refused, assert_same_model, edit_config, write_pair
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor  # noqa: E402
@@ -73,34 +70,23 @@ def make_actorder_checkpoint(src, dst, twin, bits, group, symmetric, actorder, k
     model with those weights as compressed-tensors dequantises them. Returns {module: kind}."""
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group, actorder="weight"))
-    shutil.copytree(src, dst)
-    shutil.copytree(src, twin)
     gen = torch.Generator().manual_seed(0)
     kinds = {}
-    for f in sorted(src.glob("*.safetensors")):
-        packed, plain = {}, {}
-        for name, w in load_file(f).items():
-            module = name.removesuffix(".weight")
-            kind = kind_of(module) if name.endswith(".weight") else None
-            if kind is None:
-                packed[name], plain[name] = w, w
-                continue
-            out, plain[name] = compress_actorder(w, group_index(kind, w.shape[1], group, gen), scheme)
-            packed.update({f"{module}.{k}": v for k, v in out.items()})
-            kinds[module] = kind
-        save_file(packed, dst / f.name, metadata={"format": "pt"})
-        save_file(plain, twin / f.name, metadata={"format": "pt"})
-    for folder in (dst, twin):
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():       # the shards' names changed: rebuild the map from the files
-            weight_map = {n: p.name for p in folder.glob("*.safetensors") for n in load_file(p)}
-            index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    def pack(name, w):
+        module = name.removesuffix(".weight")
+        kind = kind_of(module) if name.endswith(".weight") else None
+        if kind is None:
+            return None
+        kinds[module] = kind
+        out, deq = compress_actorder(w, group_index(kind, w.shape[1], group, gen), scheme)
+        return {f"{module}.{k}": v for k, v in out.items()}, deq
+
+    write_pair(src, dst, twin, pack)
     qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
                                  quantization_status="compressed", ignore=["lm_head"])
     ModelCompressor(quantization_config=qconfig).update_config(str(dst))
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = actorder   # 0.20 refuses "group"
-    (dst / "config.json").write_text(json.dumps(cfg))
+    edit_config(dst, lambda q: q["config_groups"]["group_0"]["weights"].update(actorder=actorder))  # 0.20 refuses "group"
     return kinds
 
 
@@ -161,11 +147,7 @@ def test_actorder_checkpoint_matches_its_dequantisation(tmp_path, name, bits, gr
         assert any(".attn." in n for n in held) and any("shared" in n for n in held)
     stream = np.load(ROOT / f"tests/data/{name}_val_tokens.npy").astype(np.int64)
     ids = stream[300:364].tolist()
-    assert max_rel_error(llm.prompt_logits(ids), ref.prompt_logits(ids)) <= 1e-4
-    params = SamplingParams(max_tokens=10, ignore_eos=True)
-    prompts = [stream[s:s + 7].tolist() for s in (0, 50)]
-    assert ([o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
-            == [o.token_ids for o in ref.generate(prompt_token_ids=prompts, sampling_params=params)])
+    assert_same_model(llm, ref, ids, [stream[s:s + 7].tolist() for s in (0, 50)], 10)
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
@@ -213,17 +195,5 @@ def _actorder(q):
     (None, _actorder, r"actorder 'sideways' is not known"),
 ])
 def test_broken_g_idx_is_one_line_error(actorder_folder, tmp_path, edit_tensors, edit_config, message):
-    dst = shutil.copytree(actorder_folder, tmp_path / "broken")
-    if edit_tensors:
-        for f in dst.glob("*.safetensors"):
-            tensors = load_file(f)
-            if f"{M}.weight_g_idx" in tensors:
-                edit_tensors(tensors)
-                save_file(tensors, f, metadata={"format": "pt"})
-    if edit_config:
-        cfg = json.loads((dst / "config.json").read_text())
-        edit_config(cfg["quantization_config"])
-        (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MoeEngineError, match=message) as e:
-        LLM(dst, dtype=torch.float32)
-    assert "\n" not in str(e.value)
+    assert_broken_copy_refused(actorder_folder, tmp_path / "broken", M, edit_tensors, edit_config, message,
+                               dtype=torch.float32)

@@ -4,16 +4,15 @@ load kept in FP8 and match the same model run on their independently dequantised
 one-line errors naming the tensor."""
 
 import json
-import shutil
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
-from hf_models import max_rel_error, save_random
-from moe_engine import LLM, MoeEngineError, SamplingParams
+from hf_models import max_rel_error
+from moe_engine import LLM, MoeEngineError
 from moe_engine.quantize import quantized_weights
+from quant_checkpoints import assert_broken_copy_refused, assert_same_model, tiny_mixtral, write_pair
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor  # noqa: E402
@@ -27,11 +26,7 @@ M = "model.layers.1.block_sparse_moe.experts.2.w1"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random Mixtral saved by transformers (per-expert w1/w2/w3 names, float32)."""
-    cfg = transformers.MixtralConfig(vocab_size=101, num_hidden_layers=2, hidden_size=64, intermediate_size=96,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2, max_position_embeddings=256, initializer_range=0.25)
-    return save_random(transformers.MixtralForCausalLM, cfg, tmp_path_factory.mktemp("fp8tc") / "mixtral")
+    return tiny_mixtral(tmp_path_factory.mktemp("fp8tc") / "mixtral")
 
 
 def _quantized_name(name: str) -> bool:
@@ -42,31 +37,16 @@ def _quantized_name(name: str) -> bool:
 
 def _write(src, dst, twin, quantize, config: dict | None):
     """dst: src with each quantized Linear's weight replaced by quantize(w) -> {part: tensor}; twin: the same
-    model with weight = q.float() * scale (dequantised here, independently of the loader), no quantization."""
-    for folder in (dst, twin):
-        shutil.copytree(src, folder)
-    for f in sorted(src.glob("*.safetensors")):
-        out, plain = {}, {}
-        for name, w in load_file(f).items():
-            if not _quantized_name(name) or w.dim() != 2:
-                out[name] = plain[name] = w
-                continue
-            parts = quantize(w)
-            module = name.removesuffix(".weight")
-            out.update({f"{module}.{k}": v for k, v in parts.items()})
-            scale = parts["weight_scale"].float().reshape(-1, 1)                  # [1, 1] or [N, 1]
-            plain[name] = parts["weight"].float() * scale
-        save_file(out, dst / f.name, metadata={"format": "pt"})
-        save_file(plain, twin / f.name, metadata={"format": "pt"})
-    index = dst / "model.safetensors.index.json"
-    if index.is_file():           # the shards gained scales: rebuild the map from the files
-        weight_map = {n: p.name for p in dst.glob("*.safetensors") for n in load_file(p)}
-        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    if config is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        cfg["quantization_config"] = config
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst, twin
+    model with weight = q.float() * scale, no quantization."""
+    def pack(name, w):
+        if not _quantized_name(name) or w.dim() != 2:
+            return None
+        parts = quantize(w)
+        module = name.removesuffix(".weight")
+        scale = parts["weight_scale"].float().reshape(-1, 1)                      # [1, 1] or [N, 1]
+        return {f"{module}.{k}": v for k, v in parts.items()}, parts["weight"].float() * scale
+
+    return write_pair(src, dst, twin, pack, config)
 
 
 def _ct_scheme(strategy: str) -> QuantizationScheme:
@@ -119,11 +99,7 @@ def _check_matches(dst, twin):
     numel = sum(q.numel() for q in held.values())
     assert sum(q.held_bytes() for q in held.values()) <= 0.55 * 2 * numel       # ~half of bf16
     ids = torch.randint(3, 101, (40,), generator=torch.Generator().manual_seed(1)).tolist()
-    assert max_rel_error(llm.prompt_logits(ids), ref.prompt_logits(ids)) <= 1e-4
-    params = SamplingParams(max_tokens=10, ignore_eos=True)
-    prompts = [ids[:7], ids[20:31]]
-    assert ([o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
-            == [o.token_ids for o in ref.generate(prompt_token_ids=prompts, sampling_params=params)])
+    assert_same_model(llm, ref, ids, [ids[:7], ids[20:31]], 10)
     return llm
 
 
@@ -213,20 +189,7 @@ def _group(**kw):
     (None, _group(strategy="diagonal"), "fp8 weight strategy 'diagonal' is not supported"),
 ])
 def test_broken_fp8_checkpoint_is_one_line_error(ct_channel, tmp_path, edit_tensors, edit_config, message):
-    bad = tmp_path / "bad"
-    shutil.copytree(ct_channel, bad)
-    if edit_tensors:
-        f = bad / "model.safetensors"
-        tensors = load_file(f)
-        edit_tensors(tensors)
-        save_file(tensors, f, metadata={"format": "pt"})
-    if edit_config:
-        cfg = json.loads((bad / "config.json").read_text())
-        edit_config(cfg["quantization_config"])
-        (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MoeEngineError, match=message) as e:
-        LLM(bad)
-    assert "\n" not in str(e.value)
+    assert_broken_copy_refused(ct_channel, tmp_path / "bad", M, edit_tensors, edit_config, message)
 
 
 def test_per_tensor_scale_of_wrong_shape(tiny, tmp_path):

@@ -12,26 +12,17 @@ The packers below are written from the published layouts, not from moe_engine.gp
     (qweight [K, N/8], qzeros [G, N/8]: nibble i of word w holds output w*8 + [0, 2, 4, 6, 1, 3, 5, 7][i];
     weight = (q - zero) * scale, scales [G, N]); vLLM vllm/model_executor/layers/quantization/awq.py."""
 
-import json
-import shutil
 
 import pytest
 import torch
-import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from hf_models import max_rel_error, save_random
-from moe_engine import LLM, MoeEngineError, SamplingParams
+from moe_engine import LLM
 from moe_engine.quantize import quantized_weights
+from quant_checkpoints import assert_broken_copy_refused, tiny_mixtral, write_pair
+from quant_checkpoints import assert_same_model as shared_assert_same_model
 
 AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-
-
-def tiny_mixtral(path):
-    cfg = transformers.MixtralConfig(vocab_size=101, num_hidden_layers=2, hidden_size=64, intermediate_size=96,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2, max_position_embeddings=256, initializer_range=0.25)
-    return save_random(transformers.MixtralForCausalLM, cfg, path)
 
 
 def _quantized(name, skip=()):
@@ -95,26 +86,11 @@ def awq_tensors(module, w, group):
 
 
 def make_checkpoint(src, dst, twin, qconfig, pack):
-    """dst: src with its expert and attention Linears packed by pack(module, w); twin: src with those weights
-    replaced by their dequantised values (float32)."""
-    shutil.copytree(src, dst)
-    shutil.copytree(src, twin)
+    """dst: src with its expert and attention Linears packed by pack(module, w) -> (parts, dequantised);
+    twin: src with those weights replaced by their dequantised values (float32)."""
     skip = qconfig.get("modules_to_not_convert") or ()
-    for f in sorted(src.glob("*.safetensors")):
-        packed, plain = {}, {}
-        for name, w in load_file(f).items():
-            packed[name] = plain[name] = w
-            if _quantized(name, skip):
-                module = name.removesuffix(".weight")
-                parts, plain[name] = pack(module, w.float())
-                del packed[name]
-                packed.update(parts)
-        save_file(packed, dst / f.name, metadata={"format": "pt"})
-        save_file(plain, twin / f.name, metadata={"format": "pt"})
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["quantization_config"] = qconfig
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst, twin
+    return write_pair(src, dst, twin, lambda name, w: pack(name.removesuffix(".weight"), w.float())
+                      if _quantized(name, skip) else None, qconfig)
 
 
 def gptq_config(bits, group, sym, v2, desc_act=False):
@@ -135,11 +111,7 @@ def src(tmp_path_factory):
 def assert_same_model(dst, twin):
     llm, ref = LLM(dst, dtype=torch.float32), LLM(twin, dtype=torch.float32)
     ids = torch.randint(3, 101, (24,), generator=torch.Generator().manual_seed(1)).tolist()
-    assert max_rel_error(llm.prompt_logits(ids), ref.prompt_logits(ids)) <= 1e-4
-    params = SamplingParams(max_tokens=8, ignore_eos=True)
-    prompts = [ids[:7], ids[9:20]]
-    assert ([o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
-            == [o.token_ids for o in ref.generate(prompt_token_ids=prompts, sampling_params=params)])
+    shared_assert_same_model(llm, ref, ids, [ids[:7], ids[9:20]], 8)
     return quantized_weights(llm.model)
 
 
@@ -227,15 +199,5 @@ def _config(**changes):
     ("awq", None, _config(group_size=64), r"experts\.0\.w2\.qweight: group size 64 does not divide the input width 96"),
 ])
 def test_broken_checkpoint_is_one_line_error(folders, tmp_path, kind, edit_tensors, edit_config, message):
-    dst = shutil.copytree(folders[kind], tmp_path / "broken")
-    if edit_tensors:
-        t = load_file(dst / "model.safetensors")
-        edit_tensors(t)
-        save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
-    if edit_config:
-        cfg = json.loads((dst / "config.json").read_text())
-        edit_config(cfg["quantization_config"])
-        (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MoeEngineError, match=message) as e:
-        LLM(dst, dtype=torch.float32)
-    assert "\n" not in str(e.value)
+    assert_broken_copy_refused(folders[kind], tmp_path / "broken", M, edit_tensors, edit_config, message,
+                               dtype=torch.float32)
