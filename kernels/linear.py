@@ -1,6 +1,9 @@
 """Matrix products for few-row inputs (decode): on CPUs where the default route is slow, on CUDA through
 the Triton GEMV for the weights where it was measured faster (the "linear" entries of kernels/tuning_data)."""
 
+import functools
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -57,13 +60,45 @@ NARROW_MAX_ROWS = 32
 
 
 def narrow_rows_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) for few rows x [M, K] of bf16 / fp16 and w [N, K] of the same dtype, written as w @ x.T
-    (torch.mv for one row): on the CPU that reaches torch's GEMV-shaped kernel, which streams w about 1.5x
-    as fast as F.linear's route (2-core EPYC with AVX512-BF16, bf16, a 2048x2048 weight: 1 row 720 -> 456
-    us, 8 rows 568 -> 411 us; a 50304x2048 LM head 14.1 -> 9.5 ms). [M, N], contiguous (callers view it)."""
-    if x.shape[0] == 1:
+    """F.linear(x, w) for few rows x [M, K] of bf16 / fp16 and w [N, K] of the same dtype, by the route
+    narrow_routes measured fastest on this CPU: w @ x.T (torch.mv for one row), torch's GEMV-shaped kernel,
+    or F.linear. Which wins depends on the machine: on one 2-core EPYC (AVX512-BF16, AMX) w @ x.T streamed
+    a 2048x2048 bf16 weight 1.5x as fast as F.linear (1 row 720 -> 456 us, 8 rows 568 -> 411 us), on
+    another (AVX512-BF16, no AMX) F.linear was 1.5x (1 row) to 1.9x (8 rows) as fast. [M, N], contiguous."""
+    one, many = narrow_routes(x.dtype)
+    if x.shape[0] == 1 and one == "mv":
         return torch.mv(w, x[0])[None]
-    return (w @ x.t()).t().contiguous()
+    if x.shape[0] > 1 and many == "mm":
+        return (w @ x.t()).t().contiguous()
+    return F.linear(x, w)
+
+
+# narrow_routes times each route over this many weights of NARROW_PROBE_SHAPE (64 MiB in bf16: more than a
+# CPU's last-level cache, as the experts of a real model are when a decode step reads them).
+NARROW_PROBE_WEIGHTS = 16
+NARROW_PROBE_SHAPE = (1024, 2048)
+
+
+@functools.cache
+def narrow_routes(dtype: torch.dtype) -> tuple[str, str]:
+    """(route for one row: "mv" or "linear", for 2-32 rows: "mm" or "linear"): the faster of each pair on
+    this CPU for dtype, timed once per process (~0.1 s, the first time a large half-precision weight meets
+    a decode-sized batch), best of three passes over NARROW_PROBE_WEIGHTS weights."""
+    ws = [torch.full(NARROW_PROBE_SHAPE, 0.01, dtype=dtype) for _ in range(NARROW_PROBE_WEIGHTS)]
+    x = torch.full((8, NARROW_PROBE_SHAPE[1]), 0.5, dtype=dtype)
+
+    def best(product) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for w in ws:
+                product(w)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    one = "mv" if best(lambda w: torch.mv(w, x[0])) < best(lambda w: F.linear(x[:1], w)) else "linear"
+    many = "mm" if best(lambda w: (w @ x.t()).t().contiguous()) < best(lambda w: F.linear(x, w)) else "linear"
+    return one, many
 
 
 def takes_narrow_rows(x: torch.Tensor, w: torch.Tensor) -> bool:

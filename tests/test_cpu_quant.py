@@ -120,10 +120,20 @@ def test_the_entry_points_take_the_fused_ops_eagerly_on_the_cpu_only(monkeypatch
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 3, 32])
-def test_narrow_rows_product_is_f_linear(dtype, rows):
+@pytest.mark.parametrize("routes", [("mv", "mm"), ("linear", "linear"), None])
+def test_narrow_rows_product_is_f_linear(monkeypatch, dtype, rows, routes):
+    """Every route narrow_routes can pick (None: the one measured on this machine) gives F.linear's product."""
+    if routes is not None:
+        monkeypatch.setattr(lin, "narrow_routes", lambda dtype: routes)
     w = torch.randn(256, 512).to(dtype)
     x = torch.randn(rows, 512).to(dtype)
     assert _rel(lin.narrow_rows_product(x, w), F.linear(x.float(), w.float())) <= 1e-2
+
+
+def test_narrow_routes_are_measured_once():
+    routes = lin.narrow_routes(torch.bfloat16)
+    assert routes[0] in ("mv", "linear") and routes[1] in ("mm", "linear")
+    assert lin.narrow_routes(torch.bfloat16) is routes
 
 
 def test_large_half_precision_weights_take_the_narrow_rows_forms(monkeypatch):
