@@ -173,8 +173,16 @@ def test_never_slower_control():
     assert all(choose_k(ctl, costs, 3, step=s) == 0 for s in range(2, ctl.paused_until))
     assert choose_k(ctl, costs, 3, step=ctl.paused_until) >= 1     # a probe once the pause is over
     assert choose_k(ctl, costs, 3, step=ctl.paused_until + 1) == 0  # still does not pay: a longer pause
+    # An n-gram request's rate is measured while it is paused (shadow drafts) and this batch size's verify
+    # cost is measured: its pause ends in a longer pause, not a probe that would only confirm it.
+    shadowed = RequestControl(accepted=1.0, trials=10.0, shadowed=True)
+    assert choose_k(shadowed, costs, 3, step=1) == 0
+    first_end = shadowed.paused_until
+    assert choose_k(shadowed, costs, 3, step=first_end) == 0 and shadowed.paused_until == first_end + 16
+    assert choose_k(RequestControl(1.0, 10.0, shadowed=True), StepCosts(), 3, step=1) == 0  # no plain step yet
     good = RequestControl(accepted=9.5, trials=10.0)          # a = 0.95: E(3) = 3.7 tokens > 3
     assert choose_k(good, costs, 3, step=1) == 3
+    assert choose_k(RequestControl(accepted=9.5, trials=10.0, shadowed=True), costs, 3, step=1) == 3
     assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-12
     # Paused, the drafts it would have proposed are scored against the tokens that came: a run of matches
     # raises the rate until speculation pays again, before the pause is over.

@@ -10,6 +10,7 @@ request alone (E(k) T_p > T_v) would let one request's drafts slow the other bs 
 (arXiv 2506.20675) bounds MoE speculation's slowdown the same way, per request.
 """
 
+import bisect
 from dataclasses import dataclass, field
 
 DECAY = 0.8                  # weight of the past in the step-time and acceptance averages
@@ -42,17 +43,25 @@ class StepCosts:
         """The measured plain step at this batch size (None: not yet; another size's would mislead)."""
         return self.plain.get(bs)
 
-    def verify_time(self, bs: int, k: int, plain: float) -> float:
-        """The measured time for bs requests carrying k drafts in all; else a line from (0, plain) through
-        the nearest measured k at the nearest measured batch size (its cost over that size's plain step);
-        else plain (untried: assume it pays, so it gets tried)."""
-        if (bs, k) in self.verify:
-            return self.verify[(bs, k)]
+    def verify_times(self, bs: int, plain: float):
+        """k -> the seconds of a verify step of bs requests carrying k drafts in all: measured where it was;
+        else a line from (0, plain) through the nearest measured k at the nearest measured batch size (its
+        cost over that size's plain step); else plain (untried: assume it pays, so it gets tried). The
+        nearest batch size and its k's are found once, as plan asks for many k's each step."""
         if not self.verify:
-            return plain
+            return lambda k: plain
         b = min({b for b, _ in self.verify}, key=lambda x: (abs(x - bs), x))
-        near = min((kk for bb, kk in self.verify if bb == b), key=lambda x: (abs(x - k), x))
-        return plain + (self.verify[(b, near)] - self.plain.get(b, plain)) * k / near
+        ks = sorted(kk for bb, kk in self.verify if bb == b)
+        base = self.plain.get(b, plain)
+
+        def seconds(k: int) -> float:
+            measured = self.verify.get((bs, k))
+            if measured is not None:
+                return measured
+            i = bisect.bisect_left(ks, k)
+            near = min(ks[max(i - 1, 0):i + 1], key=lambda x: (abs(x - k), x))
+            return plain + (self.verify[(b, near)] - base) * k / near
+        return seconds
 
 
 @dataclass
@@ -68,6 +77,7 @@ class RequestControl:
     shadow: list[int] = field(default_factory=list)   # drafts not verified, proposed when it had shadow_at tokens
     shadow_at: int = 0
     ngrams: object = None      # its n-gram index (speculative.ngram.NgramIndex), for the n-gram method
+    shadowed: bool = False     # its rate is measured while paused (shadow drafts): no probe needed for it
 
     @property
     def rate(self) -> float:
@@ -95,19 +105,21 @@ def plan(wants: list[tuple[RequestControl, int]], costs: StepCosts, bs: int, ste
     the batch's rate most, or nothing. At a batch size, the first decode step is plain and the first
     verify step holds one request's drafts, to measure. A request that stops paying pauses (doubling
     pauses); it resumes as soon as its measured rate says it pays, or for one probing verify step when
-    its pause is over."""
+    its pause is over (not needed, so not taken, when its rate is shadow-measured and this batch size's
+    verify cost is measured)."""
     plain = costs.plain_time(bs)
     if plain is None:                   # a plain step at this batch size first, to weigh drafts against
         return [0] * len(wants)
     untried = all(b != bs for b, _ in costs.verify)     # at this batch size: one request tries first
+    verify_time = costs.verify_times(bs, plain)
     ks, probes, tokens, drafts = [0] * len(wants), [1] * len(wants), float(bs), 0
     order = sorted(range(len(wants)), key=lambda i: -wants[i][0].rate)
     for i in order:
         ctl, k_max = wants[i]
-        now = tokens / costs.verify_time(bs, drafts, plain) if drafts else tokens / plain
+        now = tokens / verify_time(drafts) if drafts else tokens / plain
         if k_max < 1:
             continue
-        rate, probes[i] = max(((tokens + expected_tokens(ctl.rate, k) - 1) / costs.verify_time(bs, drafts + k, plain), k)
+        rate, probes[i] = max(((tokens + expected_tokens(ctl.rate, k) - 1) / verify_time(drafts + k), k)
                               for k in range(1, k_max + 1))
         if rate > now and not (untried and drafts):
             ks[i], tokens, drafts = probes[i], tokens + expected_tokens(ctl.rate, probes[i]) - 1, drafts + probes[i]
@@ -120,6 +132,13 @@ def plan(wants: list[tuple[RequestControl, int]], costs: StepCosts, bs: int, ste
         elif ctl.k > 0:                 # it just stopped paying: pause
             ctl.k, ctl.paused_until = 0, step + ctl.pause
             ctl.pause = min(2 * ctl.pause, LONGEST_PAUSE)
-        elif step >= ctl.paused_until:  # the pause is over: one probe, at the k that came closest to paying
+        elif step < ctl.paused_until:
+            continue
+        elif ctl.shadowed and any(b == bs for b, _ in costs.verify):
+            # Its rate (from shadow drafts) and this batch size's verify cost are both measured, and they
+            # say it does not pay: probing would only confirm it at a verify step's cost. Pause longer.
+            ctl.paused_until = step + ctl.pause
+            ctl.pause = min(2 * ctl.pause, LONGEST_PAUSE)
+        else:                           # the pause is over: one probe, at the k that came closest to paying
             ks[i] = ctl.k = probes[i]
     return ks

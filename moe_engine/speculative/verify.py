@@ -36,7 +36,7 @@ class Speculator:
             if not seq.speculative or seq.num_cached + 1 != seq.num_tokens:
                 continue
             if seq.spec_control is None:
-                seq.spec_control = RequestControl()
+                seq.spec_control = RequestControl(shadowed=self.proposer is None)
             if c.adaptive:
                 seq.spec_control.observe(seq.all_ids)
             # Never past max_tokens (the step also emits the target's own token) or the longest context.
