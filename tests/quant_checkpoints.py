@@ -79,4 +79,3 @@ def assert_broken_copy_refused(folder: Path, dst: Path, module: str, edit_tensor
     with pytest.raises(MoeEngineError, match=message) as e:
         LLM(dst, **llm_kwargs)
     assert "\n" not in str(e.value)
-

@@ -62,6 +62,7 @@ def make_ct_checkpoint(src, dst, twin, scheme, attention=False, head=False):
     ModelCompressor(quantization_config=qconfig).update_config(str(dst))
     return dst, twin
 
+
 SCHEMES = [("tiny-mixtral", (4, "group", 128, True), False),
            ("tiny-mixtral", (8, "channel", None, True), True),
            ("tiny-deepseek", (4, "group", 32, False), True),
@@ -90,10 +91,12 @@ def test_quantized_lm_head_is_kept(tmp_path, name, bits):
     assert "lm_head.weight_packed" in {n for f in dst.glob("*.safetensors") for n in load_file(f)}
     llm, ref = LLM(dst), LLM(twin)
     held = quantized_weights(llm.model)
-    assert held["lm_head"].format == f"int{bits}" and held["lm_head"].shape == (llm.model.args.vocab_size, llm.model.args.hidden_size)
+    args = llm.model.args
+    assert held["lm_head"].format == f"int{bits}" and held["lm_head"].shape == (args.vocab_size, args.hidden_size)
     stream = np.load(ROOT / f"tests/data/{name}_val_tokens.npy").astype(np.int64)
     ids = stream[300:364].tolist()
     assert_same_model(llm, ref, ids, [stream[s:s + 7].tolist() for s in (0, 50)], 10)
+
 
 @pytest.mark.parametrize("flags,scheme", [(["--quantization", "int4"], (4, "group", 128, True)),
                                           (["--quantization", "int4", "--group-size", "64", "--quant-asymmetric"],

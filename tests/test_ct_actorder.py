@@ -86,7 +86,8 @@ def make_actorder_checkpoint(src, dst, twin, bits, group, symmetric, actorder, k
     qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
                                  quantization_status="compressed", ignore=["lm_head"])
     ModelCompressor(quantization_config=qconfig).update_config(str(dst))
-    edit_config(dst, lambda q: q["config_groups"]["group_0"]["weights"].update(actorder=actorder))  # 0.20 refuses "group"
+    # Written after the package's config writer: compressed-tensors 0.20 refuses actorder "group" itself.
+    edit_config(dst, lambda q: q["config_groups"]["group_0"]["weights"].update(actorder=actorder))
     return kinds
 
 

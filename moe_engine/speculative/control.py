@@ -83,6 +83,11 @@ class RequestControl:
     def rate(self) -> float:
         return self.accepted / self.trials
 
+    def pause_from(self, step: int) -> None:
+        """No speculation until step + the current pause; the next pause is twice as long (up to a bound)."""
+        self.paused_until = step + self.pause
+        self.pause = min(2 * self.pause, LONGEST_PAUSE)
+
     def update(self, num_drafts: int, num_accepted: int) -> None:
         """A verify step: drafts accepted up to the first rejected one (a trial each, the rejection one)."""
         self.accepted = DECAY * self.accepted + num_accepted
@@ -130,15 +135,14 @@ def plan(wants: list[tuple[RequestControl, int]], costs: StepCosts, bs: int, ste
         if ks[i]:
             ctl.pause, ctl.k = FIRST_PAUSE, ks[i]
         elif ctl.k > 0:                 # it just stopped paying: pause
-            ctl.k, ctl.paused_until = 0, step + ctl.pause
-            ctl.pause = min(2 * ctl.pause, LONGEST_PAUSE)
+            ctl.k = 0
+            ctl.pause_from(step)
         elif step < ctl.paused_until:
             continue
-        elif ctl.shadowed and any(b == bs for b, _ in costs.verify):
+        elif ctl.shadowed and not untried:
             # Its rate (from shadow drafts) and this batch size's verify cost are both measured, and they
             # say it does not pay: probing would only confirm it at a verify step's cost. Pause longer.
-            ctl.paused_until = step + ctl.pause
-            ctl.pause = min(2 * ctl.pause, LONGEST_PAUSE)
+            ctl.pause_from(step)
         else:                           # the pause is over: one probe, at the k that came closest to paying
             ks[i] = ctl.k = probes[i]
     return ks
